@@ -1,0 +1,20 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo lint
+setup: $(VENV)/.setup-stamp
+
+$(VENV)/.setup-stamp: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+## Run the whole test suite (slow end-to-end tests included), as CI does.
+test: setup
+	$(PY) -m pytest -q
+
+## Only the fast tests (skips tests marked slow).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,3 @@
+from offline_compress.cli import main
+
+raise SystemExit(main())

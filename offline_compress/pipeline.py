@@ -1,0 +1,333 @@
+"""compress_model: HF model directory → CoSpaDi checkpoint directory.
+
+Layer by layer: Grams from the calibration hidden states → compress each target linear →
+(sequential mode) swap in the reconstructed weights → hidden states for the next layer.
+Finished layers are saved under ``.<out>.partial/`` so an interrupted run resumes there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from cospadi_vllm import format as fmt
+from offline_compress import assets
+from offline_compress.calibration import (
+    DEFAULT_TARGETS,
+    capture_layer_inputs,
+    decoder_layers,
+    gram_key,
+    run_layer,
+)
+from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
+from offline_compress.layer import METHODS, LayerSettings, compress_linear
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+BUILTIN_CALIBRATION = "wikipedia"
+
+
+class CompressError(Exception):
+    """A user-caused problem: bad path, bad option, bad model or data. One line, names the thing."""
+
+
+@dataclass
+class CompressOptions:
+    ratio: float = 0.3
+    method: str = "cospadi"
+    k_over_s: float = 2.0
+    value_dtype: str = "int8"
+    iterations: int = 6
+    power_iterations: int = 8
+    omp_atoms_per_step: int = 4
+    calib: str = BUILTIN_CALIBRATION
+    calib_samples: int = 32
+    seq_len: int = 512
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    device: str = "cpu"
+    seed: int = 0
+    sequential: bool = True
+    batch_size: int = 8
+    dtype: str = "auto"
+    overwrite: bool = False
+    layers: list[int] | None = field(default=None)  # restrict to these decoder layers (tests, debugging)
+
+    def fingerprint(self, model_dir: Path) -> str:
+        """Identifies a run for resuming: same model and same options that affect results."""
+        affecting = {k: v for k, v in asdict(self).items() if k not in ("overwrite", "batch_size")}
+        payload = json.dumps({"model": str(model_dir.resolve()), **affecting}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -> dict:
+    """Check everything checkable before any work; return the model's config.json."""
+    if not 0.0 < options.ratio < 1.0:
+        raise CompressError(f"--ratio must be in (0, 1), got {options.ratio}")
+    if options.k_over_s < 1.0:
+        raise CompressError(f"--k-over-s must be >= 1, got {options.k_over_s}")
+    if options.method not in METHODS:
+        raise CompressError(f"--method must be one of {METHODS}, got {options.method!r}")
+    if options.value_dtype not in fmt.VALUE_DTYPES:
+        raise CompressError(f"--value-dtype must be one of {sorted(fmt.VALUE_DTYPES)}, got {options.value_dtype!r}")
+    if options.iterations < 0 or options.power_iterations < 1 or options.omp_atoms_per_step < 1:
+        raise CompressError("--iterations must be >= 0, --power-iterations and --omp-atoms-per-step >= 1")
+    if options.calib_samples < 1 or options.seq_len < 2:
+        raise CompressError("--calib-samples must be >= 1 and --seq-len >= 2")
+    unknown = [t for t in options.targets if t not in DEFAULT_TARGETS]
+    if unknown or not options.targets:
+        raise CompressError(f"--targets {unknown or '(empty)'} not among {', '.join(DEFAULT_TARGETS)}")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"--device {options.device} requested but no CUDA device is available")
+    if options.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise CompressError(f"--dtype must be auto, bfloat16, float16 or float32, got {options.dtype!r}")
+    if not model_dir.is_dir():
+        raise CompressError(f"model directory {model_dir} does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CompressError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise CompressError(
+            f"{model_dir}: architecture {architectures or config.get('model_type')} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method")
+        raise CompressError(f"{model_dir} is already quantized ({method}); compress an unquantized model")
+    try:
+        source_safetensors(model_dir)
+    except FileNotFoundError as err:
+        raise CompressError(str(err)) from None
+    if out_dir.exists() and not options.overwrite:
+        raise CompressError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
+    if out_dir.resolve() == model_dir.resolve():
+        raise CompressError("output directory must differ from the model directory")
+    return config
+
+
+def check_finite_weights(model_dir: Path) -> None:
+    """Raise CompressError naming the first tensor with NaN or Inf."""
+    for path in source_safetensors(model_dir):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                tensor = fh.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise CompressError(f"weight {name} in {path.name} contains NaN or Inf")
+
+
+def calibration_text(calib: str) -> str:
+    """Text from the built-in Wikipedia split, a .txt file, or a .jsonl file of {"text": ...}."""
+    if calib == BUILTIN_CALIBRATION:
+        return assets.wikipedia_split("calibration")
+    path = Path(calib)
+    if not path.is_file():
+        raise CompressError(f"calibration file {path} does not exist")
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CompressError(f"{path}:{lineno} is not valid JSON ({err.msg})") from None
+            text = item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None
+            if not isinstance(text, str):
+                raise CompressError(f"{path}:{lineno} has no string 'text' field")
+            texts.append(text)
+        return "\n\n".join(texts)
+    return path.read_text()
+
+
+def calibration_ids(tokenizer, options: CompressOptions) -> torch.Tensor:
+    stream = assets.tokenize_stream(tokenizer, calibration_text(options.calib))
+    if stream.numel() < options.seq_len:
+        raise CompressError(
+            f"calibration text has {stream.numel()} tokens, fewer than one sequence of --seq-len {options.seq_len}"
+        )
+    return assets.random_windows(stream, options.calib_samples, options.seq_len, options.seed)
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _load_partial_layer(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    with safe_open(str(path), framework="pt") as fh:
+        stats = json.loads(fh.metadata()["stats"])
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name in fh.keys():
+            prefix, suffix = name.rsplit(".", 1)
+            tensors.setdefault(prefix, {})[suffix] = fh.get_tensor(name)
+    return tensors, stats
+
+
+def _save_partial_layer(path: Path, tensors: dict[str, dict[str, torch.Tensor]], stats: dict) -> None:
+    flat = {f"{prefix}.{suffix}": t for prefix, group in tensors.items() for suffix, t in group.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp), metadata={"stats": json.dumps(stats)})
+    tmp.rename(path)
+
+
+def compress_model(model_dir: str | Path, out_dir: str | Path, options: CompressOptions, log=print) -> dict:
+    """Compress the target linears of a Llama/Qwen model; write the checkpoint; return the report."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = validate_options(model_dir, out_dir, options)
+    check_finite_weights(model_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = calibration_ids(tokenizer, options)
+    device = torch.device(options.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.eval()
+    layers = decoder_layers(model)
+    layer_ids = list(range(len(layers))) if options.layers is None else options.layers
+    settings = LayerSettings(
+        method=options.method,
+        value_dtype=options.value_dtype,
+        iterations=options.iterations,
+        power_iterations=options.power_iterations,
+        omp_atoms_per_step=options.omp_atoms_per_step,
+        seed=options.seed,
+    )
+
+    partial = _partial_dir(out_dir)
+    fingerprint = options.fingerprint(model_dir)
+    stamp = partial / "run.json"
+    if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint):
+        shutil.rmtree(partial)  # left by a run with other options: not resumable
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": fingerprint, "options": asdict(options)}, default=str))
+
+    log(f"calibration: {input_ids.shape[0]} x {input_ids.shape[1]} tokens; {len(layer_ids)} layers; device {device}")
+    inputs = capture_layer_inputs(model.to(device), input_ids.to(device), options.batch_size)
+    model.to("cpu")
+    compressed: dict[str, dict[str, torch.Tensor]] = {}
+    module_stats: dict[str, dict] = {}
+    shapes: dict[str, fmt.LayerShape] = {}
+    bar = tqdm(range(len(layers)), desc="compressing layers", unit="layer", file=sys.stderr)
+    for index in bar:
+        layer = layers[index]
+        layer_dtype = next(layer.parameters()).dtype
+        layer.to(device=device, dtype=torch.float32)
+        targets = list(options.targets) if index in layer_ids else []
+        part_file = partial / f"layer-{index:05d}.safetensors"
+        outputs = None
+        if targets and part_file.is_file():
+            layer_tensors, layer_stats = _load_partial_layer(part_file)
+        elif targets:
+            grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
+            layer_tensors, layer_stats = {}, {}
+            for name in targets:
+                linear = layer.get_submodule(name)
+                prefix = f"model.layers.{index}.{name}"
+                shape = fmt.solve_k_s(
+                    linear.in_features,
+                    linear.out_features,
+                    options.ratio,
+                    options.k_over_s,
+                    options.value_dtype,
+                    dense_coefficients=options.method == "svd-llm",
+                )
+                result = compress_linear(linear.weight.detach(), grams[gram_key(name)], shape, settings)
+                layer_tensors[prefix] = result.tensors
+                layer_stats[prefix] = {
+                    "k": shape.k,
+                    "s": shape.s,
+                    "in_features": shape.in_features,
+                    "out_features": shape.out_features,
+                    "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
+                    "bytes_stored": fmt.stored_bytes(shape, options.value_dtype),
+                    "whitened_rel_error": result.whitened_rel_error,
+                    "damping": result.damping,
+                    "seconds": round(result.seconds, 3),
+                }
+            del grams
+            _save_partial_layer(part_file, layer_tensors, layer_stats)
+        else:
+            layer_tensors, layer_stats = {}, {}
+        compressed.update(layer_tensors)
+        module_stats.update(layer_stats)
+        for prefix, stats in layer_stats.items():
+            shapes[prefix] = fmt.LayerShape(stats["in_features"], stats["out_features"], stats["k"], stats["s"])
+        if options.sequential:
+            # Later layers calibrate on what the compressed model really feeds them (as GPTQ does).
+            for prefix, tensors in layer_tensors.items():
+                name = prefix.split(f"layers.{index}.", 1)[1]
+                weight_t = fmt.reconstruct_weight_t(tensors, shapes[prefix].k)
+                layer.get_submodule(name).weight.data = weight_t.T.contiguous().to(device)
+        if options.sequential or outputs is None:
+            _, outputs = run_layer(layer, inputs, device)
+        inputs.hidden = outputs
+        layer.to(device="cpu", dtype=layer_dtype)
+        if module_stats:
+            errors = [s["whitened_rel_error"] for s in module_stats.values()]
+            bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
+
+    report = build_report(model, config, options, module_stats, time.perf_counter() - started)
+    qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method)
+    dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+    write_checkpoint(model_dir, out_dir, compressed, qconfig, report, dtype=dtype)
+    shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def build_report(model, config: dict, options: CompressOptions, module_stats: dict, seconds: float) -> dict:
+    dense = sum(s["bytes_dense_bf16"] for s in module_stats.values())
+    stored = sum(s["bytes_stored"] for s in module_stats.values())
+    # Whole model: every parameter (tied embeddings once) at bf16, compressed layers at their stored bytes.
+    params = {id(p): p.numel() for p in model.parameters()}
+    model_dense = 2 * sum(params.values())
+    compressed_params = sum(s["in_features"] * s["out_features"] for s in module_stats.values())
+    model_stored = model_dense - 2 * compressed_params + stored
+    errors = [s["whitened_rel_error"] for s in module_stats.values()]
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
+        "modules": module_stats,
+        "totals": {
+            "modules_compressed": len(module_stats),
+            "bytes_dense_bf16": dense,
+            "bytes_stored": stored,
+            "compression_ratio_actual": 1.0 - stored / dense if dense else 0.0,
+            "model_bytes_dense_bf16": model_dense,
+            "model_bytes_stored": model_stored,
+            "compression_ratio_model": 1.0 - model_stored / model_dense,
+            "mean_whitened_rel_error": sum(errors) / len(errors) if errors else 0.0,
+            "seconds": round(seconds, 1),
+        },
+    }
+
+
+def summary_table(report: dict) -> str:
+    """Plain-text per-module-kind summary for the end of a CLI run."""
+    kinds: dict[str, list[dict]] = {}
+    for prefix, stats in report["modules"].items():
+        kinds.setdefault(prefix.rsplit(".", 1)[1], []).append(stats)
+    lines = [f"{'module':<10} {'count':>5} {'k':>6} {'s':>6} {'CR':>7} {'whitened err':>13} {'seconds':>8}"]
+    for kind, items in kinds.items():
+        cr = 1 - sum(i["bytes_stored"] for i in items) / sum(i["bytes_dense_bf16"] for i in items)
+        err = sum(i["whitened_rel_error"] for i in items) / len(items)
+        secs = sum(i["seconds"] for i in items)
+        lines.append(
+            f"{kind:<10} {len(items):>5} {items[0]['k']:>6} {items[0]['s']:>6} {cr:>7.3f} {err:>13.4f} {secs:>8.1f}"
+        )
+    t = report["totals"]
+    lines.append(
+        f"compressed layers: {t['bytes_dense_bf16'] / 1e6:.1f} MB bf16 -> {t['bytes_stored'] / 1e6:.1f} MB stored "
+        f"(CR {t['compression_ratio_actual']:.4f}); whole model CR {t['compression_ratio_model']:.4f}; "
+        f"mean whitened err {t['mean_whitened_rel_error']:.4f}; {t['seconds']:.0f} s"
+    )
+    return "\n".join(lines)

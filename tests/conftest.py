@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Llama/Qwen2/Qwen3 model directories and the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from offline_compress import assets
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny causal LM of the given family, with SmolLM2's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    common = dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    if arch == "qwen3":
+        common["head_dim"] = 64
+    config = AutoConfig.for_model(arch, **common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF init is N(0, 0.02): widen it so the tiny model's outputs are not flat
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0.0, 1.0 / param.shape[1] ** 0.5)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(assets.smollm2_dir()).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return assets.smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(arch, root / arch, seed=i) for i, arch in enumerate(TINY_ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A real-text calibration file (a slice of the Wikipedia calibration split)."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(assets.wikipedia_split("calibration")[:60_000])
+    return path

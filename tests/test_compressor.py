@@ -1,0 +1,171 @@
+"""The compressor end to end on tiny random Llama / Qwen2 / Qwen3 models."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cospadi_vllm import format as fmt
+from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.reader import load_reconstructed_model, reconstructed_state_dict
+from tests.conftest import TINY_ARCHS
+from tests.test_format import python_unpack
+
+
+def read_all(checkpoint_dir):
+    tensors = {}
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            tensors.update({name: fh.get_tensor(name) for name in fh.keys()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_models, calib_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compressed")
+    result = {}
+    for arch in TINY_ARCHS:
+        for value_dtype in ("int8", "float8_e4m3fn", "bfloat16") if arch == "llama" else ("int8",):
+            out = root / f"{arch}-{value_dtype}"
+            options = CompressOptions(ratio=0.3, iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
+                                      value_dtype=value_dtype)
+            report = compress_model(tiny_models[arch], out, options, log=lambda m: None)
+            result[(arch, value_dtype)] = (out, report)
+    return result
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_checkpoint_layout_and_sparsity(compressed, tiny_models, arch):
+    out, report = compressed[(arch, "int8")]
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "cospadi" and qc["format_version"] == 1 and qc["value_dtype"] == "int8"
+    assert len(qc["modules"]) == 2 * 7
+    tensors = read_all(out)
+    source = read_all(tiny_models[arch])
+    for prefix, spec in qc["modules"].items():
+        k, s = spec["k"], spec["s"]
+        weight = source[f"{prefix}.weight"]
+        out_f, in_f = weight.shape
+        assert f"{prefix}.weight" not in tensors
+        assert tensors[f"{prefix}.dictionary"].shape == (in_f, k) and tensors[f"{prefix}.dictionary"].dtype == torch.bfloat16
+        assert tensors[f"{prefix}.coef_mask"].shape == (out_f, -(-k // 32)) and tensors[f"{prefix}.coef_mask"].dtype == torch.int32
+        assert tensors[f"{prefix}.coef_values"].shape == (out_f, s) and tensors[f"{prefix}.coef_values"].dtype == torch.int8
+        assert tensors[f"{prefix}.coef_scales"].shape == (out_f,) and tensors[f"{prefix}.coef_scales"].dtype == torch.float32
+        rows = python_unpack(tensors[f"{prefix}.coef_mask"], k)
+        assert all(len(row) == s for row in rows), "exactly s non-zeros per column"
+        if f"{prefix}.bias" in source:  # Qwen2 q/k/v
+            assert torch.equal(tensors[f"{prefix}.bias"], source[f"{prefix}.bias"])
+    # uncompressed tensors carried over unchanged
+    for name, tensor in source.items():
+        if not any(name.startswith(p) for p in qc["modules"]):
+            assert torch.equal(tensors[name], tensor), name
+    for name in ("tokenizer.json", "compress_report.json"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("key", [("llama", "int8"), ("llama", "float8_e4m3fn"), ("llama", "bfloat16"), ("qwen2", "int8")])
+def test_reconstruction_matches_float64_reference(compressed, key):
+    """reader's dense Wᵀ equals D·C rebuilt independently (Python bit reading, float64)."""
+    out, report = compressed[key]
+    tensors = read_all(out)
+    _, state = reconstructed_state_dict(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    for prefix, spec in list(qc["modules"].items())[:4]:
+        k = spec["k"]
+        values = tensors[f"{prefix}.coef_values"].double() * tensors[f"{prefix}.coef_scales"].double()[:, None]
+        coef = torch.zeros(k, values.shape[0], dtype=torch.float64)
+        for j, atoms in enumerate(python_unpack(tensors[f"{prefix}.coef_mask"], k)):
+            coef[atoms, j] = values[j]
+        ref = tensors[f"{prefix}.dictionary"].double() @ coef
+        assert torch.allclose(state[f"{prefix}.weight"].double().T, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", [("llama", "int8"), ("qwen3", "int8"), ("llama", "bfloat16")])
+def test_ratio_counts_every_stored_byte(compressed, key):
+    out, report = compressed[key]
+    tensors = read_all(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    stored = sum(tensors[f"{p}.{sfx}"].numel() * tensors[f"{p}.{sfx}"].element_size()
+                 for p in qc["modules"] for sfx in fmt.TENSOR_SUFFIXES)
+    dense = sum(2 * tensors[f"{p}.dictionary"].shape[0] * tensors[f"{p}.coef_scales"].shape[0] for p in qc["modules"])
+    actual = 1 - stored / dense
+    assert report["totals"]["bytes_stored"] == stored
+    assert actual == pytest.approx(report["totals"]["compression_ratio_actual"])
+    assert 0.3 <= actual <= 0.31
+    assert 0 < report["totals"]["compression_ratio_model"] < actual
+
+
+def test_reconstructed_model_equals_original_with_reference_weights(compressed, tiny_models):
+    """The reader's model = the original HF model with each compressed weight swapped for D·C."""
+    from transformers import AutoModelForCausalLM
+
+    out, report = compressed[("qwen2", "int8")]
+    model = load_reconstructed_model(out)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    tensors = read_all(out)
+    with torch.no_grad():
+        for prefix, stats in report["modules"].items():
+            k = stats["k"]
+            values = tensors[f"{prefix}.coef_values"].double() * tensors[f"{prefix}.coef_scales"].double()[:, None]
+            coef = torch.zeros(k, values.shape[0], dtype=torch.float64)
+            for j, atoms in enumerate(python_unpack(tensors[f"{prefix}.coef_mask"], k)):
+                coef[atoms, j] = values[j]
+            reference.get_submodule(prefix).weight.copy_((tensors[f"{prefix}.dictionary"].double() @ coef).T)
+        ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(5))
+        a, b = model(ids).logits, reference(ids).logits
+    assert torch.isfinite(a).all()
+    assert float((a - b).norm() / b.norm()) < 1e-4
+    errors = [m["whitened_rel_error"] for m in report["modules"].values()]
+    assert all(0 < e < 1 for e in errors)
+
+
+def test_svd_llm_is_dense_case_of_same_format(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "svd"
+    report = compress_model(tiny_models["llama"], out, CompressOptions(method="svd-llm", calib=str(calib_file),
+                                                                       calib_samples=4, seq_len=64), log=lambda m: None)
+    tensors = read_all(out)
+    for prefix, stats in report["modules"].items():
+        assert stats["k"] == stats["s"]
+        assert all(len(r) == stats["k"] for r in python_unpack(tensors[f"{prefix}.coef_mask"], stats["k"]))
+    assert 0.3 <= report["totals"]["compression_ratio_actual"] <= 0.31
+
+
+def test_resume_reuses_finished_layers(tiny_models, calib_file, tmp_path):
+    """A run stopped after layer 0 resumes from the saved partial layer and gives the same checkpoint."""
+    options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64)
+    full = tmp_path / "full"
+    compress_model(tiny_models["llama"], full, options, log=lambda m: None)
+    # Simulate an interrupted run: compress into `resumed`, but keep its partial dir and drop the output.
+    resumed = tmp_path / "resumed"
+    import offline_compress.pipeline as pipeline
+
+    calls = []
+    original = pipeline.compress_linear
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 7:  # layer 0 done (7 linears), fail in layer 1
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    pipeline.compress_linear = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compress_model(tiny_models["llama"], resumed, options, log=lambda m: None)
+    finally:
+        pipeline.compress_linear = original
+    assert not resumed.exists()
+    partial = tmp_path / ".resumed.partial"
+    assert (partial / "layer-00000.safetensors").is_file()
+    calls.clear()
+    pipeline.compress_linear = lambda *a, **kw: (calls.append(1), original(*a, **kw))[1]
+    try:
+        compress_model(tiny_models["llama"], resumed, options, log=lambda m: None)
+    finally:
+        pipeline.compress_linear = original
+    assert len(calls) == 7, "only layer 1 is recomputed"
+    assert not partial.exists()
+    a, b = read_all(full), read_all(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -1,0 +1,43 @@
+"""On a real SmolLM2-135M layer with real calibration activations: CoSpaDi ≤ SVD-LLM at equal bytes.
+
+Measured (layer 3, CR 0.3 real bytes, int8): q_proj 0.070 vs 0.077, o_proj 0.074 vs 0.076 at T=6;
+at T=2 CoSpaDi is still behind (0.083 / 0.088), which is why the default is T=6.
+"""
+
+import pytest
+import torch
+
+from cospadi_vllm import format as fmt
+from offline_compress import assets
+from offline_compress.calibration import capture_layer_inputs, decoder_layers, gram_key, run_layer
+from offline_compress.layer import LayerSettings, compress_linear
+
+
+@pytest.fixture(scope="module")
+def layer_grams(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    stream = assets.tokenize_stream(tokenizer, assets.wikipedia_split("calibration")[:200_000])
+    ids = assets.random_windows(stream, 8, 256, seed=0)
+    inputs = capture_layer_inputs(model, ids, batch_size=8)
+    layers = decoder_layers(model)
+    for index in range(3):  # hidden states entering layer 3
+        _, inputs.hidden = run_layer(layers[index], inputs, torch.device("cpu"))
+    grams, _ = run_layer(layers[3], inputs, torch.device("cpu"), ["self_attn.q_proj", "self_attn.o_proj"])
+    return layers[3], grams
+
+
+@pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.o_proj"])
+def test_cospadi_beats_svd_llm_at_equal_bytes(layer_grams, name):
+    layer, grams = layer_grams
+    linear = layer.get_submodule(name)
+    gram = grams[gram_key(name)]
+    results = {}
+    for method in ("cospadi", "svd-llm"):
+        shape = fmt.solve_k_s(linear.in_features, linear.out_features, 0.3, 2.0, "int8", dense_coefficients=method == "svd-llm")
+        result = compress_linear(linear.weight.detach(), gram, shape, LayerSettings(method=method, iterations=6, omp_atoms_per_step=4))
+        assert fmt.stored_bytes(shape, "int8") <= 0.7 * fmt.dense_bf16_bytes(linear.in_features, linear.out_features)
+        results[method] = result.whitened_rel_error
+    assert 0 < results["cospadi"] <= results["svd-llm"], results
