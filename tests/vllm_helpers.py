@@ -1,0 +1,61 @@
+"""Helpers shared by the vLLM tests: run the engine out of process; the HF reference side."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "The history of the city begins in",
+    "In mathematics, a prime number is",
+    "Water boils at a temperature of",
+]
+
+
+def run_vllm(model_dir: Path, prompts=PROMPTS, tp: int = 1, max_tokens: int = 8, timeout: int = 900) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_runner", str(model_dir), "--prompts-json", json.dumps(prompts),
+         "--tp", str(tp), "--max-tokens", str(max_tokens)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+    )
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"vLLM runner printed no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1])
+    result["stderr"] = proc.stdout + proc.stderr  # vLLM logs to stdout
+    return result
+
+
+@torch.no_grad()
+def hf_reference(model, tokenizer, prompts=PROMPTS, max_tokens: int = 8) -> dict:
+    """Greedy tokens and prompt logprobs from a transformers model (the independent reference)."""
+    result = {"tokens": [], "prompt_logprobs": [], "margins": []}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        logits = model(ids).logits[0].double().log_softmax(-1)
+        result["prompt_logprobs"].append(logits[:-1].gather(1, ids[0, 1:, None]).squeeze(1).tolist())
+        generated, margins = ids, []
+        for _ in range(max_tokens):
+            step = model(generated).logits[0, -1].double()
+            top2 = step.topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+            generated = torch.cat([generated, step.argmax().view(1, 1)], dim=1)
+        result["tokens"].append(generated[0, ids.shape[1]:].tolist())
+        result["margins"].append(margins)
+    return result
+
+
+def assert_same_greedy(vllm_tokens, hf, min_margin: float = 1e-3):
+    """Tokens must match; where HF's top-2 logit gap is below min_margin the pick is a numerical tie,
+    so only the prefix before the first such tie is compared."""
+    for got, want, margins in zip(vllm_tokens, hf["tokens"], hf["margins"], strict=True):
+        n = next((i for i, m in enumerate(margins) if m < min_margin), len(want))
+        assert got[:n] == want[:n], (got, want, margins)
+        assert n >= 1
