@@ -41,26 +41,16 @@ def cospadi_gemm_torch(
     atom_offsets: torch.Tensor,
     coef_dense: torch.Tensor,
 ) -> torch.Tensor:
-    """Reference/CPU path. x [M, in] → [M, out]. Uses the pre-expanded C when given (non-empty)."""
+    """Torch path. x [M, in] → [M, out]. Uses the pre-expanded C when given (non-empty).
+
+    The Triton kernel that reads C compressed on CUDA is issue 4; until it lands every device
+    takes this path (on CUDA it expands C per call: correct, not fast).
+    """
     if coef_dense.numel() == 0:
         coef_dense = expand_coefficients(
             coef_mask, coef_values, coef_scales, atom_offsets, dictionary.shape[1], x.dtype
         )
     return (x @ dictionary.to(x.dtype)) @ coef_dense.to(x.dtype)
-
-
-def _cospadi_gemm(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
-    coef_mask: torch.Tensor,
-    coef_values: torch.Tensor,
-    coef_scales: torch.Tensor,
-    atom_offsets: torch.Tensor,
-    coef_dense: torch.Tensor,
-) -> torch.Tensor:
-    # The Triton kernel that reads C compressed on CUDA is issue 4; until it lands every device
-    # takes the torch path (on CUDA it expands C per call, so it is correct but not fast).
-    return cospadi_gemm_torch(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets, coef_dense)
 
 
 def _cospadi_gemm_fake(
@@ -86,7 +76,7 @@ def register_custom_op() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(op_name="cospadi_gemm", op_func=_cospadi_gemm, mutates_args=[], fake_impl=_cospadi_gemm_fake)
+    direct_register_custom_op(op_name="cospadi_gemm", op_func=cospadi_gemm_torch, mutates_args=[], fake_impl=_cospadi_gemm_fake)
     _REGISTERED = True
 
 
