@@ -19,10 +19,9 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import BasevLLMParameter
-from vllm.platforms import current_platform
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import cospadi_gemm, expand_coefficients, register_custom_op
+from cospadi_vllm.ops import cospadi_gemm, expand_coefficients, gemm_backend, register_custom_op
 
 # vLLM fuses these checkpoint modules into one layer (Llama / Qwen2 / Qwen3).
 DEFAULT_PACKED_MODULES = {
@@ -237,12 +236,13 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             delattr(layer, role)
             layer.register_parameter(role, torch.nn.Parameter(data, requires_grad=False))
         layer.atom_offsets = layer.atom_offsets.to(layer.coef_mask.device)
-        if current_platform.is_cuda_alike():
-            coef_dense = torch.empty(0, device=layer.coef_mask.device)
+        # D in the activation dtype once, not per call.
+        dtype = layer.cospadi_params_dtype
+        layer.dictionary = torch.nn.Parameter(layer.dictionary.data.to(dtype), requires_grad=False)
+        if gemm_backend(layer.coef_mask.device) == "triton":
+            coef_dense = torch.empty(0, device=layer.coef_mask.device)  # the kernel reads C compressed
         else:
-            # CPU path: expand C once, in the activation dtype (Triton has no CPU backend).
-            dtype = layer.cospadi_params_dtype
-            layer.dictionary = torch.nn.Parameter(layer.dictionary.data.to(dtype), requires_grad=False)
+            # Torch path (CPU): expand C once at load, in the activation dtype.
             coef_dense = expand_coefficients(
                 layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets, layer.cospadi_k_total, dtype
             )

@@ -41,16 +41,40 @@ def cospadi_gemm_torch(
     atom_offsets: torch.Tensor,
     coef_dense: torch.Tensor,
 ) -> torch.Tensor:
-    """Torch path. x [M, in] → [M, out]. Uses the pre-expanded C when given (non-empty).
+    """Torch path (CPU, and the reference). x [M, in] → [M, out].
 
-    The Triton kernel that reads C compressed on CUDA is issue 4; until it lands every device
-    takes this path (on CUDA it expands C per call: correct, not fast).
+    Uses the pre-expanded C when given (non-empty), otherwise expands it for this call.
     """
     if coef_dense.numel() == 0:
         coef_dense = expand_coefficients(
             coef_mask, coef_values, coef_scales, atom_offsets, dictionary.shape[1], x.dtype
         )
     return (x @ dictionary.to(x.dtype)) @ coef_dense.to(x.dtype)
+
+
+def gemm_backend(device: torch.device) -> str:
+    """Which implementation serves tensors on ``device``: the Triton kernel on GPUs, torch elsewhere.
+
+    Triton has no CPU backend (its interpreter is for tests, far too slow to serve).
+    """
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def cospadi_gemm_impl(
+    x: torch.Tensor,
+    dictionary: torch.Tensor,
+    coef_mask: torch.Tensor,
+    coef_values: torch.Tensor,
+    coef_scales: torch.Tensor,
+    atom_offsets: torch.Tensor,
+    coef_dense: torch.Tensor,
+) -> torch.Tensor:
+    """The body of ``torch.ops.vllm.cospadi_gemm``: dispatch on the activations' device."""
+    if gemm_backend(x.device) == "triton":
+        from cospadi_vllm.triton_kernels import cospadi_gemm_triton  # imports triton: GPU machines only
+
+        return cospadi_gemm_triton(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets)
+    return cospadi_gemm_torch(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets, coef_dense)
 
 
 def _cospadi_gemm_fake(
@@ -76,7 +100,7 @@ def register_custom_op() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(op_name="cospadi_gemm", op_func=cospadi_gemm_torch, mutates_args=[], fake_impl=_cospadi_gemm_fake)
+    direct_register_custom_op(op_name="cospadi_gemm", op_func=cospadi_gemm_impl, mutates_args=[], fake_impl=_cospadi_gemm_fake)
     _REGISTERED = True
 
 

@@ -47,7 +47,7 @@ class CompressOptions:
     k_over_s: float = 2.0
     value_dtype: str = "int8"
     iterations: int = 6
-    power_iterations: int = 8
+    power_iterations: int = 1
     omp_atoms_per_step: int = 4
     calib: str = BUILTIN_CALIBRATION
     calib_samples: int = 32

@@ -33,3 +33,24 @@ def test_merged_three_shard_layer_matches_float64_reference():
         y = cospadi_gemm_torch(x, *merged, dense)
         assert y.shape == reference.shape and torch.isfinite(y).all()
         assert float((y.double() - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_dispatch_triton_on_gpu_torch_on_cpu():
+    from cospadi_vllm.ops import cospadi_gemm_impl, gemm_backend
+
+    assert gemm_backend(torch.device("cpu")) == "torch"
+    assert gemm_backend(torch.device("cuda", 0)) == "triton"
+    g = torch.Generator().manual_seed(1)
+    k, out, s = 70, 45, 20
+    idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
+    tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, "int8")
+    args = [torch.randn(40, k, generator=g).to(torch.bfloat16), tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
+            tensors[fmt.COEF_SCALES], torch.zeros(out, dtype=torch.int32)]
+    x = torch.randn(5, 40, generator=g).to(torch.bfloat16)
+    # The op body on CPU tensors is exactly the torch path.
+    assert torch.equal(cospadi_gemm_impl(x, *args, torch.empty(0)), cospadi_gemm_torch(x, *args, torch.empty(0)))
+    if torch.cuda.is_available():  # and on GPU tensors exactly the Triton kernel
+        from cospadi_vllm.triton_kernels import cospadi_gemm_triton
+
+        gpu = [t.cuda() for t in (x, *args)]
+        assert torch.equal(cospadi_gemm_impl(*gpu, torch.empty(0, device="cuda")), cospadi_gemm_triton(*gpu))
