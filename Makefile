@@ -16,5 +16,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+## The whole path on SmolLM2-135M: fetch, compress, perplexity, serve, ask, stop (~15 min on 2 cores).
+demo: setup
+	$(PY) scripts/demo.py
+
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -178,7 +178,7 @@ def bench_case(model, layer, in_f, out_f, ratio, ms, impls, device, measure, cei
         next_set = rotating(operands[impl], weight_bytes[impl], device)
         for m in ms:
             x = torch.randn(m, in_f, device=device).to(torch.bfloat16)
-            seconds = measure(lambda x=x, impl=impl: run[impl](x, next_set()))
+            seconds = measure(lambda x=x, impl=impl, next_set=next_set: run[impl](x, next_set()))
             moved = weight_bytes[impl] + bf16 * m * (in_f + out_f + 2 * inner[impl])
             flops = flops_per_row[impl] * m
             floor = max(moved / bandwidth, flops / rate)
@@ -206,7 +206,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"# Kernel benchmark on {meta['device']}",
         "",
         f"Measured ceilings in this run: copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s (read + write), "
-        f"bf16 matmul {meta['matmul_tflops']:.2f} TFLOP/s. Floor = max(bytes / bandwidth, FLOPs / rate). "
+        f"bf16 matmul {meta['matmul_tflops'] * 1e3:.1f} GFLOP/s. Floor = max(bytes / bandwidth, FLOPs / rate). "
         f"Timing: {meta['timing']}. {meta['note']}",
         "",
         "| model | layer | in→out | CR | k | s | M | impl | time (µs) | bytes (MB) | time/floor | vs dense |",
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     measure = timer(device)
     bandwidth, rate = measure_ceilings(device, measure)
-    print(f"device {device_label(device)}: copy {bandwidth / 1e9:.1f} GB/s, bf16 matmul {rate / 1e12:.2f} TFLOP/s")
+    print(f"device {device_label(device)}: copy {bandwidth / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.1f} GFLOP/s")
     rows: list[Row] = []
     for model in models:
         for layer, in_f, out_f in MODELS[model]:

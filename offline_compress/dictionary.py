@@ -90,16 +90,27 @@ def sparse_to_dense(support_idx: torch.Tensor, values: torch.Tensor, k: int) -> 
 
 
 def initial_dictionary(target: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct random columns of the target (with replacement beyond m), unit-normalised."""
+    """Starting atoms [n, k]: the leading left singular vectors of the target, then (when k exceeds
+    the rank available) distinct random target columns, unit-normalised.
+
+    Starting in SVD-LLM's subspace means the first OMP pass already picks, per column, the best s of
+    the k strongest directions; on SmolLM2 layers this reaches after one K-SVD iteration the error
+    that random-column starts needed six for (benchmarks/results/NOTES.md).
+    """
     n, m = target.shape
-    picks = torch.randperm(m, generator=generator)[: min(k, m)]
-    if k > m:
-        picks = torch.cat([picks, torch.randint(0, m, (k - m,), generator=generator)])
-    atoms = target[:, picks.to(target.device)].clone()
-    noise = torch.randn(atoms.shape, generator=generator, dtype=atoms.dtype).to(atoms.device)
-    # Repeated or zero columns would give identical atoms: nudge them apart.
-    atoms = atoms + 1e-3 * atoms.norm(dim=0, keepdim=True).clamp_min(1e-12) * noise / n**0.5
-    return atoms / atoms.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    left, _, _ = torch.linalg.svd(target, full_matrices=False)  # [n, min(n, m)]
+    atoms = left[:, : min(k, left.shape[1])]
+    extra = k - atoms.shape[1]
+    if extra > 0:
+        picks = torch.randperm(m, generator=generator)[: min(extra, m)]
+        if extra > m:
+            picks = torch.cat([picks, torch.randint(0, m, (extra - m,), generator=generator)])
+        columns = target[:, picks.to(target.device)].clone()
+        noise = torch.randn(columns.shape, generator=generator, dtype=columns.dtype).to(columns.device)
+        # Repeated or zero columns would give identical atoms: nudge them apart.
+        columns = columns + 1e-3 * columns.norm(dim=0, keepdim=True).clamp_min(1e-12) * noise / n**0.5
+        atoms = torch.cat([atoms, columns / columns.norm(dim=0, keepdim=True).clamp_min(1e-12)], dim=1)
+    return atoms.contiguous()
 
 
 def update_atoms(

@@ -22,7 +22,7 @@ METHODS = ("cospadi", "svd-llm")
 class LayerSettings:
     method: str = "cospadi"
     value_dtype: str = "int8"
-    iterations: int = 6
+    iterations: int = 3
     power_iterations: int = 1
     omp_atoms_per_step: int = 4
     seed: int = 0

@@ -46,7 +46,7 @@ class CompressOptions:
     method: str = "cospadi"
     k_over_s: float = 2.0
     value_dtype: str = "int8"
-    iterations: int = 6
+    iterations: int = 3
     power_iterations: int = 1
     omp_atoms_per_step: int = 4
     calib: str = BUILTIN_CALIBRATION

@@ -1,0 +1,231 @@
+"""Quality benchmark: perplexity against real model bytes for dense, RTN int8, SVD-LLM and CoSpaDi.
+
+Perplexity is HF transformers on the dense reconstruction (Wᵀ = D·C read back from each checkpoint),
+over fixed non-overlapping windows of the held-out Wikipedia split (offline_compress.evaluate:
+16 windows × 512 tokens spread evenly over the split, no BOS prepended, every position after the
+first scored). Bytes are real stored bytes: compressed layers as stored, everything else at bf16.
+
+Rows (each one resumable: finished rows are kept in the JSON and skipped on the next run):
+  dense               the original weights, counted at bf16
+  rtn-int8            round-to-nearest int8 per output channel (fp32 scale) on the same target layers
+  svd-llm@CR          whitened truncated SVD at the CR's byte budget
+  cospadi-int8@CR     K-SVD dictionary + int8 coefficient values
+  cospadi-bf16@CR     K-SVD dictionary + bf16 coefficient values
+
+    python benchmarks/quality.py                          # SmolLM2-135M, CR 0.2 0.3 0.4
+    python benchmarks/quality.py --model /models/Llama-3.2-1B --device cuda --ratios 0.3
+
+Writes benchmarks/results/quality-<model>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from offline_compress import assets
+from offline_compress.calibration import DEFAULT_TARGETS
+from offline_compress.evaluate import evaluation_windows, perplexity
+from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.reader import load_reconstructed_model
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("svd-llm", "cospadi-int8", "cospadi-bf16")
+
+
+def row_id(variant: str, ratio: float | None) -> str:
+    return variant if ratio is None else f"{variant}@{ratio}"
+
+
+def model_bytes(model) -> int:
+    """bf16 bytes of every parameter, tied weights once."""
+    return 2 * sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def target_linears(model) -> list[torch.nn.Linear]:
+    suffixes = tuple(f".{t}" for t in DEFAULT_TARGETS)
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)]
+
+
+@torch.no_grad()
+def rtn_int8_(model) -> int:
+    """Quantize the target linears in place (int8, symmetric per output channel); → their stored bytes."""
+    stored = 0
+    for linear in target_linears(model):
+        weight = linear.weight
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        weight.copy_((weight / scale).round().clamp(-127, 127) * scale)
+        stored += weight.numel() + 4 * weight.shape[0]  # int8 values + one fp32 scale per channel
+    return stored
+
+
+def evaluate_dense(model_dir: Path, windows, device, rtn: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    total = model_bytes(model)
+    layer_dense = 2 * sum(m.weight.numel() for m in target_linears(model))
+    layer_stored = rtn_int8_(model) if rtn else layer_dense
+    return {
+        "model_bytes": total - layer_dense + layer_stored,
+        "layer_bytes": layer_stored,
+        "layer_bytes_dense_bf16": layer_dense,
+        "perplexity": perplexity(model, windows, desc="rtn-int8" if rtn else "dense"),
+    }
+
+
+def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: float, windows, args) -> dict:
+    method, _, value_dtype = variant.partition("-")
+    options = CompressOptions(
+        ratio=ratio,
+        method="svd-llm" if method == "svd" else "cospadi",
+        value_dtype=value_dtype if method == "cospadi" else "int8",
+        iterations=args.iterations,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        device=args.device,
+        seed=args.seed,
+    )
+    checkpoint = work_dir / row_id(variant, ratio)
+    if not (checkpoint / "compress_report.json").exists():  # a finished checkpoint is reused as is
+        compress_model(model_dir, checkpoint, options, log=lambda msg: print(msg, file=sys.stderr))
+    report = json.loads((checkpoint / "compress_report.json").read_text())
+    totals = report["totals"]
+    model = load_reconstructed_model(checkpoint).to(args.device)
+    return {
+        "model_bytes": totals["model_bytes_stored"],
+        "layer_bytes": totals["bytes_stored"],
+        "layer_bytes_dense_bf16": totals["bytes_dense_bf16"],
+        "perplexity": perplexity(model, windows, desc=row_id(variant, ratio)),
+        "compression_ratio_actual": totals["compression_ratio_actual"],
+        "mean_whitened_rel_error": totals["mean_whitened_rel_error"],
+        "compress_seconds": totals["seconds"],
+        "options": report["options"],
+    }
+
+
+def markdown(results: dict, meta: dict, missing: list[str]) -> str:
+    dense = results.get("dense")
+    lines = [
+        f"# Perplexity vs bytes — {meta['model']}",
+        "",
+        f"Held-out Wikipedia split, {meta['windows']} windows × {meta['seq_len']} tokens, no BOS. "
+        f"Machine: {meta['machine']}. Bytes: compressed layers as stored, the rest at bf16.",
+        "",
+        "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | compress time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rid, r in sorted(results.items(), key=lambda item: -item[1]["model_bytes"]):
+        cr = 1 - r["layer_bytes"] / r["layer_bytes_dense_bf16"]
+        delta = f"{r['perplexity'] - dense['perplexity']:+.2f}" if dense else "–"
+        secs = f"{r['compress_seconds'] / 60:.1f} min" if "compress_seconds" in r else "–"
+        lines.append(f"| {rid} | {r['model_bytes'] / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
+                     f"{r['perplexity']:.2f} | {delta} | {secs} |")
+    verdicts = []
+    for ratio in meta["ratios"]:
+        svd, cos = results.get(row_id("svd-llm", ratio)), results.get(row_id("cospadi-int8", ratio))
+        if svd and cos:
+            better = cos["perplexity"] < svd["perplexity"]
+            verdicts.append(f"- CR {ratio}: CoSpaDi int8 {cos['perplexity']:.2f} vs SVD-LLM {svd['perplexity']:.2f} "
+                            f"→ **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
+    if verdicts:
+        lines += ["", "CoSpaDi (int8) against SVD-LLM at the same byte budget:", "", *verdicts]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"svd-llm": ("tab:orange", "s"), "cospadi-int8": ("tab:blue", "o"), "cospadi-bf16": ("tab:cyan", "^")}
+    for variant, (color, marker) in styles.items():
+        pts = sorted((r["model_bytes"] / 1e6, r["perplexity"]) for rid, r in results.items() if rid.startswith(variant + "@"))
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=variant)
+    for rid, color in (("dense", "black"), ("rtn-int8", "tab:gray")):
+        if rid in results:
+            ax.scatter(results[rid]["model_bytes"] / 1e6, results[rid]["perplexity"], color=color, marker="*", s=120,
+                       label=f"{rid} (bf16)" if rid == "dense" else rid, zorder=3)
+    ppl = [r["perplexity"] for r in results.values()]
+    if ppl and max(ppl) / min(ppl) > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("model size (MB, real stored bytes)")
+    ax.set_ylabel("perplexity (Wikipedia held-out)")
+    ax.set_title(f"{meta['model']}: perplexity vs bytes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="HF model directory (default: SmolLM2-135M-Instruct from assets)")
+    parser.add_argument("--name", help="name in the result files (default: smollm2 or the directory name)")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
+    parser.add_argument("--rows", nargs="+", help="only these rows, e.g. dense svd-llm@0.3 cospadi-int8@0.3")
+    parser.add_argument("--iterations", type=int, default=CompressOptions.iterations, help="K-SVD iterations T")
+    parser.add_argument("--calib-samples", type=int, default=CompressOptions.calib_samples)
+    parser.add_argument("--seq-len", type=int, default=CompressOptions.seq_len)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, help="where checkpoints are kept (default: cache dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results JSON")
+    args = parser.parse_args(argv)
+
+    model_dir = args.model or assets.smollm2_dir()
+    if not (Path(model_dir) / "config.json").is_file():
+        parser.error(f"--model {model_dir}: no config.json there (expected a Hugging Face model directory)")
+    name = args.name or ("smollm2" if args.model is None else Path(model_dir).name.lower())
+    work_dir = args.work_dir or assets.cache_dir() / "quality" / name
+    from transformers import AutoTokenizer
+
+    windows = evaluation_windows(AutoTokenizer.from_pretrained(model_dir))
+    meta = {
+        "model": name, "model_dir": str(model_dir), "ratios": args.ratios, "windows": windows.shape[0],
+        "seq_len": windows.shape[1], "machine": f"{args.device}, {torch.get_num_threads()} threads",
+        "iterations": args.iterations,
+    }
+    json_path = args.out / f"quality-{name}.json"
+    results = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["rows"]
+    planned = ["dense", "rtn-int8"] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
+    todo = [rid for rid in planned if (not args.rows or rid in args.rows) and rid not in results]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for rid in todo:
+        started = time.perf_counter()
+        print(f"== {rid}", file=sys.stderr, flush=True)
+        if rid in ("dense", "rtn-int8"):
+            results[rid] = evaluate_dense(Path(model_dir), windows, args.device, rtn=rid == "rtn-int8")
+        else:
+            variant, _, ratio = rid.partition("@")
+            results[rid] = evaluate_compressed(Path(model_dir), work_dir, variant, float(ratio), windows, args)
+        results[rid]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"{rid}: perplexity {results[rid]['perplexity']:.3f}, model {results[rid]['model_bytes'] / 1e6:.1f} MB",
+              flush=True)
+        json_path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))  # after every row: resumable
+    missing = [rid for rid in planned if rid not in results]
+    table = markdown(results, meta, missing)
+    json_path.write_text(json.dumps({"meta": meta, "rows": results, "missing": missing}, indent=1))
+    (args.out / f"quality-{name}.md").write_text(table)
+    if results:
+        plot(results, meta, args.out / f"quality-{name}.png")
+    print(table)
+    print(f"wrote {json_path.with_suffix('')}.json/.md/.png")
+    return 0 if all(math.isfinite(r["perplexity"]) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

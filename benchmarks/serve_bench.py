@@ -1,0 +1,105 @@
+"""Serving benchmark: ``vllm bench serve --dataset-name random`` against the dense and the CoSpaDi model.
+
+For each model it starts the documented serve command on 127.0.0.1 (serve_configs/cpu-demo.yaml
+on CPU, serve_configs/single-gpu.yaml with --gpu), runs vLLM's own load generator against it
+through the OpenAI completions endpoint, and stops the server. Same prompts (fixed seed), same
+server settings for both models.
+
+    python benchmarks/serve_bench.py --checkpoint ./smollm2-cospadi          # dense = SmolLM2 from assets
+    python benchmarks/serve_bench.py --model /models/Llama-3.1-8B --checkpoint ./llama-cospadi --gpu
+
+Writes benchmarks/results/serve-<name>-<label>.json (vLLM's result file, one per model) and
+serve-<name>.md (side-by-side table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cospadi_vllm.launch import ROOT, ServerError, free_port, running_server, serve_command
+from offline_compress import assets
+
+RESULTS = Path(__file__).parent / "results"
+METRICS = [  # (vLLM result key, column title, scale)
+    ("request_throughput", "req/s", 1.0),
+    ("output_throughput", "output tok/s", 1.0),
+    ("total_token_throughput", "total tok/s", 1.0),
+    ("median_ttft_ms", "median TTFT (ms)", 1.0),
+    ("median_tpot_ms", "median TPOT (ms)", 1.0),
+    ("p99_itl_ms", "p99 ITL (ms)", 1.0),
+]
+
+
+def bench_one(label: str, model_dir: Path, args, name: str) -> dict:
+    port = free_port()
+    config = ROOT / "serve_configs" / ("single-gpu.yaml" if args.gpu else "cpu-demo.yaml")
+    extra = ["--served-model-name", label, "--max-model-len", str(args.input_len + args.output_len + 16)]
+    log_path = args.out / f"serve-{name}-{label}.server.log"
+    filename = f"serve-{name}-{label}.json"
+    with running_server(serve_command(model_dir, port, extra, config), log_path, port) as base_url:
+        cmd = [
+            sys.executable, "-m", "cospadi_vllm", "bench", "serve",
+            "--backend", "vllm", "--base-url", base_url.removesuffix("/v1"), "--model", label,
+            "--tokenizer", str(model_dir), "--dataset-name", "random",
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
+            "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl",
+            "--save-result", "--result-dir", str(args.out), "--result-filename", filename,
+        ]
+        print(f"== {label}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    log_path.unlink()  # kept only when something failed
+    return json.loads((args.out / filename).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="dense HF model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="CoSpaDi checkpoint of that model")
+    parser.add_argument("--name", help="name in the result files (default: smollm2 or the model directory name)")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-concurrency", type=int, default=8)
+    parser.add_argument("--gpu", action="store_true", help="serve with serve_configs/single-gpu.yaml")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    model_dir = args.model or assets.smollm2_dir()
+    for path in (model_dir, args.checkpoint):
+        if not (Path(path) / "config.json").is_file():
+            parser.error(f"{path}: no config.json there (expected a model or checkpoint directory)")
+    name = args.name or ("smollm2" if args.model is None else Path(model_dir).name.lower())
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    try:
+        for label, path in (("dense", model_dir), ("cospadi", args.checkpoint)):
+            results[label] = bench_one(label, Path(path), args, name)
+    except (ServerError, subprocess.CalledProcessError) as err:
+        print(f"serve_bench: error: {err}", file=sys.stderr)
+        return 1
+    lines = [
+        f"# Serving benchmark — {name}",
+        "",
+        f"`vllm bench serve --dataset-name random`: {args.num_prompts} prompts, {args.input_len} input / "
+        f"{args.output_len} output tokens (ignore EOS), max concurrency {args.max_concurrency}, seed 0; "
+        f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml; both runs back to back on one machine.",
+        "",
+        "| model | " + " | ".join(title for _, title, _ in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for label, r in results.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')) * scale:.2f}" for key, _, scale in METRICS) + " |")
+    ratio = results["cospadi"]["output_throughput"] / results["dense"]["output_throughput"]
+    lines += ["", f"CoSpaDi / dense output throughput: {ratio:.2f}×"]
+    table = "\n".join(lines) + "\n"
+    (args.out / f"serve-{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
