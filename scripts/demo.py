@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct and the Wikipedia text (fetched through PyPI) → CoSpaDi 
 ``cospadi-vllm serve`` on 127.0.0.1 → one chat question through the official ``openai`` client →
 size and perplexity before/after → server stopped.
 
-The demo compresses with fast settings (K-SVD T=1, 8 atoms per OMP step) so it fits ~15 minutes
-on 2 CPU cores; ``cospadi-compress`` defaults (T=6) give better quality in ~1 hour on the same
+The demo compresses with fast settings (K-SVD T=2, 8 atoms per OMP step) so it fits in 20 minutes
+on 2 CPU cores; ``cospadi-compress`` defaults (T=3, 4 atoms per step) do better in ~35 minutes on the same
 machine (see the README's measured table). Re-running reuses a finished checkpoint.
 """
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output" / "smollm2-cospadi", help="checkpoint directory")
     parser.add_argument("--ratio", type=float, default=0.3, help="compression ratio on real bytes")
-    parser.add_argument("--iterations", type=int, default=1, help="K-SVD iterations (compressor default: 6)")
+    parser.add_argument("--iterations", type=int, default=2, help="K-SVD iterations (compressor default: 3)")
     parser.add_argument("--omp-atoms-per-step", type=int, default=8)
     args = parser.parse_args(argv)
     started = time.perf_counter()
