@@ -8,7 +8,14 @@ import sys
 from cospadi_vllm import format as fmt
 from offline_compress.calibration import DEFAULT_TARGETS
 from offline_compress.layer import METHODS
-from offline_compress.pipeline import BUILTIN_CALIBRATION, CompressError, CompressOptions, compress_model, summary_table
+from offline_compress.pipeline import (
+    BUILTIN_CALIBRATION,
+    CHAT_CALIBRATION,
+    CompressError,
+    CompressOptions,
+    compress_model,
+    summary_table,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="atoms OMP adds per step: 1 = exact OMP; p > 1 = generalised OMP, ~p times "
                         "faster coding at a small accuracy cost")
     parser.add_argument("--calib", default=defaults.calib,
-                        help=f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), a .txt file or a "
+                        help=f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), '{CHAT_CALIBRATION}' (the same "
+                        "split as chat exchanges in the model's chat template; for chat models), a .txt file or a "
                         ".jsonl of {\"text\": ...}")
     parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration sequence")

@@ -72,6 +72,14 @@ def test_missing_calibration_file(tiny_models, tmp_path, capsys):
     check_failed(*run_cli([tiny_models["llama"], out, "--calib", tmp_path / "absent.jsonl"], capsys), out, "absent.jsonl")
 
 
+def test_chat_calibration_needs_a_chat_template(tiny_models, tmp_path, capsys):
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_models["llama"], model)
+    (model / "chat_template.jinja").unlink()
+    out = tmp_path / "out"
+    check_failed(*run_cli([model, out, "--calib", "wikipedia-chat"], capsys), out, "wikipedia-chat", "chat template")
+
+
 def test_nan_in_weight(tiny_models, tmp_path, capsys):
     model = tmp_path / "nan-model"
     shutil.copytree(tiny_models["llama"], model)
