@@ -24,13 +24,13 @@ from cospadi_vllm.launch import ROOT, ServerError, free_port, running_server, se
 from offline_compress import assets
 
 RESULTS = Path(__file__).parent / "results"
-METRICS = [  # (vLLM result key, column title, scale)
-    ("request_throughput", "req/s", 1.0),
-    ("output_throughput", "output tok/s", 1.0),
-    ("total_token_throughput", "total tok/s", 1.0),
-    ("median_ttft_ms", "median TTFT (ms)", 1.0),
-    ("median_tpot_ms", "median TPOT (ms)", 1.0),
-    ("p99_itl_ms", "p99 ITL (ms)", 1.0),
+METRICS = [  # (vLLM result key, column title)
+    ("request_throughput", "req/s"),
+    ("output_throughput", "output tok/s"),
+    ("total_token_throughput", "total tok/s"),
+    ("median_ttft_ms", "median TTFT (ms)"),
+    ("median_tpot_ms", "median TPOT (ms)"),
+    ("p99_itl_ms", "p99 ITL (ms)"),
 ]
 
 
@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.output_len} output tokens (ignore EOS), max concurrency {args.max_concurrency}, seed 0; "
         f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml; both runs back to back on one machine.",
         "",
-        "| model | " + " | ".join(title for _, title, _ in METRICS) + " |",
+        "| model | " + " | ".join(title for _, title in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
     for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')) * scale:.2f}" for key, _, scale in METRICS) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')):.2f}" for key, _ in METRICS) + " |")
     ratio = results["cospadi"]["output_throughput"] / results["dense"]["output_throughput"]
     lines += ["", f"CoSpaDi / dense output throughput: {ratio:.2f}×"]
     table = "\n".join(lines) + "\n"

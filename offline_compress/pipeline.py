@@ -35,7 +35,7 @@ from offline_compress.layer import METHODS, LayerSettings, compress_linear
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 BUILTIN_CALIBRATION = "wikipedia"
 CHAT_CALIBRATION = "wikipedia-chat"  # the same split as chat exchanges in the model's own chat template
-CHAT_CHUNK_CHARS = 1200  # one exchange per ~300 tokens: every 512-token window holds turn boundaries
+CHAT_CHUNK_CHARS = 1200  # one exchange per ~410 tokens on SmolLM2: every 512-token window holds a turn boundary
 
 
 class CompressError(Exception):
@@ -131,7 +131,7 @@ def chat_calibration_text(tokenizer, text: str) -> str:
     """``text`` as a run of chat exchanges rendered with the tokenizer's chat template.
 
     Paragraphs are grouped into chunks of about CHAT_CHUNK_CHARS; in each chunk the first paragraph
-    is the user's turn and the rest the assistant's. Plain-text calibration never shows the model
+    is the user's turn and the rest the assistant's; a trailing chunk shorter than that is dropped. Plain-text calibration never shows the model
     its turn markers, so whitening neglects the directions the first answer token depends on
     (a CR 0.3 checkpoint calibrated on plain Wikipedia answered chat questions with an empty string).
     """
@@ -146,7 +146,7 @@ def chat_calibration_text(tokenizer, text: str) -> str:
             current = []
     exchanges = []
     for chunk in chunks:
-        if len(chunk) < 2:  # one long paragraph: split it at a sentence end near the middle
+        if len(chunk) < 2:  # one long paragraph: the user's turn is its first sentence
             head, _, tail = chunk[0].partition(". ")
             chunk = [head + ".", tail]
         messages = [{"role": "user", "content": chunk[0]}, {"role": "assistant", "content": "\n\n".join(chunk[1:])}]
