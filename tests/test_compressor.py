@@ -1,13 +1,14 @@
 """The compressor end to end on tiny random Llama / Qwen2 / Qwen3 models."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from cospadi_vllm import format as fmt
-from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.pipeline import CompressOptions, compress_model, compress_or_reuse
 from offline_compress.reader import load_reconstructed_model, reconstructed_state_dict
 from tests.conftest import TINY_ARCHS
 from tests.test_format import python_unpack
@@ -169,3 +170,26 @@ def test_resume_reuses_finished_layers(tiny_models, calib_file, tmp_path):
     assert not partial.exists()
     a, b = read_all(full), read_all(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_compress_or_reuse_checks_options(tiny_models, calib_file, tmp_path):
+    """A finished checkpoint is reused only when it was made from the same model with the same options."""
+    out = tmp_path / "owned"
+    options = CompressOptions(method="svd-llm", ratio=0.3, calib=str(calib_file), calib_samples=4, seq_len=64)
+    messages = []
+    first = compress_or_reuse(tiny_models["llama"], out, options, log=messages.append)
+    assert first["options"]["ratio"] == 0.3 and first["model_dir"] == str(tiny_models["llama"].resolve())
+    stamp = (out / "compress_report.json").stat().st_mtime_ns
+    messages.clear()
+    again = compress_or_reuse(tiny_models["llama"], out, replace(options, batch_size=2), log=messages.append)
+    assert again == first and (out / "compress_report.json").stat().st_mtime_ns == stamp
+    assert any("reusing" in m for m in messages), "batch size does not change the result: reused"
+    messages.clear()
+    other = compress_or_reuse(tiny_models["llama"], out, replace(options, ratio=0.4), log=messages.append)
+    assert any("ratio 0.3 -> 0.4" in m for m in messages)
+    assert other["options"]["ratio"] == 0.4 and other["totals"]["compression_ratio_actual"] >= 0.4
+    assert json.loads((out / "compress_report.json").read_text())["options"]["ratio"] == 0.4
+    messages.clear()
+    qwen = compress_or_reuse(tiny_models["qwen2"], out, replace(options, ratio=0.4), log=messages.append)
+    assert any("model" in m and "compressing again" in m for m in messages)
+    assert qwen["architecture"] == "Qwen2ForCausalLM"

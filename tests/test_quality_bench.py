@@ -1,0 +1,76 @@
+"""benchmarks/quality.py run as a user runs it, on a tiny Llama: rows, bytes, perplexity, reuse of checkpoints."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from offline_compress.evaluate import evaluation_windows
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
+FAST = ["--ratios", "0.3", "--calib-samples", "4", "--seq-len", "64"]
+
+
+def run_quality(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def hf_perplexity(model_dir: Path) -> float:
+    """Independent reference: HF's own shifted cross-entropy (labels=...), averaged over equal-length windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    windows = evaluation_windows(AutoTokenizer.from_pretrained(model_dir))
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None], use_cache=False).loss.double() for w in windows]
+    return math.exp(torch.stack(losses).mean().item())
+
+
+def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    out, work = tmp_path / "results", tmp_path / "work"
+    rows = ["dense", "rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3"]
+    common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
+    run_quality(*common, "--iterations", "1", "--rows", *rows)
+    result = json.loads((out / "quality-tiny.json").read_text())
+    got = result["rows"]
+    assert sorted(got) == sorted(rows)
+    assert "cospadi-bf16@0.3" in result["missing"]
+
+    # Bytes from the model's own tensors: 2 layers x 7 target linears.
+    with safe_open(str(model / "model.safetensors"), framework="pt") as fh:
+        shapes = {n: fh.get_slice(n).get_shape() for n in fh.keys()}
+    targets = [s for n, s in shapes.items() if n.endswith("_proj.weight")]
+    assert len(targets) == 14
+    layer_bf16 = 2 * sum(o * i for o, i in targets)
+    model_bf16 = 2 * sum(math.prod(s) for s in shapes.values())  # embeddings tied: stored once
+    assert got["dense"]["layer_bytes"] == layer_bf16 and got["dense"]["model_bytes"] == model_bf16
+    assert got["rtn-int8"]["layer_bytes"] == sum(o * i + 4 * o for o, i in targets)
+    for rid in ("rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3"):
+        row = got[rid]
+        assert row["model_bytes"] == model_bf16 - layer_bf16 + row["layer_bytes"], rid
+    for rid in ("svd-llm@0.3", "cospadi-int8@0.3"):
+        assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
+
+    # Perplexity: the dense row equals HF's own loss; compressed rows are finite and differ from it (a random model need not get worse).
+    assert math.isclose(got["dense"]["perplexity"], hf_perplexity(model), rel_tol=1e-4)
+    for rid in ("svd-llm@0.3", "cospadi-int8@0.3"):
+        assert math.isfinite(got[rid]["perplexity"]) and got[rid]["perplexity"] != got["dense"]["perplexity"]
+    table = (out / "quality-tiny.md").read_text()
+    assert "CR 0.3: CoSpaDi int8" in table and "Not measured in this run: cospadi-bf16@0.3" in table
+    assert (out / "quality-tiny.png").stat().st_size > 10_000
+
+    # Asking for other options must not report the old checkpoint: it is compressed again.
+    rerun = run_quality(*common, "--iterations", "2", "--rows", "cospadi-int8@0.3", "--fresh")
+    assert "iterations 1 -> 2" in rerun.stderr
+    again = json.loads((out / "quality-tiny.json").read_text())["rows"]
+    assert list(again) == ["cospadi-int8@0.3"] and again["cospadi-int8@0.3"]["options"]["iterations"] == 2
+    # Same options again: reused, not recompressed.
+    reuse = run_quality(*common, "--iterations", "2", "--rows", "cospadi-int8@0.3", "--fresh")
+    assert "reusing the finished checkpoint" in reuse.stderr
