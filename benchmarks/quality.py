@@ -37,6 +37,7 @@ from offline_compress.reader import load_reconstructed_model
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("svd-llm", "cospadi-int8", "cospadi-bf16")
+VALUE_DTYPES = {"int8": "int8", "bf16": "bfloat16"}  # row-name suffix -> --value-dtype
 
 
 def row_id(variant: str, ratio: float | None) -> str:
@@ -85,7 +86,7 @@ def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: fl
     options = CompressOptions(
         ratio=ratio,
         method="svd-llm" if method == "svd" else "cospadi",
-        value_dtype=value_dtype if method == "cospadi" else "int8",
+        value_dtype=VALUE_DTYPES[value_dtype] if method == "cospadi" else "int8",
         iterations=args.iterations,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
@@ -127,13 +128,15 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                      f"{r['perplexity']:.2f} | {delta} | {secs} |")
     verdicts = []
     for ratio in meta["ratios"]:
-        svd, cos = results.get(row_id("svd-llm", ratio)), results.get(row_id("cospadi-int8", ratio))
-        if svd and cos:
-            better = cos["perplexity"] < svd["perplexity"]
-            verdicts.append(f"- CR {ratio}: CoSpaDi int8 {cos['perplexity']:.2f} vs SVD-LLM {svd['perplexity']:.2f} "
-                            f"→ **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
+        svd = results.get(row_id("svd-llm", ratio))
+        for variant in ("cospadi-int8", "cospadi-bf16"):
+            cos = results.get(row_id(variant, ratio))
+            if svd and cos:
+                better = cos["perplexity"] < svd["perplexity"]
+                verdicts.append(f"- CR {ratio}: CoSpaDi {variant.split('-')[1]} {cos['perplexity']:.2f} vs SVD-LLM "
+                                f"{svd['perplexity']:.2f} → **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
     if verdicts:
-        lines += ["", "CoSpaDi (int8) against SVD-LLM at the same byte budget:", "", *verdicts]
+        lines += ["", "CoSpaDi against SVD-LLM at the same byte budget:", "", *verdicts]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
