@@ -36,8 +36,12 @@ from offline_compress.pipeline import CompressOptions, compress_or_reuse
 from offline_compress.reader import load_reconstructed_model
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("svd-llm", "cospadi-int8", "cospadi-bf16")
-VALUE_DTYPES = {"int8": "int8", "bf16": "bfloat16"}  # row-name suffix -> --value-dtype
+# Row name -> (--method, --value-dtype). SVD-LLM is stored like CoSpaDi-int8 with s = k.
+VARIANTS = {
+    "svd-llm": ("svd-llm", "int8"),
+    "cospadi-int8": ("cospadi", "int8"),
+    "cospadi-bf16": ("cospadi", "bfloat16"),
+}
 
 
 def row_id(variant: str, ratio: float | None) -> str:
@@ -82,11 +86,11 @@ def evaluate_dense(model_dir: Path, windows, device, rtn: bool) -> dict:
 
 
 def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: float, windows, args) -> dict:
-    method, _, value_dtype = variant.partition("-")
+    method, value_dtype = VARIANTS[variant]
     options = CompressOptions(
         ratio=ratio,
-        method="svd-llm" if method == "svd" else "cospadi",
-        value_dtype=VALUE_DTYPES[value_dtype] if method == "cospadi" else "int8",
+        method=method,
+        value_dtype=value_dtype,
         iterations=args.iterations,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
@@ -133,7 +137,7 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
             cos = results.get(row_id(variant, ratio))
             if svd and cos:
                 better = cos["perplexity"] < svd["perplexity"]
-                verdicts.append(f"- CR {ratio}: CoSpaDi {variant.split('-')[1]} {cos['perplexity']:.2f} vs SVD-LLM "
+                verdicts.append(f"- CR {ratio}: CoSpaDi {variant.removeprefix('cospadi-')} {cos['perplexity']:.2f} vs SVD-LLM "
                                 f"{svd['perplexity']:.2f} → **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
     if verdicts:
         lines += ["", "CoSpaDi against SVD-LLM at the same byte budget:", "", *verdicts]
