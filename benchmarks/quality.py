@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="HF model directory (default: SmolLM2-135M-Instruct from assets)")
     parser.add_argument("--name", help="name in the result files (default: smollm2 or the directory name)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
-    parser.add_argument("--rows", nargs="+", help="only these rows, e.g. dense svd-llm@0.3 cospadi-int8@0.3")
+    parser.add_argument("--rows", nargs="+", help="only these rows, e.g. dense svd-llm@0.3 cospadi-int8@0.3 (compressed rows must use a ratio in --ratios)")
     parser.add_argument("--iterations", type=int, default=CompressOptions.iterations, help="K-SVD iterations T")
     parser.add_argument("--calib-samples", type=int, default=CompressOptions.calib_samples)
     parser.add_argument("--seq-len", type=int, default=CompressOptions.seq_len)
@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results JSON")
     args = parser.parse_args(argv)
 
+    planned = ["dense", "rtn-int8"] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
+    unknown = [rid for rid in args.rows or [] if rid not in planned]
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: not a row of this run (rows: {' '.join(planned)})")
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: no config.json there (expected a Hugging Face model directory)")
@@ -205,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path = args.out / f"quality-{name}.json"
     results = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["rows"]
-    planned = ["dense", "rtn-int8"] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
     todo = [rid for rid in planned if (not args.rows or rid in args.rows) and rid not in results]
     args.out.mkdir(parents=True, exist_ok=True)
     for rid in todo:

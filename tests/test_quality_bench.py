@@ -75,3 +75,15 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     # Same options again: reused, not recompressed.
     reuse = run_quality(*common, "--iterations", "2", "--rows", "cospadi-int8@0.3", "--fresh")
     assert "reusing the finished checkpoint" in reuse.stderr
+
+
+def test_unknown_row_is_an_error(tiny_models, tmp_path):
+    """A mistyped --rows name, or a row whose ratio is not in --ratios, must stop the run, not silently measure nothing."""
+    out = tmp_path / "results"
+    args = ["--model", str(tiny_models["llama"]), "--name", "tiny", "--work-dir", str(tmp_path / "work"),
+            "--out", str(out), *FAST, "--rows", "dense", "cospadi-int9@0.3", "svd-llm@0.25"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--rows cospadi-int9@0.3 svd-llm@0.25: not a row of this run" in result.stderr
+    assert "cospadi-int8@0.3" in result.stderr.splitlines()[-1]  # the valid names are listed
+    assert not out.exists()
