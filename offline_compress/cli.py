@@ -18,6 +18,13 @@ from offline_compress.pipeline import (
 )
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = CompressOptions()
     parser = argparse.ArgumentParser(
@@ -33,15 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target compression ratio of the compressed layers, on real stored bytes vs bf16")
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
                         help="cospadi = K-SVD sparse dictionary; svd-llm = whitened truncated SVD baseline")
-    parser.add_argument("--k-over-s", type=float, default=defaults.k_over_s, help="atoms per non-zero (k/s)")
+    parser.add_argument("--k-over-s", type=_float_list, default=",".join(f"{v:g}" for v in defaults.k_over_s),
+                        help="atoms per non-zero (k/s). Several comma-separated values: per module, a short trial of "
+                        "each picks the structure, and the dense s = k structure (SVD-LLM's) is kept where it is "
+                        "better after quantization; one value forces that structure everywhere")
     parser.add_argument("--value-dtype", choices=sorted(fmt.VALUE_DTYPES), default=defaults.value_dtype,
                         help="storage type of the coefficient values")
-    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="K-SVD iterations T")
-    parser.add_argument("--power-iterations", type=int, default=defaults.power_iterations,
-                        help="power iterations per atom update")
-    parser.add_argument("--omp-atoms-per-step", type=int, default=defaults.omp_atoms_per_step,
-                        help="atoms OMP adds per step: 1 = exact OMP; p > 1 = generalised OMP, ~p times "
-                        "faster coding at a small accuracy cost")
+    parser.add_argument("--iterations", type=int, default=defaults.iterations,
+                        help="dictionary-learning iterations T (each: dictionary update + sparse coding)")
     parser.add_argument("--calib", default=defaults.calib,
                         help=f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), '{CHAT_CALIBRATION}' (the same "
                         "split as chat exchanges in the model's chat template; for chat models), a .txt file or a "
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", default=",".join(defaults.targets),
                         help=f"comma-separated linears to compress, from: {','.join(DEFAULT_TARGETS)}")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB", dest="max_memory_gb",
+                        help="memory budget of the sparse-coding workspace in GiB (columns are coded in chunks that "
+                        "fit it); default: a quarter of the free RAM / GPU memory, at most 4 GiB")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--one-shot", action="store_true",
                         help="calibrate every layer on the original model's activations instead of on the "
@@ -70,13 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         k_over_s=args.k_over_s,
         value_dtype=args.value_dtype,
         iterations=args.iterations,
-        power_iterations=args.power_iterations,
-        omp_atoms_per_step=args.omp_atoms_per_step,
         calib=args.calib,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         device=args.device,
+        max_memory_gb=args.max_memory_gb,
         seed=args.seed,
         sequential=not args.one_shot,
         batch_size=args.batch_size,

@@ -1,104 +1,185 @@
-"""Sparse dictionary learning (K-SVD with batched OMP) and the truncated-SVD baseline.
+"""Sparse dictionary learning for CoSpaDi, and the truncated-SVD baseline.
 
 Everything here works on a whitened target Y = Ã [n, m] (n = in_features, m = out_features):
-Y ≈ D · C with D [n, k] unit-norm atoms and C [k, m] holding exactly s non-zeros per column.
-Sparse C is carried as (support_idx [m, s], values [m, s]): column j uses atoms
-support_idx[j] with coefficients values[j].
+Y ≈ D · coefᵀ with D [n, k] atoms and ``coef`` [m, k] holding exactly s non-zeros per row (row j = the coefficients of output column j; ``mask`` [m, k] bool marks
+them). Row-major coefficients keep every step a plain GEMM over [m, k] blocks.
+
+The learning loop alternates
+  * sparse coding (:func:`sparse_code`): support by hard thresholding, values by least squares on the
+    support (batched conjugate gradients on the atom Gram), a few support-swap steps (hard
+    thresholding pursuit) warm-started from the previous iterate. CoSpaDi keeps s ≈ k/2 non-zeros
+    per column, far denser than classic OMP use: there, adding atoms one at a time costs an
+    [m, s, s] factor and s sequential steps, while thresholding + CG costs a few [m, k]×[k, k] GEMMs;
+  * dictionary update by least squares (MOD: D = Y·coef·(coefᵀcoef)⁻¹), atoms renormalised, unused
+    atoms replaced by distinct badly represented columns.
+Columns are processed in chunks whose size comes from a memory budget, so the coding workspace is
+bounded whatever out_features is (see benchmarks/README.md for the peak-memory formula).
 """
 
 from __future__ import annotations
 
 import torch
 
+# Workspace floats per (column, atom) of one coding chunk: alpha, x, u, r, p, Ap, mask and temporaries.
+CODING_FLOATS_PER_ENTRY = 10
+DEFAULT_WORKSPACE_BYTES = 1 << 30
 
-def batched_omp(
-    dictionary: torch.Tensor, targets: torch.Tensor, s: int, atoms_per_step: int = 1
+
+def chunk_columns(m: int, k: int, workspace_bytes: int, itemsize: int = 4) -> int:
+    """Columns per coding chunk so that the chunk's [c, k] work tensors fit in ``workspace_bytes``."""
+    per_column = CODING_FLOATS_PER_ENTRY * k * itemsize
+    return max(1, min(m, workspace_bytes // per_column))
+
+
+def topk_mask(scores: torch.Tensor, s: int) -> torch.Tensor:
+    """[c, k] scores → bool [c, k] marking each row's s largest |scores|."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, scores.abs().topk(s, dim=1).indices, True)
+    return mask
+
+
+def least_squares_on_support(
+    gram: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, iterations: int, tol: float
+) -> torch.Tensor:
+    """Per row j: argmin_x ‖y_j − D x‖ with x supported on mask[j], by batched conjugate gradients.
+
+    gram [k, k] = DᵀD, alpha [c, k] = YᵀD (rows = columns of Y), mask [c, k] bool, start [c, k] warm
+    start. Solves G[S,S] x_S = α_S for every row at once: each CG step is one [c, k] × [k, k] GEMM with
+    the off-support entries masked to zero, so no per-column s×s factor is ever formed. Stops when
+    every row's residual is below ``tol`` relative to ‖α_S‖ or after ``iterations`` steps.
+    """
+    weights = mask.to(alpha.dtype)
+    x = start * weights
+    residual = (alpha - x @ gram) * weights
+    direction = residual.clone()
+    rs = (residual * residual).sum(1)
+    reference = ((alpha * weights) ** 2).sum(1).clamp_min(torch.finfo(alpha.dtype).tiny)
+    tiny = torch.finfo(alpha.dtype).tiny
+    for _ in range(iterations):
+        if float((rs / reference).max()) <= tol * tol:
+            break
+        g_dir = (direction @ gram) * weights
+        step = rs / (direction * g_dir).sum(1).clamp_min(tiny)
+        x += step[:, None] * direction
+        residual -= step[:, None] * g_dir
+        rs_new = (residual * residual).sum(1)
+        direction = residual + (rs_new / rs.clamp_min(tiny))[:, None] * direction
+        rs = rs_new
+    return x
+
+
+def largest_eigenvalue(gram: torch.Tensor, iterations: int = 30) -> float:
+    """λ_max of a PSD [k, k] matrix by power iteration (fixed start, deterministic)."""
+    vector = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device)
+    value = 1.0
+    for _ in range(iterations):
+        vector = gram @ vector
+        value = float(vector.norm())
+        if value == 0.0:
+            return 1.0
+        vector = vector / value
+    return value
+
+
+def sparse_code(
+    dictionary: torch.Tensor,
+    targets: torch.Tensor,
+    s: int,
+    start: torch.Tensor | None = None,
+    swap_steps: int = 3,
+    cg_iterations: int = 50,
+    cg_tol: float = 1e-4,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonal matching pursuit for all columns at once (Batch-OMP).
+    """Exactly-s-sparse least-squares coding of every column of ``targets`` [n, m] on ``dictionary`` [n, k].
 
-    dictionary: [n, k] (columns need not be unit norm), targets: [n, m], s ≤ min(n, k).
-    Returns (support_idx [m, s] int64 in selection order, values [m, s]) — the least-squares
-    coefficients of each column on its s selected atoms.
-
-    Works in the atom Gram G = DᵀD, so a step never touches the n-dimensional signals:
-    correlations are α − x·G (one [m, k] × [k, k] GEMM). The inverse Cholesky factor L⁻¹ of
-    the selected atoms' Gram grows by a block row per step and the least-squares solution is
-    updated in O(t) from it, so the per-column work is two batched mat-vecs, no solves.
-    ``atoms_per_step`` = p > 1 adds the p best-correlated atoms per step (generalised OMP):
-    s/p steps instead of s, at a small loss in accuracy; p = 1 is exact OMP.
+    Returns (coef [m, k], mask [m, k] bool, exactly s True per row; coef is zero off the mask).
+    Support: the s largest entries (scaled by atom norm) of ``start`` moved one gradient step towards
+    the targets, or, without ``start``, of the least-squares coefficients on all atoms (ridge-damped
+    when k > n); values: least squares on that support. Then up to ``swap_steps`` hard-thresholding-
+    pursuit steps (gradient step, re-threshold, re-solve) while any column's support still changes.
     """
     n, k = dictionary.shape
     m = targets.shape[1]
     if not 1 <= s <= min(n, k):
         raise ValueError(f"sparsity s={s} must be in [1, min(n={n}, k={k})]")
-    dtype, device = targets.dtype, targets.device
-    gram = dictionary.T @ dictionary  # [k, k]
-    alpha = (targets.T @ dictionary).contiguous()  # [m, k] correlations of targets with atoms
-    tiny = torch.finfo(dtype).eps ** 0.5
-    jitter = 100 * torch.finfo(dtype).eps
-    atom_norm = gram.diagonal().clamp_min(tiny).sqrt()
-    support_idx = torch.zeros(m, s, dtype=torch.int64, device=device)
-    chol_inv = torch.zeros(m, s, s, dtype=dtype, device=device)  # L⁻¹, lower triangular
-    forward = torch.zeros(m, s, dtype=dtype, device=device)  # z = L⁻¹ α_S
-    values = torch.zeros(m, s, dtype=dtype, device=device)  # x = L⁻ᵀ z, least squares on S
-    dense_coef = torch.zeros(m, k, dtype=dtype, device=device)
-    correlation = alpha
-    t = 0
-    while t < s:
-        p = min(atoms_per_step, s - t)
-        score = correlation.abs() / atom_norm
-        if t:
-            score.scatter_(1, support_idx[:, :t], -1.0)  # never pick an atom twice
-        new = score.topk(p, dim=1).indices if p > 1 else score.argmax(dim=1, keepdim=True)  # [m, p]
-        schur = gram[new[:, :, None], new[:, None, :]]  # [m, p, p] = G[J, J]
-        alpha_new = alpha.gather(1, new)  # [m, p]
-        if t:
-            cross = gram[support_idx[:, :t, None], new[:, None, :]]  # [m, t, p] = G[S, J]
-            inv_old = chol_inv[:, :t, :t]
-            w = torch.bmm(inv_old, cross)  # W = L⁻¹ G[S, J]
-            schur = schur - w.transpose(1, 2) @ w
-            alpha_new = alpha_new - (w.transpose(1, 2) @ forward[:, :t, None]).squeeze(-1)
-        # An atom (nearly) in the span of the selected ones has a ~0 Schur complement: floor it.
-        schur = schur + jitter * torch.eye(p, dtype=dtype, device=device)
-        chol_new, _ = torch.linalg.cholesky_ex(schur)
-        inv_new = torch.linalg.solve_triangular(
-            chol_new, torch.eye(p, dtype=dtype, device=device).expand(m, p, p), upper=False
-        )  # L_J⁻¹ [m, p, p]
-        z_new = (inv_new @ alpha_new.unsqueeze(-1)).squeeze(-1)  # [m, p]
-        chol_inv[:, t : t + p, t : t + p] = inv_new
-        if t:
-            block = -inv_new @ (w.transpose(1, 2) @ inv_old)  # new block row −L_J⁻¹WᵀL⁻¹ [m, p, t]
-            chol_inv[:, t : t + p, :t] = block
-            values[:, :t] += (block.transpose(1, 2) @ z_new.unsqueeze(-1)).squeeze(-1)
-        values[:, t : t + p] = (inv_new.transpose(1, 2) @ z_new.unsqueeze(-1)).squeeze(-1)
-        forward[:, t : t + p] = z_new
-        support_idx[:, t : t + p] = new
-        t += p
-        if t < s:
-            dense_coef.zero_()
-            dense_coef.scatter_(1, support_idx[:, :t], values[:, :t])
-            correlation = alpha - dense_coef @ gram
-    return support_idx, values
+    gram = dictionary.T @ dictionary
+    atom_norm = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
+    step = 1.0 / largest_eigenvalue(gram)
+    ridge_inverse = None
+    if start is None:  # least squares on all atoms, shared factor for every column
+        ridge = 1e-3 * float(gram.diagonal().mean())
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        ridge_inverse = torch.linalg.cholesky(gram + ridge * eye)
+    coef = torch.empty(m, k, dtype=targets.dtype, device=targets.device)
+    mask = torch.empty(m, k, dtype=torch.bool, device=targets.device)
+    chunk = chunk_columns(m, k, workspace_bytes, targets.element_size())
+    for lo in range(0, m, chunk):
+        hi = min(m, lo + chunk)
+        alpha = targets[:, lo:hi].T @ dictionary  # [c, k]
+        if ridge_inverse is None:
+            x = start[lo:hi]
+            guess = x + step * (alpha - x @ gram)
+        else:
+            guess = torch.cholesky_solve(alpha.T, ridge_inverse).T
+        support = topk_mask(guess * atom_norm, s)
+        x = least_squares_on_support(gram, alpha, support, guess, cg_iterations, cg_tol)
+        for _ in range(swap_steps):
+            guess = x + step * (alpha - x @ gram)
+            new_support = topk_mask(guess * atom_norm, s)
+            if torch.equal(new_support, support):
+                break
+            support = new_support
+            x = least_squares_on_support(gram, alpha, support, guess, cg_iterations, cg_tol)
+        coef[lo:hi] = x
+        mask[lo:hi] = support
+    return coef, mask
 
 
-def sparse_to_dense(support_idx: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
-    """(support_idx [m, s], values [m, s]) → dense C [k, m]."""
-    m = support_idx.shape[0]
-    dense = values.new_zeros(k, m)
-    dense[support_idx, torch.arange(m, device=values.device)[:, None]] = values
-    return dense
+def least_squares_dictionary(targets: torch.Tensor, coef: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+    """argmin_D ‖targets − D·coefᵀ‖ for fixed coef [m, k]: D = Y·coef·(coefᵀcoef)⁻¹, shape [n, k].
+
+    The MOD dictionary update, and the refit after quantization (coef then holds the dequantized
+    values). ``ridge`` (relative to the mean diagonal) keeps unused atoms' rows solvable.
+    """
+    normal = coef.T @ coef
+    eye = torch.eye(normal.shape[0], dtype=normal.dtype, device=normal.device)
+    damping = ridge * float(normal.diagonal().mean().clamp_min(torch.finfo(normal.dtype).tiny))
+    factor = torch.linalg.cholesky(normal + damping * eye)
+    return torch.cholesky_solve((targets @ coef).T, factor).T
 
 
-def initial_dictionary(target: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Starting atoms [n, k]: the leading left singular vectors of the target, then (when k exceeds
-    the rank available) distinct random target columns, unit-normalised.
+def replace_unused_atoms(
+    dictionary: torch.Tensor, coef: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Give every atom no column uses a *different* badly represented target column (unit norm).
 
-    Starting in SVD-LLM's subspace means the first OMP pass already picks, per column, the best s of
-    the k strongest directions; on SmolLM2 layers this reaches after one K-SVD iteration the error
-    that random-column starts needed six for (benchmarks/results/NOTES.md).
+    The u unused atoms get the residuals of the u worst-represented columns, one each, so no two
+    replacements coincide. Returns (dictionary, u).
+    """
+    unused = (~mask.any(0)).nonzero().squeeze(1)
+    if unused.numel() == 0:
+        return dictionary, 0
+    residual = targets - dictionary @ coef.T
+    worst = residual.norm(dim=0).topk(min(unused.numel(), residual.shape[1])).indices
+    columns = residual[:, worst]
+    dictionary = dictionary.clone()
+    dictionary[:, unused[: worst.numel()]] = columns / columns.norm(dim=0).clamp_min(1e-12)
+    return dictionary, int(unused.numel())
+
+
+def initial_dictionary(
+    target: torch.Tensor, k: int, generator: torch.Generator, left: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Starting atoms [n, k]: the leading left singular vectors of the target (``left``, if the caller
+    has them), then (when k exceeds the rank available) distinct random target columns, unit-normalised.
+
+    Starting in SVD-LLM's subspace means the first coding already picks, per column, the best s of
+    the k strongest directions (benchmarks/results/NOTES.md item 7).
     """
     n, m = target.shape
-    left, _, _ = torch.linalg.svd(target, full_matrices=False)  # [n, min(n, m)]
+    if left is None:
+        left = torch.linalg.svd(target, full_matrices=False)[0]  # [n, min(n, m)]
     atoms = left[:, : min(k, left.shape[1])]
     extra = k - atoms.shape[1]
     if extra > 0:
@@ -113,67 +194,42 @@ def initial_dictionary(target: torch.Tensor, k: int, generator: torch.Generator)
     return atoms.contiguous()
 
 
-def update_atoms(
-    target: torch.Tensor,
-    dictionary: torch.Tensor,
-    support_idx: torch.Tensor,
-    values: torch.Tensor,
-    power_iterations: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One K-SVD sweep: each atom and its coefficients become the rank-1 approximation
-    (by power iteration) of the residual restricted to the columns that use the atom.
-
-    Supports stay fixed. Returns the new (dictionary [n, k], values [m, s]).
-    An unused atom is replaced by the worst-represented target column.
-    """
-    n, k = dictionary.shape
-    m, s = support_idx.shape
-    dictionary = dictionary.clone()
-    coef = sparse_to_dense(support_idx, values, k)  # [k, m]
-    support = torch.zeros(k, m, dtype=torch.bool, device=target.device)
-    support[support_idx, torch.arange(m, device=target.device)[:, None]] = True
-    residual = target - dictionary @ coef
-    for j in range(k):
-        cols = support[j].nonzero().squeeze(1)
-        if cols.numel() == 0:
-            worst = residual.norm(dim=0).argmax()
-            dictionary[:, j] = residual[:, worst] / residual[:, worst].norm().clamp_min(1e-12)
-            continue
-        atom = dictionary[:, j : j + 1]
-        row = coef[j, cols]
-        local = residual[:, cols] + atom * row  # residual without atom j, on its columns
-        for _ in range(power_iterations):
-            atom = local @ row.unsqueeze(1)
-            atom = atom / atom.norm().clamp_min(1e-30)
-            row = (atom.T @ local).squeeze(0)
-        residual[:, cols] = local - atom * row
-        dictionary[:, j] = atom.squeeze(1)
-        coef[j, cols] = row
-    return dictionary, coef.T.gather(1, support_idx)
-
-
-def ksvd(
+def learn_dictionary(
     target: torch.Tensor,
     k: int,
     s: int,
     iterations: int,
-    power_iterations: int,
     generator: torch.Generator,
-    atoms_per_step: int = 1,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    left: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K-SVD on target [n, m]: returns (dictionary [n, k] unit-norm, support_idx [m, s], values [m, s]).
+    """Dictionary learning on target [n, m] → (dictionary [n, k] unit-norm, coef [m, k], mask [m, k]).
 
-    Each iteration: batched OMP for all columns, then one atom-update sweep (which also
-    refits the coefficients on the fixed supports). ``iterations = 0`` returns the OMP coding
-    of the initial dictionary.
+    From the SVD start (or from ``start`` = the (dictionary, coef, mask) of an earlier call, to continue it),
+    ``iterations`` rounds of: dictionary update by least squares, renormalisation, replacement of
+    unused atoms, sparse coding warm-started from the previous coefficients.
+    ``iterations = 0`` returns the coding of the starting dictionary; ``left`` = the target's left
+    singular vectors, if already computed.
     """
-    dictionary = initial_dictionary(target, k, generator)
-    support_idx, values = batched_omp(dictionary, target, s, atoms_per_step)
-    for it in range(iterations):
-        if it:
-            support_idx, values = batched_omp(dictionary, target, s, atoms_per_step)
-        dictionary, values = update_atoms(target, dictionary, support_idx, values, power_iterations)
-    return dictionary, support_idx, values
+    if start is None:
+        dictionary = initial_dictionary(target, k, generator, left)
+        coef, mask = sparse_code(dictionary, target, s, workspace_bytes=workspace_bytes)
+    else:
+        dictionary, coef, mask = start
+    for _ in range(iterations):
+        dictionary = least_squares_dictionary(target, coef)
+        norms = dictionary.norm(dim=0)
+        dictionary = dictionary / norms.clamp_min(1e-12)
+        coef = coef * norms  # same product; the atoms carry unit norm again
+        dictionary, _ = replace_unused_atoms(dictionary, coef, mask, target)
+        coef, mask = sparse_code(dictionary, target, s, start=coef, workspace_bytes=workspace_bytes)
+    return dictionary, coef, mask
+
+
+def relative_error(target: torch.Tensor, dictionary: torch.Tensor, coef: torch.Tensor) -> float:
+    """‖target − D·coefᵀ‖ / ‖target‖ (in whatever space target lives: whitened here)."""
+    return float((target - dictionary @ coef.T).norm() / target.norm().clamp_min(1e-30))
 
 
 def truncated_svd(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,48 +31,52 @@ def source_safetensors(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_source_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in the source model's safetensors files, one at a time."""
-    for path in source_safetensors(model_dir):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                yield name, fh.get_tensor(name)
-
-
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path) -> int:
-    """Write tensors as model-0000i-of-0000N.safetensors (+ index if N > 1); return total bytes."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    """Write tensors as model-0000i-of-0000N.safetensors (+ index if N > 1); return total bytes.
+
+    Each shard is written as soon as it is full, so at most one shard (≤ MAX_SHARD_BYTES) is in memory.
+    """
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = out_dir / f"shard-{len(written):05d}.tmp"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = tensor.contiguous()
-        sizes[-1] += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
-        return sizes[0]
+        if size and size + nbytes > MAX_SHARD_BYTES:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out_dir / "model.safetensors")
+        return total
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file_name), metadata=metadata)
-        weight_map.update({name: file_name for name in shard})
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    for i, (path, names) in enumerate(written, start=1):
+        file_name = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out_dir / file_name)
+        weight_map.update({name: file_name for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return sum(sizes)
+    return total
 
 
 def quantization_config(
-    modules: dict[str, fmt.LayerShape], value_dtype: str, k_over_s: float, ratio: float, method: str
+    modules: dict[str, fmt.LayerShape], value_dtype: str, k_over_s: tuple[float, ...], ratio: float, method: str
 ) -> dict:
     return {
         "quant_method": fmt.QUANT_METHOD,
         "format_version": fmt.FORMAT_VERSION,
         "value_dtype": value_dtype,
         "dictionary_dtype": "bfloat16",
-        "k_over_s": k_over_s,
+        # The k/s tried per module (the chosen k and s of each module are in ``modules``).
+        "k_over_s": k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
         "target_compression_ratio": ratio,
         "method": method,
         "modules": {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()},
@@ -80,34 +84,49 @@ def quantization_config(
     }
 
 
+def iter_file_tensors(paths: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from safetensors files, one tensor at a time."""
+    for path in paths:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+def remove_stale_writes(out_dir: Path) -> None:
+    """Delete ``.OUT.writing-*`` directories a killed earlier export left behind."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.writing-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_checkpoint(
     model_dir: Path,
     out_dir: Path,
-    compressed: dict[str, dict[str, torch.Tensor]],
+    compressed_files: list[Path],
     qconfig: dict,
     report: dict,
     dtype: torch.dtype | None = None,
 ) -> None:
     """Assemble the checkpoint in a temp dir next to out_dir, then rename it into place.
 
-    compressed: {module prefix: {format suffix: tensor}}; the source's ``<prefix>.weight`` of
-    those modules is dropped, every other source tensor is copied (cast to ``dtype`` if given).
+    compressed_files: safetensors files of ``<prefix>.<format suffix>`` tensors (the compressor's
+    per-layer partial files), read one tensor at a time; the source's ``<prefix>.weight`` of every
+    module in ``qconfig["modules"]`` is dropped, every other source tensor is copied (cast to
+    ``dtype`` if given).
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
-        dropped = {f"{prefix}.weight" for prefix in compressed}
+        dropped = {f"{prefix}.weight" for prefix in qconfig["modules"]}
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in iter_source_tensors(model_dir):
+            for name, tensor in iter_file_tensors(source_safetensors(model_dir)):
                 if name in dropped:
                     continue
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 yield name, tensor
-            for prefix, layer_tensors in compressed.items():
-                for suffix, tensor in layer_tensors.items():
-                    yield f"{prefix}.{suffix}", tensor
+            yield from iter_file_tensors(compressed_files)
 
         report["checkpoint_bytes"] = _write_shards(tensors(), tmp)
         config = json.loads((model_dir / "config.json").read_text())
@@ -120,8 +139,12 @@ def write_checkpoint(
             if path.is_file() and path.name not in _NOT_COPIED_NAMES and not path.name.endswith(_NOT_COPIED_SUFFIXES):
                 shutil.copy2(path, tmp / path.name)
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if out_dir.exists():  # --overwrite: move the old one aside first, so a failure never loses both
+            old = out_dir.parent / f".{out_dir.name}.writing-old"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,7 +31,8 @@ from offline_compress.calibration import (
     run_layer,
 )
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
-from offline_compress.layer import METHODS, LayerSettings, compress_linear
+from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear
+from offline_compress.loading import SafetensorsSource, limit_allocator_caching, materialize, release, skeleton_model
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 BUILTIN_CALIBRATION = "wikipedia"
@@ -46,11 +48,9 @@ class CompressError(Exception):
 class CompressOptions:
     ratio: float = 0.3
     method: str = "cospadi"
-    k_over_s: float = 2.0
+    k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S  # several: per-module structure search; one: forced
     value_dtype: str = "int8"
-    iterations: int = 3
-    power_iterations: int = 1
-    omp_atoms_per_step: int = 4
+    iterations: int = 8
     calib: str = BUILTIN_CALIBRATION
     calib_samples: int = 32
     seq_len: int = 512
@@ -61,31 +61,62 @@ class CompressOptions:
     batch_size: int = 8
     dtype: str = "auto"
     overwrite: bool = False
+    max_memory_gb: float | None = None  # sparse-coding workspace budget; None = automatic
     layers: list[int] | None = field(default=None)  # restrict to these decoder layers (tests, debugging)
 
     def affecting(self) -> dict:
-        """The options that change the checkpoint, JSON-normalised (tuples as lists) to compare with a report."""
-        options = {k: v for k, v in asdict(self).items() if k not in ("overwrite", "batch_size")}
+        """The options that change the checkpoint, JSON-normalised (tuples as lists) to compare with a report.
+
+        Where the work runs (device, batch size, memory budget) does not change what is computed.
+        """
+        options = {k: v for k, v in asdict(self).items() if k not in ("overwrite", *RUN_ONLY_OPTIONS)}
         return json.loads(json.dumps(options, default=str))
 
     def fingerprint(self, model_dir: Path) -> str:
-        """Identifies a run for resuming: same model and same options that affect results."""
-        payload = json.dumps({"model": str(model_dir.resolve()), **self.affecting()}, sort_keys=True)
+        """Identifies a run for resuming: same model files (path, sizes, mtimes) and same result-affecting options."""
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in source_safetensors(model_dir)}
+        payload = json.dumps({"model": str(model_dir.resolve()), "files": files, **self.affecting()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def layer_settings(self, device: torch.device) -> LayerSettings:
+        return LayerSettings(
+            method=self.method,
+            value_dtype=self.value_dtype,
+            k_over_s=tuple(self.k_over_s),
+            iterations=self.iterations,
+            seed=self.seed,
+            workspace_bytes=workspace_bytes(self.max_memory_gb, device),
+        )
+
+
+RUN_ONLY_OPTIONS = ("device", "batch_size", "max_memory_gb")
+
+
+def workspace_bytes(max_memory_gb: float | None, device: torch.device) -> int:
+    """Sparse-coding workspace budget: the user's --max-memory, else a quarter of what is free (≤ 4 GiB)."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 1024**3)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(free // 4, 4 * 1024**3))
 
 
 def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -> dict:
     """Check everything checkable before any work; return the model's config.json."""
     if not 0.0 < options.ratio < 1.0:
         raise CompressError(f"--ratio must be in (0, 1), got {options.ratio}")
-    if options.k_over_s < 1.0:
-        raise CompressError(f"--k-over-s must be >= 1, got {options.k_over_s}")
+    if not options.k_over_s or any(not v >= 1.0 for v in options.k_over_s):
+        raise CompressError(f"--k-over-s values must be >= 1, got {','.join(map(str, options.k_over_s)) or '(none)'}")
+    if options.max_memory_gb is not None and not options.max_memory_gb > 0:
+        raise CompressError(f"--max-memory must be > 0 GiB, got {options.max_memory_gb}")
     if options.method not in METHODS:
         raise CompressError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.value_dtype not in fmt.VALUE_DTYPES:
         raise CompressError(f"--value-dtype must be one of {sorted(fmt.VALUE_DTYPES)}, got {options.value_dtype!r}")
-    if options.iterations < 0 or options.power_iterations < 1 or options.omp_atoms_per_step < 1:
-        raise CompressError("--iterations must be >= 0, --power-iterations and --omp-atoms-per-step >= 1")
+    if options.iterations < 0:
+        raise CompressError(f"--iterations must be >= 0, got {options.iterations}")
     if options.calib_samples < 1 or options.seq_len < 2:
         raise CompressError("--calib-samples must be >= 1 and --seq-len >= 2")
     unknown = [t for t in options.targets if t not in DEFAULT_TARGETS]
@@ -121,14 +152,12 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
     return config
 
 
-def check_finite_weights(model_dir: Path) -> None:
-    """Raise CompressError naming the first tensor with NaN or Inf."""
-    for path in source_safetensors(model_dir):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                tensor = fh.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise CompressError(f"weight {name} in {path.name} contains NaN or Inf")
+def check_finite_weights(source: SafetensorsSource) -> None:
+    """Raise CompressError naming the first tensor with NaN or Inf (reads one tensor at a time)."""
+    for name in source.names():
+        tensor = source.get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompressError(f"weight {name} in {source.location[name].name} contains NaN or Inf")
 
 
 def chat_calibration_text(tokenizer, text: str) -> str:
@@ -216,108 +245,128 @@ def _save_partial_layer(path: Path, tensors: dict[str, dict[str, torch.Tensor]],
 
 
 def compress_model(model_dir: str | Path, out_dir: str | Path, options: CompressOptions, log=print) -> dict:
-    """Compress the target linears of a Llama/Qwen model; write the checkpoint; return the report."""
+    """Compress the target linears of a Llama/Qwen model; write the checkpoint; return the report.
+
+    Streams the model: weights are read from the source safetensors one decoder layer at a time
+    (``offline_compress.loading``); each finished layer goes to ``.<out>.partial/`` at once, and the
+    checkpoint is assembled from those files at the end.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = validate_options(model_dir, out_dir, options)
-    check_finite_weights(model_dir)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    limit_allocator_caching()
+    source = SafetensorsSource(source_safetensors(model_dir))
+    check_finite_weights(source)
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = calibration_ids(tokenizer, options)
     device = torch.device(options.device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    model.eval()
+    model = skeleton_model(model_dir)
     layers = decoder_layers(model)
     layer_ids = list(range(len(layers))) if options.layers is None else options.layers
-    settings = LayerSettings(
-        method=options.method,
-        value_dtype=options.value_dtype,
-        iterations=options.iterations,
-        power_iterations=options.power_iterations,
-        omp_atoms_per_step=options.omp_atoms_per_step,
-        seed=options.seed,
-    )
+    settings = options.layer_settings(device)
 
     partial = _partial_dir(out_dir)
     fingerprint = options.fingerprint(model_dir)
     stamp = partial / "run.json"
     if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint):
-        shutil.rmtree(partial)  # left by a run with other options: not resumable
+        shutil.rmtree(partial)  # left by a run with other options or other weights: not resumable
     partial.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "options": asdict(options)}, default=str))
 
     log(f"calibration: {input_ids.shape[0]} x {input_ids.shape[1]} tokens; {len(layer_ids)} layers; device {device}")
-    inputs = capture_layer_inputs(model.to(device), input_ids.to(device), options.batch_size)
-    model.to("cpu")
-    compressed: dict[str, dict[str, torch.Tensor]] = {}
+    embed = model.get_input_embeddings()
+    materialize(embed, _module_prefix(model, embed), source, device)
+    if getattr(model.model, "rotary_emb", None) is not None:
+        model.model.rotary_emb.to(device)
+    inputs = capture_layer_inputs(model, input_ids.to(device), options.batch_size)
+    release(embed)
     module_stats: dict[str, dict] = {}
     shapes: dict[str, fmt.LayerShape] = {}
+    part_files: list[Path] = []
     bar = tqdm(range(len(layers)), desc="compressing layers", unit="layer", file=sys.stderr)
     for index in bar:
         layer = layers[index]
-        layer_dtype = next(layer.parameters()).dtype
-        layer.to(device=device, dtype=torch.float32)
         targets = list(options.targets) if index in layer_ids else []
         part_file = partial / f"layer-{index:05d}.safetensors"
+        last = index == len(layers) - 1
         outputs = None
         if targets and part_file.is_file():
             layer_tensors, layer_stats = _load_partial_layer(part_file)
+            if last:  # nothing downstream needs this layer's outputs
+                part_files.append(part_file)
+                module_stats.update(layer_stats)
+                shapes.update(_shapes(layer_stats))
+                continue
+            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
         elif targets:
+            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
             grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
             layer_tensors, layer_stats = {}, {}
             for name in targets:
                 linear = layer.get_submodule(name)
                 prefix = f"model.layers.{index}.{name}"
-                shape = fmt.solve_k_s(
-                    linear.in_features,
-                    linear.out_features,
-                    options.ratio,
-                    options.k_over_s,
-                    options.value_dtype,
-                    dense_coefficients=options.method == "svd-llm",
-                )
-                result = compress_linear(linear.weight.detach(), grams[gram_key(name)], shape, settings)
+                result = compress_linear(linear.weight.detach(), grams[gram_key(name)], options.ratio, settings)
                 layer_tensors[prefix] = result.tensors
-                layer_stats[prefix] = {
-                    "k": shape.k,
-                    "s": shape.s,
-                    "in_features": shape.in_features,
-                    "out_features": shape.out_features,
-                    "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
-                    "bytes_stored": fmt.stored_bytes(shape, options.value_dtype),
-                    "whitened_rel_error": result.whitened_rel_error,
-                    "damping": result.damping,
-                    "seconds": round(result.seconds, 3),
-                }
+                layer_stats[prefix] = _module_stats(result, options.value_dtype)
             del grams
             _save_partial_layer(part_file, layer_tensors, layer_stats)
         else:
             layer_tensors, layer_stats = {}, {}
-        compressed.update(layer_tensors)
+            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
+        if layer_stats:
+            part_files.append(part_file)
         module_stats.update(layer_stats)
-        for prefix, stats in layer_stats.items():
-            shapes[prefix] = fmt.LayerShape(stats["in_features"], stats["out_features"], stats["k"], stats["s"])
+        shapes.update(_shapes(layer_stats))
         if options.sequential:
             # Later layers calibrate on what the compressed model really feeds them (as GPTQ does).
             for prefix, tensors in layer_tensors.items():
                 name = prefix.split(f"layers.{index}.", 1)[1]
                 weight_t = fmt.reconstruct_weight_t(tensors, shapes[prefix].k)
                 layer.get_submodule(name).weight.data = weight_t.T.contiguous().to(device)
-        if options.sequential or outputs is None:
+        del layer_tensors
+        if not last and (options.sequential or outputs is None):
             _, outputs = run_layer(layer, inputs, device)
-        inputs.hidden = outputs
-        layer.to(device="cpu", dtype=layer_dtype)
+        inputs.hidden = outputs if outputs is not None else inputs.hidden
+        release(layer)
         if module_stats:
             errors = [s["whitened_rel_error"] for s in module_stats.values()]
             bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
+    del inputs
 
     report = build_report(model, config, model_dir, options, module_stats, time.perf_counter() - started)
     qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method)
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
-    write_checkpoint(model_dir, out_dir, compressed, qconfig, report, dtype=dtype)
+    write_checkpoint(model_dir, out_dir, part_files, qconfig, report, dtype=dtype)
     shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+def _module_prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _shapes(layer_stats: dict[str, dict]) -> dict[str, fmt.LayerShape]:
+    return {p: fmt.LayerShape(s["in_features"], s["out_features"], s["k"], s["s"]) for p, s in layer_stats.items()}
+
+
+def _module_stats(result, value_dtype: str) -> dict:
+    shape = result.shape
+    return {
+        "k": shape.k,
+        "s": shape.s,
+        "structure": result.structure,
+        "in_features": shape.in_features,
+        "out_features": shape.out_features,
+        "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
+        "bytes_stored": fmt.stored_bytes(shape, value_dtype),
+        "whitened_rel_error": result.whitened_rel_error,
+        "unquantized_rel_error": result.unquantized_rel_error,
+        "candidates": {name: round(err, 6) for name, err in result.candidates.items()},
+        "damping": result.damping,
+        "seconds": round(result.seconds, 3),
+    }
 
 
 def differing_options(report: dict, model_dir: Path, options: CompressOptions) -> dict[str, tuple]:
@@ -361,7 +410,7 @@ def build_report(
     return {
         "architecture": (config.get("architectures") or ["?"])[0],
         "model_dir": str(model_dir.resolve()),
-        "options": options.affecting() | {"batch_size": options.batch_size},
+        "options": options.affecting() | {name: getattr(options, name) for name in RUN_ONLY_OPTIONS},
         "modules": module_stats,
         "totals": {
             "modules_compressed": len(module_stats),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cospadi_vllm import format as fmt
-from offline_compress.export import iter_source_tensors
+from offline_compress.export import iter_file_tensors, source_safetensors
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -22,7 +22,7 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
     modules = qc["modules"]
     plain: dict[str, torch.Tensor] = {}
     compressed: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
-    for name, tensor in iter_source_tensors(checkpoint_dir):
+    for name, tensor in iter_file_tensors(source_safetensors(checkpoint_dir)):
         prefix, _, suffix = name.rpartition(".")
         if prefix in modules and suffix in fmt.TENSOR_SUFFIXES:
             compressed[prefix][suffix] = tensor

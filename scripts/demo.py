@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output" / "smollm2-cospadi", help="checkpoint directory")
     parser.add_argument("--ratio", type=float, default=0.2, help="compression ratio on real bytes")
-    parser.add_argument("--iterations", type=int, default=2, help="K-SVD iterations (compressor default: 3)")
-    parser.add_argument("--omp-atoms-per-step", type=int, default=24, help="compressor default: 4")
+    parser.add_argument("--iterations", type=int, default=None, help="dictionary-learning iterations (default: the compressor's)")
     parser.add_argument("--calib", default="wikipedia-chat", help="calibration source (see cospadi-compress --help)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -46,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_dir}")
     timings["fetch"] = time.perf_counter() - t
 
-    t = step(f"2/5 compress with CoSpaDi at --ratio {args.ratio} (T={args.iterations}, --calib {args.calib})")
+    t = step(f"2/5 compress with CoSpaDi at --ratio {args.ratio} (--calib {args.calib})")
     from offline_compress.pipeline import CompressOptions, compress_or_reuse, summary_table
 
-    options = CompressOptions(ratio=args.ratio, iterations=args.iterations,
-                              omp_atoms_per_step=args.omp_atoms_per_step, calib=args.calib)
+    options = CompressOptions(ratio=args.ratio, calib=args.calib)
+    if args.iterations is not None:
+        options.iterations = args.iterations
     report = compress_or_reuse(model_dir, args.out, options)
     print(summary_table(report))
     timings["compress"] = time.perf_counter() - t

@@ -1,0 +1,78 @@
+"""Coefficient quantization that keeps the dictionary's accuracy (issue: int8 after K-SVD).
+
+Unit-norm atoms leave each atom's scale in its coefficients, and those scales differ by 100× and
+more between atoms; one absmax scale per output column then rounds the small atoms' coefficients to
+0 or ±1. Two steps fix that, both exact re-parametrisations or least-squares refits of Y ≈ D·coefᵀ:
+
+* :func:`balance_atom_scales` moves each atom's scale g_t into the bf16 dictionary
+  (D·diag(g), diag(1/g)·coef). g_t is the RMS of atom t's non-zero coefficients: afterwards every atom's
+  typical coefficient is 1, so a column's absmax reflects how strongly the column uses an atom, not
+  the atom's scale. (RMS rather than max: one outlier column should not shrink the rest.)
+* :func:`quantize_and_refit` quantizes per column (format.encode_coefficients), then refits the
+  dictionary by least squares to the *dequantized* coefficients, so the bf16 dictionary absorbs the
+  rounding error. ``rounds`` > 1 re-solves the values on the fixed support and repeats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cospadi_vllm import format as fmt
+from offline_compress.dictionary import least_squares_dictionary, least_squares_on_support
+
+
+def balance_atom_scales(
+    dictionary: torch.Tensor, coef: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D [n, k], coef [m, k], mask [m, k]) → (D·diag(g), coef·diag(1/g)) with g_t = RMS of atom t's non-zeros.
+
+    The product D·coefᵀ is unchanged; atoms no column uses keep g = 1.
+    """
+    counts = mask.sum(0)
+    rms = ((coef * coef).sum(0) / counts.clamp_min(1)).sqrt()
+    gains = torch.where((counts > 0) & (rms > 0), rms, torch.ones_like(rms))
+    return dictionary * gains, coef / gains
+
+
+def support_indices(mask: torch.Tensor) -> torch.Tensor:
+    """bool [m, k] with exactly s True per row → int64 [m, s] atom indices in increasing order."""
+    m = mask.shape[0]
+    return mask.nonzero()[:, 1].view(m, -1)
+
+
+def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float)."""
+    idx = support_indices(mask)
+    stored = fmt.encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype)
+    dequantized = fmt.decode_coefficients(
+        stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
+    ).T.to(coef.dtype)
+    return stored, dequantized
+
+
+def quantize_and_refit(
+    target: torch.Tensor,
+    dictionary: torch.Tensor,
+    coef: torch.Tensor,
+    mask: torch.Tensor,
+    value_dtype: str,
+    rounds: int = 1,
+    refit: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Balance, quantize, refit the dictionary to the quantized coefficients (whitened space).
+
+    target [n, m], dictionary [n, k], coef/mask [m, k]. Returns (dictionary [n, k] to store, stored
+    coefficient tensors). With ``rounds`` = 2 the values are re-solved on the same support for the
+    refitted dictionary and the balance/quantize/refit is repeated.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    for round_index in range(rounds):
+        if round_index:
+            gram = dictionary.T @ dictionary
+            coef = least_squares_on_support(gram, target.T @ dictionary, mask, coef, 50, 1e-5)
+        dictionary, coef = balance_atom_scales(dictionary, coef, mask)
+        stored, dequantized = quantize(coef, mask, value_dtype)
+        if refit:
+            dictionary = least_squares_dictionary(target, dequantized)
+        coef = dequantized
+    return dictionary, stored
