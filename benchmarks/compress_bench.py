@@ -51,10 +51,10 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
     import torch
 
     from offline_compress.dictionary import initial_dictionary, learn_dictionary, relative_error, sparse_code
-    from offline_compress.layer import LayerSettings, compress_linear, layer_shape
+    from offline_compress.layer import LayerSettings, compress_linear, layer_shape, whitened_target
     from offline_compress.pipeline import workspace_bytes
     from offline_compress.quantization import quantize_and_refit
-    from offline_compress.whitening import whiten, whitening_factor
+    from offline_compress.whitening import whitening_factor
 
     baseline = rss_bytes()
     device = torch.device(device_name)
@@ -77,7 +77,7 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
     phases = {}
     t = sync()
     factor, _ = whitening_factor(gram)
-    target = whiten(weight.double().T, factor).float()
+    target = whitened_target(weight, factor, torch.float32)
     left = torch.linalg.svd(target, full_matrices=False)[0]
     t, phases["setup (whiten + SVD)"] = sync(), sync() - t
     shape = layer_shape(in_features, out_features, ratio, 2.0, settings.value_dtype)

@@ -44,6 +44,9 @@ VARIANTS = {
 }
 
 
+KEPT_SUFFIX = "-ksvd"  # rows kept from the previous compressor's grid (not re-runnable)
+
+
 def row_id(variant: str, ratio: float | None) -> str:
     return variant if ratio is None else f"{variant}@{ratio}"
 
@@ -121,15 +124,16 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
         f"Held-out Wikipedia split, {meta['windows']} windows × {meta['seq_len']} tokens, no BOS. "
         f"Machine: {meta['machine']}. Bytes: compressed layers as stored, the rest at bf16.",
         "",
-        "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | compress time |",
-        "|---|---|---|---|---|---|---|",
+        "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | mean whitened error | compress time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rid, r in sorted(results.items(), key=lambda item: -item[1]["model_bytes"]):
         cr = 1 - r["layer_bytes"] / r["layer_bytes_dense_bf16"]
         delta = f"{r['perplexity'] - dense['perplexity']:+.2f}" if dense else "–"
         secs = f"{r['compress_seconds'] / 60:.1f} min" if "compress_seconds" in r else "–"
+        err = f"{r['mean_whitened_rel_error']:.4f}" if "mean_whitened_rel_error" in r else "–"
         lines.append(f"| {rid} | {r['model_bytes'] / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
-                     f"{r['perplexity']:.2f} | {delta} | {secs} |")
+                     f"{r['perplexity']:.2f} | {delta} | {err} | {secs} |")
     verdicts = []
     for ratio in meta["ratios"]:
         svd = results.get(row_id("svd-llm", ratio))
@@ -141,6 +145,10 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                                 f"{svd['perplexity']:.2f} → **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
     if verdicts:
         lines += ["", "CoSpaDi against SVD-LLM at the same byte budget:", "", *verdicts]
+    if any(rid.partition("@")[0].endswith(KEPT_SUFFIX) for rid in results):
+        lines += ["", f"Rows `*{KEPT_SUFFIX}@CR` were measured with the previous compressor (K-SVD with OMP coding, T = 3, "
+                  "k/s = 2, no atom-scale balancing or refit; commit 178ba59) and are kept for comparison; the "
+                  "current code does not reproduce them."]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
@@ -153,11 +161,14 @@ def plot(results: dict, meta: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"svd-llm": ("tab:orange", "s"), "cospadi-int8": ("tab:blue", "o"), "cospadi-bf16": ("tab:cyan", "^")}
-    for variant, (color, marker) in styles.items():
+    styles = {"svd-llm": ("tab:orange", "s", "-"), "cospadi-int8": ("tab:blue", "o", "-"),
+              "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
+              f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":")}
+    for variant, (color, marker, line) in styles.items():
         pts = sorted((r["model_bytes"] / 1e6, r["perplexity"]) for rid, r in results.items() if rid.startswith(variant + "@"))
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=variant)
+            label = f"{variant.removesuffix(KEPT_SUFFIX)} (previous compressor)" if variant.endswith(KEPT_SUFFIX) else variant
+            ax.plot(*zip(*pts, strict=True), marker=marker, color=color, linestyle=line, label=label, alpha=0.6 if line == ":" else 1)
     for rid, color in (("dense", "black"), ("rtn-int8", "tab:gray")):
         if rid in results:
             ax.scatter(results[rid]["model_bytes"] / 1e6, results[rid]["perplexity"], color=color, marker="*", s=120,
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="name in the result files (default: smollm2 or the directory name)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     parser.add_argument("--rows", nargs="+", help="only these rows, e.g. dense svd-llm@0.3 cospadi-int8@0.3 (compressed rows must use a ratio in --ratios)")
-    parser.add_argument("--iterations", type=int, default=CompressOptions.iterations, help="K-SVD iterations T")
+    parser.add_argument("--iterations", type=int, default=CompressOptions.iterations, help="dictionary-learning iterations T")
     parser.add_argument("--calib-samples", type=int, default=CompressOptions.calib_samples)
     parser.add_argument("--seq-len", type=int, default=CompressOptions.seq_len)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

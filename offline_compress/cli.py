@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB", dest="max_memory_gb",
                         help="memory budget of the sparse-coding workspace in GiB (columns are coded in chunks that "
-                        "fit it); default: a quarter of the free RAM / GPU memory, at most 4 GiB")
+                        "fit it); default: a quarter of the free RAM / GPU memory, at most 1 GiB")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--one-shot", action="store_true",
                         help="calibrate every layer on the original model's activations instead of on the "

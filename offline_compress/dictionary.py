@@ -107,10 +107,8 @@ def sparse_code(
     atom_norm = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
     step = 1.0 / largest_eigenvalue(gram)
     ridge_inverse = None
-    if start is None:  # least squares on all atoms, shared factor for every column
-        ridge = 1e-3 * float(gram.diagonal().mean())
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        ridge_inverse = torch.linalg.cholesky(gram + ridge * eye)
+    if start is None:  # least squares on all atoms, shared factor for every column (ridge-damped when k > n)
+        ridge_inverse = damped_cholesky(gram, 1e-3)
     coef = torch.empty(m, k, dtype=targets.dtype, device=targets.device)
     mask = torch.empty(m, k, dtype=torch.bool, device=targets.device)
     chunk = chunk_columns(m, k, workspace_bytes, targets.element_size())
@@ -121,7 +119,7 @@ def sparse_code(
             x = start[lo:hi]
             guess = x + step * (alpha - x @ gram)
         else:
-            guess = torch.cholesky_solve(alpha.T, ridge_inverse).T
+            guess = torch.cholesky_solve(alpha.T.double(), ridge_inverse).T.to(alpha.dtype)
         support = topk_mask(guess * atom_norm, s)
         x = least_squares_on_support(gram, alpha, support, guess, cg_iterations, cg_tol)
         for _ in range(swap_steps):
@@ -136,17 +134,30 @@ def sparse_code(
     return coef, mask
 
 
-def least_squares_dictionary(targets: torch.Tensor, coef: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+def damped_cholesky(matrix: torch.Tensor, relative_damping: float) -> torch.Tensor:
+    """Cholesky factor (float64) of a PSD [k, k] matrix + λI, λ = relative_damping · mean diagonal,
+    grown tenfold until the factorisation succeeds (float32 Grams of near-collinear rows round to
+    slightly indefinite)."""
+    matrix = matrix.double()
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    damping = relative_damping * max(float(matrix.diagonal().mean()), torch.finfo(torch.float64).tiny)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(matrix + damping * eye)
+        if int(info) == 0:
+            return factor
+        damping *= 10.0
+    raise ArithmeticError("Cholesky failed even with damping: the matrix has NaN or Inf entries")
+
+
+def least_squares_dictionary(targets: torch.Tensor, coef: torch.Tensor, ridge: float = 1e-7) -> torch.Tensor:
     """argmin_D ‖targets − D·coefᵀ‖ for fixed coef [m, k]: D = Y·coef·(coefᵀcoef)⁻¹, shape [n, k].
 
     The MOD dictionary update, and the refit after quantization (coef then holds the dequantized
-    values). ``ridge`` (relative to the mean diagonal) keeps unused atoms' rows solvable.
+    values). ``ridge`` (relative to the mean diagonal) keeps unused atoms' rows solvable; the k × k
+    solve runs in float64.
     """
-    normal = coef.T @ coef
-    eye = torch.eye(normal.shape[0], dtype=normal.dtype, device=normal.device)
-    damping = ridge * float(normal.diagonal().mean().clamp_min(torch.finfo(normal.dtype).tiny))
-    factor = torch.linalg.cholesky(normal + damping * eye)
-    return torch.cholesky_solve((targets @ coef).T, factor).T
+    factor = damped_cholesky(coef.T @ coef, ridge)
+    return torch.cholesky_solve((targets @ coef).T.double(), factor).T.to(targets.dtype)
 
 
 def replace_unused_atoms(

@@ -27,7 +27,7 @@ from offline_compress.quantization import quantize, quantize_and_refit
 from offline_compress.whitening import unwhiten, whiten, whitening_factor
 
 METHODS = ("cospadi", "svd-llm")
-DEFAULT_K_OVER_S = (1.5, 2.0, 3.0)
+DEFAULT_K_OVER_S = (1.5, 2.0)  # k/s = 3 never won on SmolLM2 (benchmarks/results/NOTES.md item 12)
 SVD_STRUCTURE = "svd"  # name of the s = k candidate in reports
 
 
@@ -37,7 +37,7 @@ class LayerSettings:
     value_dtype: str = "int8"
     k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S  # one value forces that structure (no search)
     iterations: int = 8
-    trial_iterations: int = 1
+    trial_iterations: int = 2  # after 1, low k/s always looks better; after 2 the ranking matches T = 8
     refit_rounds: int = 1
     seed: int = 0
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
@@ -62,10 +62,30 @@ class CompressedLinear:
     seconds: float = 0.0
 
 
-def whitened_error(weight_t: torch.Tensor, approx_t: torch.Tensor, factor: torch.Tensor) -> float:
-    """‖Lᵀ(A − Â)‖_F / ‖LᵀA‖_F — relative output error on the calibration inputs."""
-    target = whiten(weight_t.double(), factor)
-    return float((target - whiten(approx_t.double(), factor)).norm() / target.norm().clamp_min(1e-30))
+def whitened_error(weight: torch.Tensor, approx_t: torch.Tensor, factor: torch.Tensor) -> float:
+    """‖Lᵀ(A − Â)‖_F / ‖LᵀA‖_F — relative output error on the calibration inputs.
+
+    weight [out, in] (A = weightᵀ), approx_t = Â [in, out]; float64, a block of columns at a time.
+    """
+    error = reference = 0.0
+    for cols in _column_blocks(weight.shape[0]):
+        target = whiten(weight[cols].T.double(), factor)
+        error += float((target - whiten(approx_t[:, cols].double(), factor)).square().sum())
+        reference += float(target.square().sum())
+    return (error / max(reference, 1e-300)) ** 0.5
+
+
+def whitened_target(weight: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ã = Lᵀ·weightᵀ [in, out] in ``dtype``, computed in float64 a block of columns at a time."""
+    target = torch.empty(weight.shape[1], weight.shape[0], dtype=dtype, device=factor.device)
+    for cols in _column_blocks(weight.shape[0]):
+        target[:, cols] = whiten(weight[cols].T.to(factor.device, torch.float64), factor).to(dtype)
+    return target
+
+
+def _column_blocks(m: int, block: int = 2048) -> list[slice]:
+    """Float64 copies of a whole [in, out] matrix are the largest temporaries otherwise (8·in·out bytes)."""
+    return [slice(lo, min(m, lo + block)) for lo in range(0, m, block)]
 
 
 def layer_shape(in_features: int, out_features: int, ratio: float, structure: str | float, value_dtype: str):
@@ -86,50 +106,61 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
 
     The whitened target Ã = LᵀWᵀ [in, out] is factored as D̃·Cᵀ, C's non-zeros are quantized per
     output column, D̃ is refitted to the quantized C (cospadi), then D = L⁻ᵀD̃ is stored in bf16.
+    At most two candidates' states (the best so far and the one in trial) are alive at once.
     """
     started = time.perf_counter()
     device = gram.device
     out_features, in_features = weight.shape
-    weight_t = weight.to(device=device, dtype=torch.float64).T
     factor, damping = whitening_factor(gram)
-    target = whiten(weight_t, factor).to(settings.compute_dtype)
+    target = whitened_target(weight, factor, settings.compute_dtype)
     left, sigma, vh = torch.linalg.svd(target, full_matrices=False)
     candidates: dict[str, float] = {}
+    svd_shape = layer_shape(in_features, out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
+    svd_state = _svd_candidate(left, sigma, vh, svd_shape.k)
+    del sigma, vh
 
     if settings.method == "svd-llm":  # the baseline as published: no balancing, no refit
-        shape = layer_shape(in_features, out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
-        atoms, coef, mask = _svd_candidate(left, sigma, vh, shape.k)
-        structure, unquantized = SVD_STRUCTURE, relative_error(target, atoms, coef)
+        structure, shape, (atoms, coef, mask) = SVD_STRUCTURE, svd_shape, svd_state
+        unquantized = relative_error(target, atoms, coef)
         stored, _ = quantize(coef, mask, settings.value_dtype)
     elif settings.method == "cospadi":
+        if settings.searches:  # s = k as a candidate too, scored after quantization below
+            svd_unquantized = relative_error(target, *svd_state[:2])
+            svd_atoms, svd_stored = quantize_and_refit(target, *svd_state, settings.value_dtype)
+            candidates[SVD_STRUCTURE] = _quantized_error(target, svd_atoms, svd_stored, svd_shape.k)
+        del svd_state
         generator = torch.Generator().manual_seed(settings.seed)
-        learned = {}
+        trial = settings.trial_iterations if settings.searches else settings.iterations
+        best = None
         for k_over_s in settings.k_over_s:
+            name = f"k/s={k_over_s:g}"
             shape = layer_shape(in_features, out_features, ratio, k_over_s, settings.value_dtype)
-            trial = settings.trial_iterations if settings.searches else settings.iterations
             state = learn_dictionary(target, shape.k, shape.s, trial, generator, settings.workspace_bytes, left=left)
-            learned[f"k/s={k_over_s:g}"] = (shape, state)
-            candidates[f"k/s={k_over_s:g} trial"] = relative_error(target, state[0], state[1])
-        structure = min(learned, key=lambda name: candidates[f"{name} trial"])
-        shape, state = learned[structure]
+            candidates[f"{name} trial"] = relative_error(target, state[0], state[1])
+            if best is None or candidates[f"{name} trial"] < candidates[f"{best[0]} trial"]:
+                best = (name, shape, state)
+            del state
+        del left
+        structure, shape, state = best
+        del best
         if settings.searches and settings.iterations > settings.trial_iterations:
             state = learn_dictionary(target, shape.k, shape.s, settings.iterations - settings.trial_iterations,
                                      generator, settings.workspace_bytes, start=state)
         unquantized = relative_error(target, state[0], state[1])
         atoms, stored = quantize_and_refit(target, *state, settings.value_dtype, rounds=settings.refit_rounds)
-        if settings.searches:  # s = k as a candidate too: keep whichever is better after quantization
+        del state
+        if settings.searches:  # keep whichever structure is better after quantization
             candidates[structure] = _quantized_error(target, atoms, stored, shape.k)
-            svd_shape = layer_shape(in_features, out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
-            svd_state = _svd_candidate(left, sigma, vh, svd_shape.k)
-            svd_atoms, svd_stored = quantize_and_refit(target, *svd_state, settings.value_dtype)
-            candidates[SVD_STRUCTURE] = _quantized_error(target, svd_atoms, svd_stored, svd_shape.k)
             if candidates[SVD_STRUCTURE] < candidates[structure]:
                 structure, shape, atoms, stored = SVD_STRUCTURE, svd_shape, svd_atoms, svd_stored
-                unquantized = relative_error(target, *svd_state[:2])
+                unquantized = svd_unquantized
+            del svd_atoms, svd_stored
     else:
         raise ValueError(f"unknown method {settings.method!r}; choose from {METHODS}")
+    del target
 
     dictionary = unwhiten(atoms.double(), factor).to(fmt.DICTIONARY_DTYPE)
+    del atoms
     tensors = {fmt.DICTIONARY: dictionary, **stored}
     tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
     approx_t = fmt.reconstruct_weight_t(tensors, shape.k).to(device)
@@ -137,7 +168,7 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
         tensors=tensors,
         shape=shape,
         structure=structure,
-        whitened_rel_error=whitened_error(weight_t, approx_t, factor),
+        whitened_rel_error=whitened_error(weight.to(device), approx_t, factor),
         unquantized_rel_error=unquantized,
         candidates=candidates,
         damping=damping,

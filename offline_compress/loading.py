@@ -17,21 +17,19 @@ from safetensors import safe_open
 from torch import nn
 
 
-def limit_allocator_caching() -> None:
-    """Make glibc return freed large blocks to the OS at once (Linux; a no-op elsewhere).
+def return_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     glibc raises its mmap threshold after each large free, so later tensors of up to ~32 MB come from
-    heap arenas that are never trimmed: compressing SmolLM2 layer by layer then held ~1.2 GB above
-    the post-import RSS instead of ~0.5 GB (benchmarks/results/NOTES.md). A fixed 1 MiB threshold
-    keeps every tensor-sized allocation in its own mapping.
+    heap arenas that are not returned on free: compressing SmolLM2 layer by layer then held ~1.2 GB
+    above the post-import RSS although one layer (4 MB) was live (benchmarks/results/NOTES.md item 13).
+    Trimming once per decoder layer keeps the RSS at what is live; a fixed small mmap threshold did too
+    but made every temporary a fresh mapping (1.9× slower on gate_proj).
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 20)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class SafetensorsSource:
@@ -76,7 +74,7 @@ def materialize(module: nn.Module, prefix: str, source: SafetensorsSource, devic
     for name, param in list(module.named_parameters()):
         key = f"{prefix}.{name}"
         if key not in source.location:
-            raise KeyError(f"source checkpoint has no tensor {key}")
+            raise ValueError(f"source checkpoint has no tensor {key}")
         tensor = source.get(key)
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(f"source tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")

@@ -32,7 +32,7 @@ from offline_compress.calibration import (
 )
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
 from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear
-from offline_compress.loading import SafetensorsSource, limit_allocator_caching, materialize, release, skeleton_model
+from offline_compress.loading import SafetensorsSource, materialize, release, return_free_memory, skeleton_model
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 BUILTIN_CALIBRATION = "wikipedia"
@@ -93,14 +93,14 @@ RUN_ONLY_OPTIONS = ("device", "batch_size", "max_memory_gb")
 
 
 def workspace_bytes(max_memory_gb: float | None, device: torch.device) -> int:
-    """Sparse-coding workspace budget: the user's --max-memory, else a quarter of what is free (≤ 4 GiB)."""
+    """Sparse-coding workspace budget: the user's --max-memory, else a quarter of what is free (≤ 1 GiB)."""
     if max_memory_gb is not None:
         return int(max_memory_gb * 1024**3)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(free // 4, 4 * 1024**3))
+    return int(min(free // 4, 1024**3))
 
 
 def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -> dict:
@@ -253,7 +253,6 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = validate_options(model_dir, out_dir, options)
-    limit_allocator_caching()
     source = SafetensorsSource(source_safetensors(model_dir))
     check_finite_weights(source)
     from transformers import AutoTokenizer
@@ -263,6 +262,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     input_ids = calibration_ids(tokenizer, options)
     device = torch.device(options.device)
     model = skeleton_model(model_dir)
+    param_count = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once, before any is replaced
     layers = decoder_layers(model)
     layer_ids = list(range(len(layers))) if options.layers is None else options.layers
     settings = options.layer_settings(device)
@@ -310,6 +310,8 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
                 result = compress_linear(linear.weight.detach(), grams[gram_key(name)], options.ratio, settings)
                 layer_tensors[prefix] = result.tensors
                 layer_stats[prefix] = _module_stats(result, options.value_dtype)
+                del result
+                return_free_memory()
             del grams
             _save_partial_layer(part_file, layer_tensors, layer_stats)
         else:
@@ -330,17 +332,28 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
             _, outputs = run_layer(layer, inputs, device)
         inputs.hidden = outputs if outputs is not None else inputs.hidden
         release(layer)
+        return_free_memory()
         if module_stats:
             errors = [s["whitened_rel_error"] for s in module_stats.values()]
             bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
     del inputs
+    return_free_memory()
 
-    report = build_report(model, config, model_dir, options, module_stats, time.perf_counter() - started)
+    report = build_report(param_count, config, model_dir, options, module_stats, time.perf_counter() - started)
     qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method)
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     write_checkpoint(model_dir, out_dir, part_files, qconfig, report, dtype=dtype)
     shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+def materialize(module: torch.nn.Module, prefix: str, source: SafetensorsSource, device: torch.device,
+                dtype: torch.dtype | None = None) -> None:
+    """loading.materialize, with a missing or mis-shaped source tensor reported as a CompressError."""
+    try:
+        loading.materialize(module, prefix, source, device, dtype)
+    except ValueError as err:
+        raise CompressError(str(err)) from None
 
 
 def _module_prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -397,13 +410,12 @@ def compress_or_reuse(model_dir: str | Path, out_dir: str | Path, options: Compr
 
 
 def build_report(
-    model, config: dict, model_dir: Path, options: CompressOptions, module_stats: dict, seconds: float
+    param_count: int, config: dict, model_dir: Path, options: CompressOptions, module_stats: dict, seconds: float
 ) -> dict:
     dense = sum(s["bytes_dense_bf16"] for s in module_stats.values())
     stored = sum(s["bytes_stored"] for s in module_stats.values())
     # Whole model: every parameter (tied embeddings once) at bf16, compressed layers at their stored bytes.
-    params = {id(p): p.numel() for p in model.parameters()}
-    model_dense = 2 * sum(params.values())
+    model_dense = 2 * param_count
     compressed_params = sum(s["in_features"] * s["out_features"] for s in module_stats.values())
     model_stored = model_dense - 2 * compressed_params + stored
     errors = [s["whitened_rel_error"] for s in module_stats.values()]

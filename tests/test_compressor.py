@@ -84,8 +84,12 @@ def test_reconstruction_matches_float64_reference(compressed, key):
 
 
 @pytest.mark.parametrize("key", [("llama", "int8"), ("qwen3", "int8"), ("llama", "bfloat16")])
-def test_ratio_counts_every_stored_byte(compressed, key):
+def test_ratio_counts_every_stored_byte(compressed, tiny_models, key):
+    from transformers import AutoModelForCausalLM
+
     out, report = compressed[key]
+    source = AutoModelForCausalLM.from_pretrained(tiny_models[key[0]])  # tied embeddings: counted once
+    assert report["totals"]["model_bytes_dense_bf16"] == 2 * sum({id(p): p.numel() for p in source.parameters()}.values())
     tensors = read_all(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     stored = sum(tensors[f"{p}.{sfx}"].numel() * tensors[f"{p}.{sfx}"].element_size()

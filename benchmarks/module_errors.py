@@ -1,0 +1,93 @@
+"""Per-module check: is the default CoSpaDi compression ever worse than SVD-LLM at the same bytes?
+
+Reads the ``compress_report.json`` of the quality benchmark's checkpoints (``cospadi-int8@CR`` and
+``svd-llm@CR`` in its work directory) and compares, for every compressed module, the whitened
+error after quantization two ways:
+
+  * against the separate SVD-LLM run at the same CR (its own sequential calibration, so the two
+    runs' Grams differ after the first layer: small differences either way are calibration noise);
+  * against the SVD-LLM structure evaluated inside the same run on the same Gram (``candidates.svd``
+    in the report: SVD-LLM's factors, balanced and refitted) — the like-for-like comparison.
+
+    python benchmarks/module_errors.py                 # SmolLM2, CR 0.2 / 0.3 / 0.4
+    python benchmarks/module_errors.py --work-dir DIR --name NAME --ratios 0.3
+
+Writes benchmarks/results/module-errors-<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from offline_compress import assets
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def compare(cospadi: dict, svd: dict) -> dict:
+    rows = []
+    for prefix, stats in cospadi["modules"].items():
+        other = svd["modules"][prefix]
+        if stats["bytes_stored"] > other["bytes_stored"] * 1.001 + 64:
+            raise SystemExit(f"{prefix}: CoSpaDi stores {stats['bytes_stored']} B, SVD-LLM {other['bytes_stored']} B")
+        rows.append({
+            "module": prefix,
+            "structure": stats.get("structure"),
+            "cospadi": stats["whitened_rel_error"],
+            "svd_llm_run": other["whitened_rel_error"],
+            "svd_same_gram": stats.get("candidates", {}).get("svd"),
+        })
+    worse_run = [r for r in rows if r["cospadi"] > r["svd_llm_run"]]
+    worse_same = [r for r in rows if r["svd_same_gram"] is not None and r["cospadi"] > r["svd_same_gram"] * (1 + 1e-3)]
+    return {"modules": rows, "violations_vs_svd_llm_run": len(worse_run), "violations_vs_same_gram": len(worse_same),
+            "worst_vs_run": sorted(worse_run, key=lambda r: r["svd_llm_run"] / r["cospadi"])[:5]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="smollm2")
+    parser.add_argument("--work-dir", type=Path, help="the quality benchmark's work directory (default: its cache dir)")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir or assets.cache_dir() / "quality" / args.name
+    results, lines = {}, [
+        f"# Per-module whitened error: default CoSpaDi vs SVD-LLM at the same bytes — {args.name}", "",
+        "Whitened error after quantization, every compressed module. `vs SVD-LLM run`: the separate "
+        "`--method svd-llm` checkpoint (its own sequential calibration); `vs same Gram`: SVD-LLM's structure "
+        "evaluated inside the CoSpaDi run on the same Gram.", "",
+        "| CR | modules | worse than SVD-LLM run | worse than SVD on the same Gram | mean error CoSpaDi | mean error SVD-LLM run | structures chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio in args.ratios:
+        paths = [work_dir / f"{variant}@{ratio}" / "compress_report.json" for variant in ("cospadi-int8", "svd-llm")]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            print(f"module_errors: no report {missing[0]} (run benchmarks/quality.py for CR {ratio} first)", file=sys.stderr)
+            return 2
+        cospadi, svd = (json.loads(p.read_text()) for p in paths)
+        result = compare(cospadi, svd)
+        results[str(ratio)] = result
+        rows = result["modules"]
+        structures: dict[str, int] = {}
+        for r in rows:
+            structures[r["structure"]] = structures.get(r["structure"], 0) + 1
+        mean_cospadi = sum(r["cospadi"] for r in rows) / len(rows)
+        mean_svd = sum(r["svd_llm_run"] for r in rows) / len(rows)
+        lines.append(f"| {ratio} | {len(rows)} | {result['violations_vs_svd_llm_run']} | {result['violations_vs_same_gram']} "
+                     f"| {mean_cospadi:.4f} | {mean_svd:.4f} | "
+                     + ", ".join(f"{k} × {v}" for k, v in sorted(structures.items())) + " |")
+        for r in result["worst_vs_run"]:
+            lines.append(f"|  | {r['module']} | {r['cospadi']:.4f} vs {r['svd_llm_run']:.4f} | | | | |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"module-errors-{args.name}"
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
