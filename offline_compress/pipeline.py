@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cospadi_vllm import format as fmt
-from offline_compress import assets
+from offline_compress import assets, loading
 from offline_compress.calibration import (
     DEFAULT_TARGETS,
     capture_layer_inputs,
@@ -32,7 +32,7 @@ from offline_compress.calibration import (
 )
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
 from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear
-from offline_compress.loading import SafetensorsSource, materialize, release, return_free_memory, skeleton_model
+from offline_compress.loading import SafetensorsSource, release, return_free_memory, skeleton_model
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 BUILTIN_CALIBRATION = "wikipedia"
