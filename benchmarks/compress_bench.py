@@ -211,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": [],
     }
     out = RESULTS / f"compress-bench-{results['meta']['device']}"
+    if out.with_suffix(".json").is_file():  # keep rows of other shapes / ratios from earlier runs
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        results["shapes"] = [r for r in earlier.get("shapes", [])
+                             if not (r["shape"] in args.shapes and r["ratio"] in args.ratios)]
+        if args.no_real_layer and earlier.get("real_layer"):
+            results["real_layer"] = earlier["real_layer"]
     print(f"{'shape':<16} {'CR':>4} {'k':>6} {'s':>6} {'1st coding s':>12} {'iter s':>8} {'projected s':>11} {'full s':>8} {'peak GB':>8}")
     for name in args.shapes:
         for ratio in args.ratios:
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             r = json.loads(line.removeprefix("RESULT "))
             results["shapes"].append(r)
+            results["shapes"].sort(key=lambda row: (list(SHAPES).index(row["shape"]), row["ratio"]))
             full_s = f"{r['full_default_s']:.1f}" if "full_default_s" in r else "–"
             print(f"{name:<16} {ratio:>4} {r['k']:>6} {r['s']:>6} {r['phases_s']['first coding']:>12.1f} "
                   f"{r['phases_s']['one iteration']:>8.1f} {r['projected_default_s']:>11.1f} {full_s:>8} "

@@ -27,12 +27,15 @@ from offline_compress import assets
 RESULTS = Path(__file__).parent / "results"
 
 
-def compare(cospadi: dict, svd: dict) -> dict:
+def compare(cospadi: dict, svd: dict, ratio: float) -> dict:
+    """Both runs must fit every module in the same budget, (1 − ratio) of its bf16 bytes."""
     rows = []
     for prefix, stats in cospadi["modules"].items():
         other = svd["modules"][prefix]
-        if stats["bytes_stored"] > other["bytes_stored"] * 1.001 + 64:
-            raise SystemExit(f"{prefix}: CoSpaDi stores {stats['bytes_stored']} B, SVD-LLM {other['bytes_stored']} B")
+        budget = (1 - ratio) * stats["bytes_dense_bf16"]
+        if max(stats["bytes_stored"], other["bytes_stored"]) > budget:
+            raise SystemExit(f"{prefix}: over the CR {ratio} budget of {budget:.0f} B (CoSpaDi "
+                             f"{stats['bytes_stored']} B, SVD-LLM {other['bytes_stored']} B)")
         rows.append({
             "module": prefix,
             "structure": stats.get("structure"),
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"module_errors: no report {missing[0]} (run benchmarks/quality.py for CR {ratio} first)", file=sys.stderr)
             return 2
         cospadi, svd = (json.loads(p.read_text()) for p in paths)
-        result = compare(cospadi, svd)
+        result = compare(cospadi, svd, ratio)
         results[str(ratio)] = result
         rows = result["modules"]
         structures: dict[str, int] = {}

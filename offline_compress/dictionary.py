@@ -86,9 +86,9 @@ def sparse_code(
     targets: torch.Tensor,
     s: int,
     start: torch.Tensor | None = None,
-    swap_steps: int = 3,
+    swap_steps: int = 1,
     cg_iterations: int = 50,
-    cg_tol: float = 1e-4,
+    cg_tol: float = 1e-3,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly-s-sparse least-squares coding of every column of ``targets`` [n, m] on ``dictionary`` [n, k].

@@ -54,9 +54,16 @@ def test_ratio_outside_unit_interval(tiny_models, tmp_path, capsys, ratio):
     check_failed(*run_cli([tiny_models["llama"], out, "--ratio", ratio], capsys), out, "--ratio")
 
 
-def test_k_over_s_below_one(tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("value", ["0.5", "1.5,0.5"])
+def test_k_over_s_below_one(tiny_models, tmp_path, capsys, value):
     out = tmp_path / "out"
-    check_failed(*run_cli([tiny_models["llama"], out, "--k-over-s", "0.5"], capsys), out, "--k-over-s")
+    check_failed(*run_cli([tiny_models["llama"], out, "--k-over-s", value], capsys), out, "--k-over-s")
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_max_memory_must_be_positive(tiny_models, tmp_path, capsys, value):
+    out = tmp_path / "out"
+    check_failed(*run_cli([tiny_models["llama"], out, "--max-memory", value], capsys), out, "--max-memory")
 
 
 def test_calibration_text_too_short(tiny_models, tmp_path, capsys):

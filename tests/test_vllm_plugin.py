@@ -94,10 +94,10 @@ def test_bad_checkpoint_fails_at_load_naming_the_problem(tiny_checkpoints, tmp_p
 
 @pytest.mark.slow
 def test_vllm_matches_transformers_smollm2(smollm2_dir, tmp_path):
-    """Real SmolLM2-135M, all 210 linears compressed at CR 0.3 (fast settings: OMP coding of the
-    initial dictionary, no atom updates — the format and the serving path are what is tested)."""
+    """Real SmolLM2-135M, all 210 linears compressed at CR 0.3 (fast settings: one structure, coding of
+    the initial dictionary, no dictionary updates — the format and the serving path are what is tested)."""
     out = tmp_path / "smollm2-cospadi"
-    options = CompressOptions(ratio=0.3, iterations=0, omp_atoms_per_step=8, calib_samples=8, seq_len=256)
+    options = CompressOptions(ratio=0.3, iterations=0, k_over_s=(2.0,), calib_samples=8, seq_len=256)
     report = compress_model(smollm2_dir, out, options, log=lambda m: None)
     assert report["totals"]["modules_compressed"] == 210
     assert 0.3 <= report["totals"]["compression_ratio_actual"] <= 0.31
