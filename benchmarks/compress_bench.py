@@ -165,6 +165,11 @@ def markdown(results: dict) -> str:
             f"| {p['setup (whiten + SVD)']:.1f} | {p['first coding']:.1f} | {p['one iteration']:.1f} "
             f"| {p['quantize + refit']:.1f} | {r['projected_default_s']:.1f} | {full} | {r['peak_bytes'] / 1e9:.2f} |"
         )
+    both = [r["full_default_s"] / r["projected_default_s"] for r in results["shapes"] if "full_default_s" in r]
+    if both:
+        lines += ["", f"Where both were measured, full / projected = {min(both):.2f}–{max(both):.2f}: later iterations "
+                  "start the CG from the previous coefficients and the k/s = 1.5 candidate is cheaper than the k/s = 2 "
+                  "phases timed here, so `projected` is an upper bound on the whole recipe's time."]
     if meta["device"] == "cpu":
         lines += ["", "Peak memory on CPU = the child's peak RSS minus its RSS right after importing torch "
                   f"({results['shapes'][0]['baseline_rss_bytes'] / 1e9:.2f} GB)."]
