@@ -229,3 +229,19 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(tiny_models, calib_file,
     compress_model(tiny_models["qwen2"], tmp_path / "out", options, log=lambda m: None)
     assert len(seen) >= 2 * 7 and max(seen) == 1, seen
     assert materialized_layers() == 0
+
+
+def test_resume_fingerprint_tracks_weights_not_where_the_work_runs(tiny_models, tmp_path):
+    """--device / --batch-size / --max-memory keep finished layers; new weights at the same path do not."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    options = CompressOptions()
+    first = options.fingerprint(model)
+    assert replace(options, device="cuda", batch_size=2, max_memory_gb=0.5).fingerprint(model) == first
+    assert replace(options, ratio=0.4).fingerprint(model) != first
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert options.fingerprint(model) != first
