@@ -12,6 +12,11 @@ error after quantization two ways:
     python benchmarks/module_errors.py                 # SmolLM2, CR 0.2 / 0.3 / 0.4
     python benchmarks/module_errors.py --work-dir DIR --name NAME --ratios 0.3
 
+The one-shot comparison in results/ was made from checkpoints written with
+``cospadi-compress MODEL DIR/cospadi-int8@CR --ratio CR --one-shot`` and
+``cospadi-compress MODEL DIR/svd-llm@CR --ratio CR --method svd-llm --one-shot``, then
+``python benchmarks/module_errors.py --work-dir DIR --name smollm2-one-shot``.
+
 Writes benchmarks/results/module-errors-<name>.{json,md}.
 """
 
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     results, lines = {}, [
         f"# Per-module whitened error: default CoSpaDi vs SVD-LLM at the same bytes — {args.name}", "",
         "Whitened error after quantization, every compressed module. `vs SVD-LLM run`: the separate "
-        "`--method svd-llm` checkpoint (its own sequential calibration); `vs same Gram`: SVD-LLM's structure "
-        "evaluated inside the CoSpaDi run on the same Gram.", "",
+        "`--method svd-llm` checkpoint, calibrated the same way (sequential, the default: each run on its own "
+        "compressed earlier layers, so the two runs' Grams differ after layer 0; `--one-shot`: both on the "
+        "original model's activations, identical Grams); `vs same Gram`: SVD-LLM's structure evaluated inside "
+        "the CoSpaDi run on the same Gram.", "",
         "| CR | modules | worse than SVD-LLM run | worse than SVD on the same Gram | mean error CoSpaDi | mean error SVD-LLM run | structures chosen |",
         "|---|---|---|---|---|---|---|",
     ]
