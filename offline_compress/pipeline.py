@@ -291,19 +291,14 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
         targets = list(options.targets) if index in layer_ids else []
         part_file = partial / f"layer-{index:05d}.safetensors"
         last = index == len(layers) - 1
-        outputs = None
-        if targets and part_file.is_file():
+        resumed = bool(targets) and part_file.is_file()
+        layer_tensors, layer_stats, outputs = {}, {}, None
+        if resumed:
             layer_tensors, layer_stats = _load_partial_layer(part_file)
-            if last:  # nothing downstream needs this layer's outputs
-                part_files.append(part_file)
-                module_stats.update(layer_stats)
-                shapes.update(_shapes(layer_stats))
-                continue
+        if not (resumed and last):  # a finished last layer feeds nothing downstream: no need to load it
             materialize(layer, f"model.layers.{index}", source, device, torch.float32)
-        elif targets:
-            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
+        if targets and not resumed:
             grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
-            layer_tensors, layer_stats = {}, {}
             for name in targets:
                 linear = layer.get_submodule(name)
                 prefix = f"model.layers.{index}.{name}"
@@ -314,14 +309,11 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
                 return_free_memory()
             del grams
             _save_partial_layer(part_file, layer_tensors, layer_stats)
-        else:
-            layer_tensors, layer_stats = {}, {}
-            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
         if layer_stats:
             part_files.append(part_file)
         module_stats.update(layer_stats)
         shapes.update(_shapes(layer_stats))
-        if options.sequential:
+        if options.sequential and not last:
             # Later layers calibrate on what the compressed model really feeds them (as GPTQ does).
             for prefix, tensors in layer_tensors.items():
                 name = prefix.split(f"layers.{index}.", 1)[1]
