@@ -50,7 +50,7 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
     """Runs in its own process: phase times, optional full run, peak memory."""
     import torch
 
-    from offline_compress.dictionary import initial_dictionary, learn_dictionary, relative_error, sparse_code
+    from offline_compress.dictionary import learn_dictionary, relative_error
     from offline_compress.layer import LayerSettings, compress_linear, layer_shape, whitened_target
     from offline_compress.pipeline import workspace_bytes
     from offline_compress.quantization import quantize_and_refit
@@ -81,10 +81,10 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
     left = torch.linalg.svd(target, full_matrices=False)[0]
     t, phases["setup (whiten + SVD)"] = sync(), sync() - t
     shape = layer_shape(in_features, out_features, ratio, 2.0, settings.value_dtype)
-    dictionary = initial_dictionary(target, shape.k, torch.Generator().manual_seed(0), left)
-    coef, mask = sparse_code(dictionary, target, shape.s, workspace_bytes=settings.workspace_bytes)
+    start = learn_dictionary(target, shape.k, shape.s, 0, torch.Generator().manual_seed(0), settings.workspace_bytes,
+                             left=left)  # the starting atoms and their first coding
     t, phases["first coding"] = sync(), sync() - t
-    state = learn_dictionary(target, shape.k, shape.s, 1, g, settings.workspace_bytes, start=(dictionary, coef, mask))
+    state = learn_dictionary(target, shape.k, shape.s, 1, g, settings.workspace_bytes, start=start)
     t, phases["one iteration"] = sync(), sync() - t
     quantize_and_refit(target, *state, settings.value_dtype)
     phases["quantize + refit"] = sync() - t
@@ -97,7 +97,7 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
         "error_after_one_iteration": relative_error(target, state[0], state[1]),
         "workspace_bytes": settings.workspace_bytes,
     }
-    del target, left, dictionary, coef, mask, state
+    del target, left, start, state
     if full:
         t = sync()
         layer = compress_linear(weight, gram, ratio, settings)
