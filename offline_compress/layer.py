@@ -126,8 +126,9 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
     elif settings.method == "cospadi":
         if settings.searches:  # s = k as a candidate too, scored after quantization below
             svd_unquantized = relative_error(target, *svd_state[:2])
-            svd_atoms, svd_stored = quantize_and_refit(target, *svd_state, settings.value_dtype)
-            candidates[SVD_STRUCTURE] = _quantized_error(target, svd_atoms, svd_stored, svd_shape.k)
+            svd_atoms, svd_stored, svd_dequantized = quantize_and_refit(target, *svd_state, settings.value_dtype)
+            candidates[SVD_STRUCTURE] = relative_error(target, svd_atoms, svd_dequantized)
+            del svd_dequantized
         del svd_state
         generator = torch.Generator().manual_seed(settings.seed)
         trial = settings.trial_iterations if settings.searches else settings.iterations
@@ -147,14 +148,16 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
             state = learn_dictionary(target, shape.k, shape.s, settings.iterations - settings.trial_iterations,
                                      generator, settings.workspace_bytes, start=state)
         unquantized = relative_error(target, state[0], state[1])
-        atoms, stored = quantize_and_refit(target, *state, settings.value_dtype, rounds=settings.refit_rounds)
+        atoms, stored, dequantized = quantize_and_refit(target, *state, settings.value_dtype,
+                                                        rounds=settings.refit_rounds)
         del state
         if settings.searches:  # keep whichever structure is better after quantization
-            candidates[structure] = _quantized_error(target, atoms, stored, shape.k)
+            candidates[structure] = relative_error(target, atoms, dequantized)
             if candidates[SVD_STRUCTURE] < candidates[structure]:
                 structure, shape, atoms, stored = SVD_STRUCTURE, svd_shape, svd_atoms, svd_stored
                 unquantized = svd_unquantized
             del svd_atoms, svd_stored
+        del dequantized
     else:
         raise ValueError(f"unknown method {settings.method!r}; choose from {METHODS}")
     del target
@@ -175,8 +178,3 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
         seconds=time.perf_counter() - started,
     )
 
-
-def _quantized_error(target: torch.Tensor, atoms: torch.Tensor, stored: dict[str, torch.Tensor], k: int) -> float:
-    """Whitened error of (refitted atoms, stored quantized coefficients), before bf16 rounding of D."""
-    dequantized = fmt.decode_coefficients(stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], k)
-    return relative_error(target, atoms, dequantized.T.to(atoms.dtype))

@@ -58,11 +58,11 @@ def quantize_and_refit(
     value_dtype: str,
     rounds: int = 1,
     refit: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Balance, quantize, refit the dictionary to the quantized coefficients (whitened space).
 
     target [n, m], dictionary [n, k], coef/mask [m, k]. Returns (dictionary [n, k] to store, stored
-    coefficient tensors). With ``rounds`` = 2 the values are re-solved on the same support for the
+    coefficient tensors, their dequantized values as coef [m, k]). With ``rounds`` = 2 the values are re-solved on the same support for the
     refitted dictionary and the balance/quantize/refit is repeated.
     """
     stored: dict[str, torch.Tensor] = {}
@@ -75,4 +75,4 @@ def quantize_and_refit(
         if refit:
             dictionary = least_squares_dictionary(target, dequantized)
         coef = dequantized
-    return dictionary, stored
+    return dictionary, stored, coef

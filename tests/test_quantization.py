@@ -48,7 +48,7 @@ def test_quantized_error_close_to_unquantized_with_spread_atom_scales(value_dtyp
     k = dictionary.shape[1]
     assert _atom_scale_spread(coef, mask) >= 100  # max/min of per-atom RMS: the premise of the test
     unquantized = relative_error(target, dictionary, coef)
-    refitted, stored = quantize_and_refit(target, dictionary, coef, mask, value_dtype)
+    refitted, stored, _ = quantize_and_refit(target, dictionary, coef, mask, value_dtype)
     dequantized = fmt.decode_coefficients(stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], k)
     quantized = relative_error(target, refitted, dequantized.T)
     print(f"{value_dtype}: unquantized {unquantized:.4f}, balanced + refit {quantized:.4f}")
