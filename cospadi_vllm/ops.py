@@ -1,7 +1,14 @@
-"""CoSpaDi GEMM: Y = (X·D)·C with C given as (mask, values, scales) — torch path and custom op.
+"""CoSpaDi GEMM Y = (X·D)·C in two stages, each usable on its own (tensor parallelism communicates Z).
+
+- ``dictionary_product``: Z = X·D, a dense GEMM (torch / cuBLAS / oneDNN). D stays in its stored
+  bfloat16; float32 activations multiply a transient float32 copy.
+- ``coefficient_product``: Y = Z·C with C read as stored (mask + values + scales). On GPUs the Triton
+  kernel (``triton_kernels``); on CPU the C++ kernels (``cpu_kernels``): a direct sparse product for
+  decode-sized M, and for prefill-sized M dense tiles of C expanded on the fly (a few MB, freed after
+  the call) multiplied by torch's GEMM. No layer keeps a dense copy of C.
 
 Merged layers (qkv, gate_up) keep each shard's mask bits relative to that shard's dictionary;
-``atom_offsets[j]`` is the column of the concatenated dictionary where output j's shard starts.
+``atom_offsets[j]`` is the column of the concatenated dictionary (of Z) where output j's shard starts.
 Values rows are padded to the largest s of the merged shards; only the first popcount(row)
 entries of a row are read.
 """
@@ -10,108 +17,146 @@ from __future__ import annotations
 
 import torch
 
+from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
 
+# CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
+# (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
+CPU_DIRECT_MAX_ROWS = 16
+# Output rows of C expanded per GEMM on the prefill path.
+CPU_TILE_ROWS = 256
 
-def expand_coefficients(
-    coef_mask: torch.Tensor,
-    coef_values: torch.Tensor,
-    coef_scales: torch.Tensor,
-    atom_offsets: torch.Tensor,
-    k_total: int,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """mask [out, W] int32, values [out, s_max], scales [out], atom_offsets [out] → dense C [k_total, out]."""
-    out_features, words = coef_mask.shape
-    bits = fmt.unpack_mask(coef_mask, words * fmt.BITS_PER_WORD)  # [out, W*32]
-    rows, cols = bits.nonzero(as_tuple=True)  # row-major: each row's atoms in increasing order
-    rank = bits.to(torch.int32).cumsum(1)[rows, cols].long() - 1  # position of the bit in its row
-    dense = torch.zeros(k_total, out_features, dtype=torch.float32, device=coef_mask.device)
-    vals = coef_values[rows, rank].float() * coef_scales.float()[rows]
-    dense[atom_offsets.long()[rows] + cols, rows] = vals
-    return dense.to(dtype)
+_VALUE_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
-def cospadi_gemm_torch(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
-    coef_mask: torch.Tensor,
-    coef_values: torch.Tensor,
-    coef_scales: torch.Tensor,
-    atom_offsets: torch.Tensor,
-    coef_dense: torch.Tensor,
-) -> torch.Tensor:
-    """Torch path (CPU, and the reference). x [M, in] → [M, out].
-
-    Uses the pre-expanded C when given (non-empty), otherwise expands it for this call.
-    """
-    if coef_dense.numel() == 0:
-        coef_dense = expand_coefficients(
-            coef_mask, coef_values, coef_scales, atom_offsets, dictionary.shape[1], x.dtype
-        )
-    return (x @ dictionary.to(x.dtype)) @ coef_dense.to(x.dtype)
+def dictionary_product(x: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """x [M, in] · D [in, k] → Z [M, k] in x's dtype."""
+    return x @ (dictionary if dictionary.dtype == x.dtype else dictionary.to(x.dtype))
 
 
 def gemm_backend(device: torch.device) -> str:
-    """Which implementation serves tensors on ``device``: the Triton kernel on GPUs, torch elsewhere.
+    """Which implementation serves tensors on ``device``: the Triton kernel on GPUs, C++ on CPU.
 
     Triton has no CPU backend (its interpreter is for tests, far too slow to serve).
     """
-    return "triton" if device.type == "cuda" else "torch"
+    return "triton" if device.type == "cuda" else "cpu"
 
 
-def cospadi_gemm_impl(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
+def _table(dtype: torch.dtype) -> torch.Tensor:
+    if dtype not in _VALUE_TABLES:
+        _VALUE_TABLES[dtype] = cpu_kernels.value_table(dtype)
+    return _VALUE_TABLES[dtype]
+
+
+def coefficient_product_cpu(
+    z: torch.Tensor,
     coef_mask: torch.Tensor,
     coef_values: torch.Tensor,
     coef_scales: torch.Tensor,
     atom_offsets: torch.Tensor,
-    coef_dense: torch.Tensor,
+    out_dtype: torch.dtype,
+    direct_max_rows: int = CPU_DIRECT_MAX_ROWS,
+    portable: bool = False,
 ) -> torch.Tensor:
-    """The body of ``torch.ops.vllm.cospadi_gemm``: dispatch on the activations' device."""
-    if gemm_backend(x.device) == "triton":
-        from cospadi_vllm.triton_kernels import cospadi_gemm_triton  # imports triton: GPU machines only
+    """z [M, K] · C → [M, N] on CPU. ``portable`` forces the scalar kernel (tests compare both)."""
+    cpu_kernels.load()
+    kind, table = cpu_kernels.value_kind(coef_values.dtype), _table(coef_values.dtype)
+    m, k_total = z.shape
+    n, words = coef_mask.shape
+    if m <= direct_max_rows:
+        y = torch.ops.cospadi_cpu.coef_product(
+            z.float().contiguous(), coef_mask, coef_values, coef_scales, atom_offsets, table, kind, portable
+        )
+        return y.to(out_dtype)
+    # Prefill: bf16 activations multiply bf16 tiles (what the dense bf16 model does), others float32.
+    tile_dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
+    z = z.to(tile_dtype)
+    y = torch.empty((m, n), dtype=out_dtype)
+    offsets, counts = torch.unique_consecutive(atom_offsets, return_counts=True)
+    start = 0
+    for offset, count in zip(offsets.tolist(), counts.tolist(), strict=True):  # one shard at a time
+        width = min(words * fmt.BITS_PER_WORD, k_total - offset)
+        z_shard = z[:, offset : offset + width]
+        for row in range(start, start + count, CPU_TILE_ROWS):
+            rows = min(CPU_TILE_ROWS, start + count - row)
+            tile = torch.empty((rows, width), dtype=tile_dtype)
+            torch.ops.cospadi_cpu.expand_coefficients(
+                coef_mask, coef_values, coef_scales, atom_offsets, table, kind, row, tile
+            )
+            y[:, row : row + rows] = z_shard @ tile.t()
+        start += count
+    return y
 
-        return cospadi_gemm_triton(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets)
-    return cospadi_gemm_torch(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets, coef_dense)
 
-
-def _cospadi_gemm_fake(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
+def coefficient_product_impl(
+    z: torch.Tensor,
     coef_mask: torch.Tensor,
     coef_values: torch.Tensor,
     coef_scales: torch.Tensor,
     atom_offsets: torch.Tensor,
-    coef_dense: torch.Tensor,
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], coef_mask.shape[0]))
+    """The body of ``torch.ops.vllm.cospadi_coefficient_product``: dispatch on the device."""
+    if gemm_backend(z.device) == "triton":
+        from cospadi_vllm.triton_kernels import sparse_coef_matmul  # imports triton: GPU machines only
+
+        return sparse_coef_matmul(z, coef_mask, coef_values, coef_scales, atom_offsets, z.dtype)
+    return coefficient_product_cpu(z, coef_mask, coef_values, coef_scales, atom_offsets, z.dtype)
+
+
+def _coefficient_product_fake(
+    z: torch.Tensor,
+    coef_mask: torch.Tensor,
+    coef_values: torch.Tensor,
+    coef_scales: torch.Tensor,
+    atom_offsets: torch.Tensor,
+) -> torch.Tensor:
+    return z.new_empty((z.shape[0], coef_mask.shape[0]))
 
 
 _REGISTERED = False
 
 
 def register_custom_op() -> None:
-    """Register ``torch.ops.vllm.cospadi_gemm`` once per process (opaque to torch.compile / CUDA graphs)."""
+    """Register ``torch.ops.vllm.cospadi_coefficient_product`` once per process (opaque to
+    torch.compile / CUDA graphs)."""
     global _REGISTERED
-    if _REGISTERED or hasattr(torch.ops.vllm, "cospadi_gemm"):
+    if _REGISTERED or hasattr(torch.ops.vllm, "cospadi_coefficient_product"):
         _REGISTERED = True
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(op_name="cospadi_gemm", op_func=cospadi_gemm_impl, mutates_args=[], fake_impl=_cospadi_gemm_fake)
+    direct_register_custom_op(
+        op_name="cospadi_coefficient_product", op_func=coefficient_product_impl, mutates_args=[],
+        fake_impl=_coefficient_product_fake,
+    )
     _REGISTERED = True
 
 
-def cospadi_gemm(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
+def coefficient_product(
+    z: torch.Tensor,
     coef_mask: torch.Tensor,
     coef_values: torch.Tensor,
     coef_scales: torch.Tensor,
     atom_offsets: torch.Tensor,
-    coef_dense: torch.Tensor,
 ) -> torch.Tensor:
+    """Z [M, K] · C → [M, N] in Z's dtype, through the registered custom op."""
     register_custom_op()
-    return torch.ops.vllm.cospadi_gemm(x, dictionary, coef_mask, coef_values, coef_scales, atom_offsets, coef_dense)
+    return torch.ops.vllm.cospadi_coefficient_product(z, coef_mask, coef_values, coef_scales, atom_offsets)
+
+
+def reference_coefficients(
+    coef_mask: torch.Tensor,
+    coef_values: torch.Tensor,
+    coef_scales: torch.Tensor,
+    atom_offsets: torch.Tensor,
+    k_total: int,
+) -> torch.Tensor:
+    """Dense C [k_total, N] in float64 (tests and benchmarks only: it is what the kernels avoid)."""
+    out_features, words = coef_mask.shape
+    bits = fmt.unpack_mask(coef_mask, words * fmt.BITS_PER_WORD)  # [out, W*32]
+    rows, cols = bits.nonzero(as_tuple=True)  # row-major: each row's atoms in increasing order
+    rank = bits.to(torch.int32).cumsum(1)[rows, cols].long() - 1  # position of the bit in its row
+    dense = torch.zeros(k_total, out_features, dtype=torch.float64, device=coef_mask.device)
+    vals = coef_values[rows, rank].double() * coef_scales.double()[rows]
+    dense[atom_offsets.long()[rows] + cols, rows] = vals
+    return dense

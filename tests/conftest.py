@@ -35,6 +35,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
         for name, param in model.named_parameters():
             if param.dim() == 2 and "embed" not in name:
                 param.normal_(0.0, 1.0 / param.shape[1] ** 0.5)
+            elif name.endswith(".bias"):  # HF initialises biases to zero: a dropped bias would go unseen
+                param.normal_(0.0, 0.5)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(assets.smollm2_dir()).save_pretrained(out_dir)
     return out_dir

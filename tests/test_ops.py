@@ -1,56 +1,126 @@
-"""Torch path of the CoSpaDi GEMM on a merged layer (3 shards, different k and s) vs float64."""
+"""The CoSpaDi GEMM on CPU (C++ kernels, both code paths) against dense float64 math."""
 
+import pytest
 import torch
 
+from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import cospadi_gemm_torch, expand_coefficients
+from cospadi_vllm.config import ShardLayout, check_mask_bits
+from cospadi_vllm.ops import (
+    coefficient_product,
+    coefficient_product_cpu,
+    dictionary_product,
+    gemm_backend,
+    reference_coefficients,
+)
+
+SHARDS = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples of 32, s differ
 
 
-def test_merged_three_shard_layer_matches_float64_reference():
-    g = torch.Generator().manual_seed(0)
-    in_features = 48
-    shards = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples of 32
-    dictionaries, masks, values, scales, offsets, blocks = [], [], [], [], [], []
+def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48):
+    """A merged 3-shard layer as the plugin holds it: D side by side, mask/values padded per row."""
+    dictionaries, masks, values, scales, offsets = [], [], [], [], []
     k_offset = 0
     s_max = max(s for _, _, s in shards)
     words = max(fmt.mask_words(k) for k, _, _ in shards)
     for k, out, s in shards:
         idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
-        tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, "int8")
-        dictionary = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
-        dictionaries.append(dictionary)
+        tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
+        dictionaries.append(torch.randn(in_features, k, generator=g).to(torch.bfloat16))
         masks.append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
-        values.append(torch.nn.functional.pad(tensors[fmt.COEF_VALUES], (0, s_max - s)))
+        stored = tensors[fmt.COEF_VALUES]
+        padded = torch.zeros(out, s_max, dtype=stored.dtype)
+        padded[:, :s] = stored
+        values.append(padded)
         scales.append(tensors[fmt.COEF_SCALES])
         offsets.append(torch.full((out,), k_offset, dtype=torch.int32))
         k_offset += k
-        coef = fmt.decode_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], k)
-        blocks.append(dictionary.double() @ coef.double())  # this shard's Wᵀ, in float64
-    x = torch.randn(17, in_features, generator=g)
-    merged = [torch.cat(t, dim=d) for t, d in ((dictionaries, 1), (masks, 0), (values, 0), (scales, 0), (offsets, 0))]
-    reference = x.double() @ torch.cat(blocks, dim=1)
-    for dense in (torch.empty(0), expand_coefficients(*merged[1:], k_offset)):
-        y = cospadi_gemm_torch(x, *merged, dense)
-        assert y.shape == reference.shape and torch.isfinite(y).all()
-        assert float((y.double() - reference).norm() / reference.norm()) < 1e-5
+    dictionary = torch.cat(dictionaries, dim=1)
+    coef = [torch.cat(t) for t in (masks, values, scales, offsets)]
+    return dictionary, coef, k_offset
 
 
-def test_dispatch_triton_on_gpu_torch_on_cpu():
-    from cospadi_vllm.ops import cospadi_gemm_impl, gemm_backend
+@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 300])
+def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
+    g = torch.Generator().manual_seed(1000 * rows + len(value_dtype))
+    _, coef, k_total = merged_layer(value_dtype, g)
+    z = torch.randn(rows, k_total, generator=g)
+    reference = z.double() @ reference_coefficients(*coef, k_total)
+    paths = {"direct": 10**9, "expanded": 0}
+    for portable in (False, True):
+        for path, direct_max_rows in paths.items():
+            y = coefficient_product_cpu(z, *coef, torch.float32, direct_max_rows=direct_max_rows, portable=portable)
+            assert y.shape == reference.shape and y.dtype == torch.float32
+            err = float((y.double() - reference).norm() / reference.norm())
+            assert err < 1e-6, (path, portable, err)
 
-    assert gemm_backend(torch.device("cpu")) == "torch"
-    assert gemm_backend(torch.device("cuda", 0)) == "triton"
-    g = torch.Generator().manual_seed(1)
-    k, out, s = 70, 45, 20
+
+def test_cpu_path_bf16_activations_within_bf16_rounding():
+    g = torch.Generator().manual_seed(7)
+    dictionary, coef, k_total = merged_layer("int8", g)
+    reference_c = reference_coefficients(*coef, k_total)
+    for rows in (3, 64):  # direct and expanded path
+        x = torch.randn(rows, dictionary.shape[0], generator=g).to(torch.bfloat16)
+        reference = x.double() @ dictionary.double() @ reference_c
+        y = coefficient_product(dictionary_product(x, dictionary), *coef)
+        assert y.dtype == torch.bfloat16
+        assert float((y.double() - reference).norm() / reference.norm()) < 2e-2
+
+
+def test_registered_op_float32_equals_float64_reference():
+    g = torch.Generator().manual_seed(11)
+    dictionary, coef, k_total = merged_layer("float8_e4m3fn", g)
+    x = torch.randn(17, dictionary.shape[0], generator=g)
+    reference = x.double() @ dictionary.double() @ reference_coefficients(*coef, k_total)
+    y = coefficient_product(dictionary_product(x, dictionary), *coef)
+    assert gemm_backend(x.device) == "cpu" and y.dtype == torch.float32
+    assert float((y.double() - reference).norm() / reference.norm()) < 1e-6
+
+
+def test_cpu_kernel_reads_only_the_stored_values():
+    """Values past each row's popcount are never read: filling the padding with NaN changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    _, (mask, values, scales, offsets), k_total = merged_layer("bfloat16", g)
+    z = torch.randn(4, k_total, generator=g)
+    clean = coefficient_product_cpu(z, mask, values, scales, offsets, torch.float32)
+    counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
+    poisoned = values.clone()
+    for row, count in enumerate(counts.tolist()):
+        poisoned[row, count:] = float("nan")
+    for portable in (False, True):
+        for direct_max_rows in (10**9, 0):
+            y = coefficient_product_cpu(z, mask, poisoned, scales, offsets, torch.float32, direct_max_rows, portable)
+            assert torch.isfinite(y).all() and torch.allclose(y, clean, rtol=1e-6, atol=1e-6)
+
+
+def test_mask_check_rejects_bits_beyond_k_and_wrong_counts():
+    k, out, s = 40, 6, 5
+    g = torch.Generator().manual_seed(5)
     idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
-    tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, "int8")
-    args = [torch.randn(40, k, generator=g).to(torch.bfloat16), tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
-            tensors[fmt.COEF_SCALES], torch.zeros(out, dtype=torch.int32)]
-    x = torch.randn(5, 40, generator=g).to(torch.bfloat16)
-    # The op body on CPU tensors is exactly the torch path.
-    assert torch.equal(cospadi_gemm_impl(x, *args, torch.empty(0)), cospadi_gemm_torch(x, *args, torch.empty(0)))
-    if torch.cuda.is_available():  # and on GPU tensors exactly the Triton kernel
-        from cospadi_vllm.triton_kernels import cospadi_gemm_triton
+    mask = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, "int8")[fmt.COEF_MASK]
+    mask = torch.nn.functional.pad(mask, (0, 1))  # a merged layer's extra word
+    shard = ShardLayout("m", k, s, 0, 0, out, 0, k, 0, out)
+    check_mask_bits(mask, [shard])
+    beyond = mask.clone()
+    beyond[2, 1] |= 1 << 9  # atom 41 >= k
+    with pytest.raises(fmt.FormatError, match=r"m.coef_mask has bits set at atom positions >= k=40"):
+        check_mask_bits(beyond, [shard])
+    extra_word = mask.clone()
+    extra_word[4, 2] = 1
+    with pytest.raises(fmt.FormatError, match="atom positions >= k"):
+        check_mask_bits(extra_word, [shard])
+    too_many = mask.clone()
+    word = int(too_many[0, 0]) & 0xFFFFFFFF
+    word |= ~word & (word + 1)  # set the lowest clear bit: s + 1 bits in row 0
+    too_many[0, 0] = word - (1 << 32) if word >= 1 << 31 else word
+    with pytest.raises(fmt.FormatError, match="exactly s=5 bits"):
+        check_mask_bits(too_many, [shard])
 
-        gpu = [t.cuda() for t in (x, *args)]
-        assert torch.equal(cospadi_gemm_impl(*gpu, torch.empty(0, device="cuda")), cospadi_gemm_triton(*gpu))
+
+def test_vector_kernel_built_on_avx512_machines():
+    flags = open("/proc/cpuinfo").read()
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq")):
+        assert cpu_kernels.has_vector_kernel()
+    else:
+        assert not cpu_kernels.has_vector_kernel()

@@ -1,0 +1,111 @@
+"""The CPU coefficient product (csrc/cpu_kernels.cpp), built once per machine with the system compiler.
+
+``make setup`` builds it (``python -m cospadi_vllm.cpu_kernels``); otherwise the first CoSpaDi layer
+that vLLM loads on CPU does (about a minute on 2 cores; torch's file lock makes concurrent TP workers
+wait for one build). The library is compiled for the build machine's CPU (``-march=native``) and cached
+under ``~/.cache/cospadi-vllm/cpu-kernels/<cpu-flags-hash>/``, so a home directory shared between
+different CPUs never loads a binary built for another one.
+
+Ops (namespace ``torch.ops.cospadi_cpu``):
+- ``coef_product(z, mask, values, scales, offsets, table, kind, portable)`` → y [M, N] float32
+  from z [M, K] float32; C read as stored (AVX-512 where the CPU has it).
+- ``expand_coefficients(mask, values, scales, offsets, table, kind, row_start, out)`` writes rows of C
+  densely into ``out`` [rows, width] (float32 / bfloat16) — prefill tiles for torch's GEMM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from cospadi_vllm import format as fmt
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+# value_kind codes of the C++ ops.
+INT8, TABLE, BF16 = 0, 1, 2
+
+_lock = threading.Lock()
+_loaded = False
+
+
+def _cpu_tag() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = os.uname().machine
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    root = Path(os.environ.get("COSPADI_CACHE", Path.home() / ".cache" / "cospadi-vllm"))
+    return root / "cpu-kernels" / _cpu_tag()
+
+
+def load() -> None:
+    """Build (if needed) and load the library into this process; idempotent and thread-safe."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded or hasattr(torch.ops.cospadi_cpu, "coef_product"):
+            _loaded = True
+            return
+        from torch.utils import cpp_extension
+
+        # The venv's ninja (a vLLM dependency) may not be on PATH when python is run by its full path.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            cpp_extension.load(
+                name="cospadi_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), is_python_module=False, verbose=False,
+            )
+        except (RuntimeError, OSError, ImportError) as err:
+            raise RuntimeError(
+                f"could not build the CoSpaDi CPU kernels ({SOURCE}) with the system C++ compiler: {err}. "
+                "Install g++ (Debian: apt install g++) and run `make setup` again."
+            ) from err
+        _loaded = True
+
+
+def value_kind(dtype: torch.dtype) -> int:
+    if dtype == torch.int8:
+        return INT8
+    if dtype == torch.bfloat16:
+        return BF16
+    if dtype.itemsize == 1:
+        return TABLE
+    raise TypeError(f"coefficient values of dtype {dtype} have no CPU kernel")
+
+
+def value_table(dtype: torch.dtype) -> torch.Tensor:
+    """The 256 float32 values of a 1-byte value dtype's codes (what ``TABLE`` decodes through)."""
+    if dtype.itemsize != 1 or dtype == torch.int8:
+        return torch.empty(0)
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
+def has_vector_kernel() -> bool:
+    load()
+    return bool(torch.ops.cospadi_cpu.has_vector_kernel())
+
+
+def main() -> int:
+    """``python -m cospadi_vllm.cpu_kernels``: build now (make setup), print what was built."""
+    load()
+    kind = "AVX-512" if has_vector_kernel() else "portable (scalar bit walk)"
+    print(f"[setup] CoSpaDi CPU kernels built in {build_directory()}: {kind}; value dtypes "
+          f"{', '.join(fmt.VALUE_DTYPES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
