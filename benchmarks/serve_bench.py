@@ -8,19 +8,24 @@ server settings for both models.
     python benchmarks/serve_bench.py --checkpoint ./smollm2-cospadi          # dense = SmolLM2 from assets
     python benchmarks/serve_bench.py --model /models/Llama-3.1-8B --checkpoint ./llama-cospadi --gpu
 
-Writes benchmarks/results/serve-<name>-<label>.json (vLLM's result file, one per model) and
-serve-<name>.md (side-by-side table).
+Then it loads each model once more with ``cospadi-vllm memory`` (parameter + buffer bytes as
+loaded by vLLM). Writes benchmarks/results/serve-<name>-<label>.json (vLLM's result file, one per
+model), serve-<name>-memory.json and serve-<name>.md (side-by-side tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 from cospadi_vllm.launch import ROOT, ServerError, free_port, running_server, serve_command
+from cospadi_vllm.memory import run_isolated
+from cospadi_vllm.memory import table as memory_table
 from offline_compress import assets
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,10 +39,19 @@ METRICS = [  # (vLLM result key, column title)
 ]
 
 
+def platform_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def bench_one(label: str, model_dir: Path, args, name: str) -> dict:
     port = free_port()
     config = ROOT / "serve_configs" / ("single-gpu.yaml" if args.gpu else "cpu-demo.yaml")
-    extra = ["--served-model-name", label, "--max-model-len", str(args.input_len + args.output_len + 16)]
+    extra = ["--served-model-name", label, "--max-model-len", str(args.input_len + args.output_len + 16),
+             "--dtype", args.dtype]
     log_path = args.out / f"serve-{name}-{label}.server.log"
     filename = f"serve-{name}-{label}.json"
     with running_server(serve_command(model_dir, port, extra, config), log_path, port) as base_url:
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--gpu", action="store_true", help="serve with serve_configs/single-gpu.yaml")
+    parser.add_argument("--dtype", default="bfloat16", help="activation dtype of both servers (default bfloat16)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
@@ -73,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "config.json").is_file():
             parser.error(f"{path}: no config.json there (expected a model or checkpoint directory)")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, memory = {}, {}
+    models = (("dense", model_dir), ("cospadi", args.checkpoint))
     try:
-        for label, path in (("dense", model_dir), ("cospadi", args.checkpoint)):
+        for label, path in models:
             results[label] = bench_one(label, path, args, name)
-    except (ServerError, subprocess.CalledProcessError) as err:
+        if not args.no_memory:
+            for label, path in models:
+                print(f"== {label}: weight memory as loaded by vLLM ({args.dtype})", flush=True)
+                memory[label] = run_isolated(path, args.dtype, tp=1)
+                memory[label]["model"] = label
+    except (ServerError, subprocess.CalledProcessError, RuntimeError) as err:
         print(f"serve_bench: error: {err}", file=sys.stderr)
         return 1
     lines = [
@@ -85,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`vllm bench serve --dataset-name random`: {args.num_prompts} prompts, {args.input_len} input / "
         f"{args.output_len} output tokens (ignore EOS), max concurrency {args.max_concurrency}, seed 0; "
-        f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml; both runs back to back on one machine.",
+        f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml with --dtype {args.dtype}; both runs back "
+        f"to back on one machine ({platform_line()}).",
         "",
         "| model | " + " | ".join(title for _, title in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -94,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')):.2f}" for key, _ in METRICS) + " |")
     ratio = results["cospadi"]["output_throughput"] / results["dense"]["output_throughput"]
     lines += ["", f"CoSpaDi / dense output throughput: {ratio:.2f}×"]
+    if memory:
+        dense, cospadi = (memory[label]["ranks"][0] for label in ("dense", "cospadi"))
+        lines += ["", "## Weight memory as loaded (`cospadi-vllm memory`)", "", memory_table(list(memory.values())), "",
+                  f"CoSpaDi / dense weight bytes: whole model {cospadi['total'] / dense['total']:.3f}×, "
+                  f"linear layers {cospadi['cospadi_linear'] / dense['dense_linear']:.3f}×. "
+                  "vLLM's CPU runner logs no \"Model loading took\" figure (only its GPU runner does); the "
+                  "byte counts are every parameter and buffer of the loaded model, plus, for dense linears that "
+                  "vLLM packed for its CPU GEMM (leaving `.weight` empty), rows × columns × dtype bytes."]
+        (args.out / f"serve-{name}-memory.json").write_text(json.dumps(memory, indent=1))
     table = "\n".join(lines) + "\n"
     (args.out / f"serve-{name}.md").write_text(table)
     print(table)

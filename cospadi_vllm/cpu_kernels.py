@@ -8,7 +8,7 @@ different CPUs never loads a binary built for another one.
 
 Ops (namespace ``torch.ops.cospadi_cpu``):
 - ``coef_product(z, mask, values, scales, offsets, table, kind, portable)`` → y [M, N] float32
-  from z [M, K] float32; C read as stored (AVX-512 where the CPU has it).
+  from z [M, K] float32 (or bfloat16 where the CPU has AVX-512 BF16); C read as stored.
 - ``expand_coefficients(mask, values, scales, offsets, table, kind, row_start, out)`` writes rows of C
   densely into ``out`` [rows, width] (float32 / bfloat16) — prefill tiles for torch's GEMM.
 """
@@ -98,10 +98,17 @@ def has_vector_kernel() -> bool:
     return bool(torch.ops.cospadi_cpu.has_vector_kernel())
 
 
+def has_bf16_kernel() -> bool:
+    """Whether ``coef_product`` takes bfloat16 Z directly (AVX-512 BF16: vdpbf16ps)."""
+    load()
+    return bool(torch.ops.cospadi_cpu.has_bf16_kernel())
+
+
 def main() -> int:
     """``python -m cospadi_vllm.cpu_kernels``: build now (make setup), print what was built."""
     load()
     kind = "AVX-512" if has_vector_kernel() else "portable (scalar bit walk)"
+    kind += " + BF16 dot products" if has_bf16_kernel() else ""
     print(f"[setup] CoSpaDi CPU kernels built in {build_directory()}: {kind}; value dtypes "
           f"{', '.join(fmt.VALUE_DTYPES)}")
     return 0

@@ -22,7 +22,7 @@ from cospadi_vllm import format as fmt
 
 # CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
 # (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
-CPU_DIRECT_MAX_ROWS = 16
+CPU_DIRECT_MAX_ROWS = 32
 # Output rows of C expanded per GEMM on the prefill path.
 CPU_TILE_ROWS = 256
 
@@ -64,9 +64,9 @@ def coefficient_product_cpu(
     m, k_total = z.shape
     n, words = coef_mask.shape
     if m <= direct_max_rows:
-        y = torch.ops.cospadi_cpu.coef_product(
-            z.float().contiguous(), coef_mask, coef_values, coef_scales, atom_offsets, table, kind, portable
-        )
+        bf16_direct = z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()
+        z = (z if bf16_direct else z.float()).contiguous()
+        y = torch.ops.cospadi_cpu.coef_product(z, coef_mask, coef_values, coef_scales, atom_offsets, table, kind, portable)
         return y.to(out_dtype)
     # Prefill: bf16 activations multiply bf16 tiles (what the dense bf16 model does), others float32.
     tile_dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
@@ -81,7 +81,7 @@ def coefficient_product_cpu(
             rows = min(CPU_TILE_ROWS, start + count - row)
             tile = torch.empty((rows, width), dtype=tile_dtype)
             torch.ops.cospadi_cpu.expand_coefficients(
-                coef_mask, coef_values, coef_scales, atom_offsets, table, kind, row, tile
+                coef_mask, coef_values, coef_scales, atom_offsets, table, kind, row, tile, portable
             )
             y[:, row : row + rows] = z_shard @ tile.t()
         start += count

@@ -50,13 +50,32 @@ def test_vllm_matches_transformers_tiny(tiny_checkpoints, arch):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_same_tokens(tiny_checkpoints):
-    tp1 = run_vllm(tiny_checkpoints["llama"], tp=1)
-    tp2 = run_vllm(tiny_checkpoints["llama"], tp=2)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases (random, non-zero)
+def test_tensor_parallel_2_same_tokens(tiny_checkpoints, arch):
+    tp1 = run_vllm(tiny_checkpoints[arch], tp=1)
+    tp2 = run_vllm(tiny_checkpoints[arch], tp=2)
     assert "error" not in tp2, tp2.get("error")
     assert tp2["tokens"] == tp1["tokens"]
     for a, b in zip(tp1["prompt_logprobs"], tp2["prompt_logprobs"], strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+def test_served_bytes_match_stored_bytes_and_split_under_tp(tiny_checkpoints):
+    """No compressed layer holds more than its stored bytes + 10 % (no dense copy of C, D kept in
+    bf16) and TP=2 splits every compressed layer (D by atoms or input rows, C by outputs)."""
+    from cospadi_vllm.memory import run_isolated
+
+    tp1 = run_isolated(tiny_checkpoints["qwen2"], "float32", tp=1)["ranks"][0]
+    assert len(tp1["cospadi_layers"]) == 8  # 2 layers x (qkv, o, gate_up, down)
+    for name, layer in tp1["cospadi_layers"].items():
+        assert layer["held_bytes"] <= 1.10 * layer["stored_bytes_tp1"], (name, layer)
+    tp2 = run_isolated(tiny_checkpoints["qwen2"], "float32", tp=2)["ranks"]
+    assert len(tp2) == 2
+    for rank in tp2:
+        assert rank["cospadi_linear"] <= 0.55 * tp1["cospadi_linear"], (rank["cospadi_linear"], tp1["cospadi_linear"])
+        for name, layer in rank["cospadi_layers"].items():
+            assert layer["held_bytes"] <= 0.55 * tp1["cospadi_layers"][name]["held_bytes"], name
 
 
 def _broken_copy(src, dst, edit):

@@ -19,8 +19,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VPOPCNTDQ__)
 #define COSPADI_AVX512 1
@@ -28,13 +31,21 @@
 #else
 #define COSPADI_AVX512 0
 #endif
+#if COSPADI_AVX512 && defined(__AVX512BF16__)
+#define COSPADI_AVX512_BF16 1
+#else
+#define COSPADI_AVX512_BF16 0
+#endif
 
 namespace {
 
 constexpr int kInt8 = 0;
 constexpr int kTable = 1;
 constexpr int kBf16 = 2;
-constexpr int kRowBlock = 8;  // rows of Z per pass over a column of C (accumulators stay in registers)
+// Rows of Z per pass over a column of C: the accumulators stay in registers (2 per row in float32,
+// 1 per row with bf16 dot products; 32 zmm registers in all).
+constexpr int kRowBlock = 8;
+constexpr int kRowBlockBf16 = 16;
 
 inline float bf16_bits_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -105,6 +116,13 @@ inline __m512 group_values(const uint8_t* p, const uint8_t* end, __mmask16 mk, _
   return _mm512_maskz_permutexvar_ps(mk, ranks, packed);
 }
 
+// float32 lanes rounded to bfloat16 (nearest even, as c10::BFloat16 does; values here are finite).
+inline __m512i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+
 template <int R>
 void column_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y,
                    int64_t ldy) {
@@ -140,19 +158,54 @@ void column_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz
   for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) * c.scales[j];
 }
 
-void column_block_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, int64_t rows,
-                         float* y, int64_t ldy) {
-  switch (rows) {
-    case 1: return column_avx512<1>(c, j, z, ldz, m0, y, ldy);
-    case 2: return column_avx512<2>(c, j, z, ldz, m0, y, ldy);
-    case 3: return column_avx512<3>(c, j, z, ldz, m0, y, ldy);
-    case 4: return column_avx512<4>(c, j, z, ldz, m0, y, ldy);
-    case 5: return column_avx512<5>(c, j, z, ldz, m0, y, ldy);
-    case 6: return column_avx512<6>(c, j, z, ldz, m0, y, ldy);
-    case 7: return column_avx512<7>(c, j, z, ldz, m0, y, ldy);
-    default: return column_avx512<8>(c, j, z, ldz, m0, y, ldy);
-  }
+template <int... R>
+constexpr auto fp32_kernels(std::integer_sequence<int, R...>) {
+  return std::array<void (*)(const Coefficients&, int64_t, const float*, int64_t, int64_t, float*, int64_t), sizeof...(R)>{
+      &column_avx512<R + 1>...};
 }
+constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowBlock>{});
+
+#if COSPADI_AVX512_BF16
+// bfloat16 Z (what a bf16 model's x·D gives): both halves of a mask word become one 32-lane bf16
+// vector of values (exact: int8, e4m3 and bf16 values all fit bf16), and one vdpbf16ps per word and
+// row replaces two float32 FMAs (products exact, sums in float32).
+template <int R>
+void column_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, int64_t ldz, int64_t m0, float* y,
+                        int64_t ldy) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
+  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
+  const uint16_t* zrow = z + m0 * ldz + c.offsets[j];
+  for (int64_t w = 0; w < c.words; ++w) {
+    const uint32_t bits = mask[w];
+    const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
+    const __m512i rank_lo = _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo));
+    const __m512i rank_hi = _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi));
+    const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
+    const __m512 v_lo = group_values(values, c.values_end, static_cast<__mmask16>(bits), rank_lo, c.kind, c.table);
+    const __m512 v_hi = group_values(values + n_lo * value_bytes, c.values_end, static_cast<__mmask16>(bits >> 16),
+                                     rank_hi, c.kind, c.table);
+    values += __builtin_popcount(bits) * value_bytes;
+    const __m512bh v = _mm512_cvtne2ps_pbh(v_hi, v_lo);  // lanes 0-15 from v_lo, 16-31 from v_hi
+    const uint16_t* zw = zrow + w * 32;
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], v, (__m512bh)_mm512_maskz_loadu_epi16(bits, zw + r * ldz));
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = _mm512_reduce_add_ps(acc[r]) * c.scales[j];
+}
+
+template <int... R>
+constexpr auto bf16_kernels(std::integer_sequence<int, R...>) {
+  return std::array<void (*)(const Coefficients&, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t),
+                    sizeof...(R)>{&column_avx512_bf16<R + 1>...};
+}
+constexpr auto kBf16Kernels = bf16_kernels(std::make_integer_sequence<int, kRowBlockBf16>{});
+#endif
 #endif
 
 Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, const at::Tensor& coef_scales,
@@ -183,24 +236,33 @@ Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, co
 at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const at::Tensor& coef_values,
                         const at::Tensor& coef_scales, const at::Tensor& atom_offsets, const at::Tensor& value_table,
                         int64_t value_kind, bool portable) {
-  TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.stride(1) == 1, "z must be [M, K] float32 with contiguous rows");
+  TORCH_CHECK(z.dim() == 2 && z.stride(1) == 1, "z must be [M, K] with contiguous rows");
+  const bool bf16 = z.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(z.scalar_type() == at::kFloat || (bf16 && COSPADI_AVX512_BF16 && !portable),
+              "z must be float32 (bfloat16 only with the AVX-512 BF16 kernel)");
   const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
   const int64_t m = z.size(0), n = coef_mask.size(0), ldz = z.stride(0);
-  at::Tensor y = at::empty({m, n}, z.options());
-  const float* zp = z.data_ptr<float>();
+  at::Tensor y = at::empty({m, n}, z.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const bool vector = COSPADI_AVX512 && !portable;
+  const int64_t block = bf16 ? kRowBlockBf16 : kRowBlock;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < m; m0 += kRowBlock) {
-      const int64_t rows = std::min<int64_t>(kRowBlock, m - m0);
+    for (int64_t m0 = 0; m0 < m; m0 += block) {
+      const int64_t rows = std::min<int64_t>(block, m - m0);
       for (int64_t j = begin; j < end; ++j) {
-#if COSPADI_AVX512
-        if (vector) {
-          column_block_avx512(c, j, zp, ldz, m0, rows, yp, n);
+#if COSPADI_AVX512_BF16
+        if (bf16) {
+          kBf16Kernels[rows - 1](c, j, reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), ldz, m0, yp, n);
           continue;
         }
 #endif
-        column_portable(c, j, zp, ldz, m0, rows, yp, n);
+#if COSPADI_AVX512
+        if (vector) {
+          kFp32Kernels[rows - 1](c, j, z.data_ptr<float>(), ldz, m0, yp, n);
+          continue;
+        }
+#endif
+        column_portable(c, j, z.data_ptr<float>(), ldz, m0, rows, yp, n);
       }
     }
   });
@@ -208,25 +270,70 @@ at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const 
 }
 
 template <typename T>
-void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t width, T* out) {
+void expand_row_portable(const Coefficients& c, int64_t j, int64_t width, T* row) {
+  std::fill(row, row + width, T(0));
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const float scale = c.scales[j];
+  int64_t t = 0;
+  for (int64_t w = 0; w < c.words; ++w) {
+    uint32_t bits = mask[w];
+    while (bits) {
+      const int64_t atom = w * 32 + __builtin_ctz(bits);
+      bits &= bits - 1;
+      const float v = decode_value(values, t++, c.kind, c.table) * scale;
+      if (atom < width) row[atom] = static_cast<T>(v);
+    }
+  }
+}
+
+#if COSPADI_AVX512
+// The same lane placement as the decode kernel, stored densely (32 atoms per mask word).
+template <typename T>
+void expand_row_avx512(const Coefficients& c, int64_t j, int64_t width, T* row) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
+  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
+  const __m512 scale = _mm512_set1_ps(c.scales[j]);
+  for (int64_t w = 0; w * 32 < width; ++w) {
+    const uint32_t bits = w < c.words ? mask[w] : 0;
+    const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
+    const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
+    const __m512 v_lo = _mm512_mul_ps(scale, group_values(values, c.values_end, static_cast<__mmask16>(bits),
+                                      _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo)), c.kind, c.table));
+    const __m512 v_hi = _mm512_mul_ps(scale, group_values(values + n_lo * value_bytes, c.values_end,
+                                      static_cast<__mmask16>(bits >> 16),
+                                      _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi)), c.kind, c.table));
+    values += __builtin_popcount(bits) * value_bytes;
+    const int64_t left = width - w * 32;  // lanes inside the row
+    const uint32_t inside = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(row + w * 32, static_cast<__mmask16>(inside), v_lo);
+      _mm512_mask_storeu_ps(row + w * 32 + 16, static_cast<__mmask16>(inside >> 16), v_hi);
+    } else {
+      const __m512i both = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_bf16(v_lo), 16))),
+          _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_bf16(v_hi), 16)), 1);
+      _mm512_mask_storeu_epi16(row + w * 32, inside, both);
+    }
+  }
+}
+#endif
+
+template <typename T>
+void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t width, T* out, bool portable) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t j = row_start + i;
-      T* row = out + i * width;
-      std::fill(row, row + width, T(0));
-      const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-      const uint8_t* values = c.values + j * c.values_row_bytes;
-      const float scale = c.scales[j];
-      int64_t t = 0;
-      for (int64_t w = 0; w < c.words; ++w) {
-        uint32_t bits = mask[w];
-        while (bits) {
-          const int64_t atom = w * 32 + __builtin_ctz(bits);
-          bits &= bits - 1;
-          const float v = decode_value(values, t++, c.kind, c.table) * scale;
-          if (atom < width) row[atom] = static_cast<T>(v);
-        }
+#if COSPADI_AVX512
+      if (!portable) {
+        expand_row_avx512<T>(c, row_start + i, width, out + i * width);
+        continue;
       }
+#endif
+      expand_row_portable<T>(c, row_start + i, width, out + i * width);
     }
   });
 }
@@ -234,20 +341,21 @@ void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t
 // out [rows, width] (float32 or bfloat16): rows row_start.. of C, shard-relative atoms 0..width.
 void expand_coefficients(const at::Tensor& coef_mask, const at::Tensor& coef_values, const at::Tensor& coef_scales,
                          const at::Tensor& atom_offsets, const at::Tensor& value_table, int64_t value_kind,
-                         int64_t row_start, at::Tensor out) {
+                         int64_t row_start, at::Tensor out, bool portable) {
   const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "out must be a contiguous [rows, width] tensor");
   const int64_t rows = out.size(0), width = out.size(1);
   TORCH_CHECK(row_start >= 0 && row_start + rows <= coef_mask.size(0), "rows out of range");
   if (out.scalar_type() == at::kFloat) {
-    expand_rows<float>(c, row_start, rows, width, out.data_ptr<float>());
+    expand_rows<float>(c, row_start, rows, width, out.data_ptr<float>(), portable);
   } else {
     TORCH_CHECK(out.scalar_type() == at::kBFloat16, "out must be float32 or bfloat16");
-    expand_rows<c10::BFloat16>(c, row_start, rows, width, out.data_ptr<c10::BFloat16>());
+    expand_rows<c10::BFloat16>(c, row_start, rows, width, out.data_ptr<c10::BFloat16>(), portable);
   }
 }
 
 bool has_vector_kernel() { return COSPADI_AVX512; }
+bool has_bf16_kernel() { return COSPADI_AVX512_BF16; }
 
 }  // namespace
 
@@ -255,8 +363,9 @@ TORCH_LIBRARY(cospadi_cpu, m) {
   m.def("coef_product(Tensor z, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
         "Tensor value_table, int value_kind, bool portable) -> Tensor");
   m.def("expand_coefficients(Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
-        "Tensor value_table, int value_kind, int row_start, Tensor(a!) out) -> ()");
+        "Tensor value_table, int value_kind, int row_start, Tensor(a!) out, bool portable) -> ()");
   m.def("has_vector_kernel() -> bool", &has_vector_kernel);
+  m.def("has_bf16_kernel() -> bool", &has_bf16_kernel);
 }
 
 TORCH_LIBRARY_IMPL(cospadi_cpu, CPU, m) {
