@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"CoSpaDi / dense weight bytes: whole model {cospadi['total'] / dense['total']:.3f}×, "
                   f"linear layers {cospadi['cospadi_linear'] / dense['dense_linear']:.3f}×. "
                   "vLLM's CPU runner logs no \"Model loading took\" figure (only its GPU runner does); the "
-                  "byte counts are every parameter and buffer of the loaded model, plus, for dense linears that "
-                  "vLLM packed for its CPU GEMM (leaving `.weight` empty), rows × columns × dtype bytes."]
+                  "byte counts are every parameter and buffer of the loaded model, plus, for weights handed to "
+                  "vLLM's CPU GEMM (dense linears, CoSpaDi bf16 dictionaries: `.weight` left empty), rows × "
+                  "columns × dtype bytes (the packed copy holds as many)."]
         (args.out / f"serve-{name}-memory.json").write_text(json.dumps(memory, indent=1))
     table = "\n".join(lines) + "\n"
     (args.out / f"serve-{name}.md").write_text(table)

@@ -33,6 +33,7 @@ INT8, TABLE, BF16 = 0, 1, 2
 
 _lock = threading.Lock()
 _loaded = False
+_features: dict[str, bool] = {}
 
 
 def _cpu_tag() -> str:
@@ -93,15 +94,21 @@ def value_table(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
+def _feature(name: str) -> bool:
+    if name not in _features:  # asked on every call of the op: answer from a dict after the first time
+        load()
+        _features[name] = bool(getattr(torch.ops.cospadi_cpu, name)())
+    return _features[name]
+
+
 def has_vector_kernel() -> bool:
-    load()
-    return bool(torch.ops.cospadi_cpu.has_vector_kernel())
+    """Whether the AVX-512 kernels were compiled in (else the portable bit walk serves)."""
+    return _feature("has_vector_kernel")
 
 
 def has_bf16_kernel() -> bool:
     """Whether ``coef_product`` takes bfloat16 Z directly (AVX-512 BF16: vdpbf16ps)."""
-    load()
-    return bool(torch.ops.cospadi_cpu.has_bf16_kernel())
+    return _feature("has_bf16_kernel")
 
 
 def main() -> int:

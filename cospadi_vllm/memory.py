@@ -2,9 +2,10 @@
 
 For each model it starts vLLM's offline engine in a fresh process (enforce-eager, small KV cache),
 counts every parameter and buffer byte of the loaded model on every TP rank, and reads vLLM's own
-"Model loading took … GiB" line. On CPU, vLLM hands dense linear weights to oneDNN / its packed GEMM
-and leaves ``.weight`` empty; those layers are counted from their shapes (rows × columns × dtype
-bytes, what the packed copy holds) and reported separately so the total stays honest.
+"Model loading took … GiB" line (GPU runner only). On CPU, vLLM hands dense linear weights to
+oneDNN / its packed GEMM and leaves ``.weight`` empty, and the plugin does the same with bf16
+dictionaries; those tensors are counted from their shapes (rows × columns × dtype bytes, what the
+packed copy holds) and reported separately so the total stays honest.
 
     cospadi-vllm memory ./smollm2 ./smollm2-cospadi --dtype bfloat16 [--tp 2] [--json out.json]
 """
@@ -35,7 +36,7 @@ def count_weight_bytes(model) -> dict:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     seen: set[int] = set()  # tied embeddings / lm_head share storage: count it once
-    result = {"parameters_and_buffers": 0, "dense_linear_from_shapes": 0, "cospadi_linear": 0,
+    result = {"parameters_and_buffers": 0, "packed_from_shapes": 0, "cospadi_linear": 0,
               "dense_linear": 0, "other": 0, "cospadi_layers": {}}
     for name, module in model.named_modules():
         held = 0
@@ -48,6 +49,9 @@ def count_weight_bytes(model) -> dict:
         result["parameters_and_buffers"] += held
         method = getattr(module, "quant_method", None)
         if isinstance(method, CoSpaDiLinearMethod):
+            packed = module.cospadi_packed_dictionary_bytes  # D handed to vLLM's oneDNN GEMM (CPU)
+            result["packed_from_shapes"] += packed
+            held += packed
             result["cospadi_linear"] += held
             stored = sum(
                 fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name)
@@ -59,13 +63,13 @@ def count_weight_bytes(model) -> dict:
             if weight is not None and weight.numel() == 0:  # packed by vLLM's CPU GEMM dispatch
                 rows = sum(getattr(module, "output_partition_sizes", [module.output_size_per_partition]))
                 packed = rows * module.input_size_per_partition * weight.element_size()
-                result["dense_linear_from_shapes"] += packed
+                result["packed_from_shapes"] += packed
                 result["dense_linear"] += held + packed
             else:
                 result["dense_linear"] += held
         else:
             result["other"] += held
-    result["total"] = result["parameters_and_buffers"] + result["dense_linear_from_shapes"]
+    result["total"] = result["parameters_and_buffers"] + result["packed_from_shapes"]
     return result
 
 
@@ -100,13 +104,13 @@ def run_isolated(model: Path, dtype: str, tp: int, timeout: float = 900) -> dict
 
 def table(results: list[dict]) -> str:
     head = ("| model | TP | vLLM \"Model loading took\" (GiB, per rank) | parameters + buffers (MB, rank 0) "
-            "| + packed dense linears (MB) | total (MB, rank 0) | CoSpaDi linears (MB) | dense linears (MB) |")
+            "| + weights packed for vLLM's CPU GEMM (MB) | total (MB, rank 0) | CoSpaDi linears (MB) | dense linears (MB) |")
     rows = [head, "|" + "---|" * 8]
     for r in results:
         rank0 = r["ranks"][0]
         mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
         rows.append(f"| {r['model']} | {r['tp']} | {', '.join(f'{g:.2f}' for g in r['vllm_loading_gib']) or '-'} "
-                    f"| {mb(rank0['parameters_and_buffers'])} | {mb(rank0['dense_linear_from_shapes'])} "
+                    f"| {mb(rank0['parameters_and_buffers'])} | {mb(rank0['packed_from_shapes'])} "
                     f"| {mb(rank0['total'])} | {mb(rank0['cospadi_linear'])} | {mb(rank0['dense_linear'])} |")
     return "\n".join(rows)
 

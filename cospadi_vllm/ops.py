@@ -26,7 +26,7 @@ CPU_DIRECT_MAX_ROWS = 32
 # Output rows of C expanded per GEMM on the prefill path.
 CPU_TILE_ROWS = 256
 
-_VALUE_TABLES: dict[torch.dtype, torch.Tensor] = {}
+_VALUE_DECODING: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
 
 
 def dictionary_product(x: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,12 @@ def gemm_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
-def _table(dtype: torch.dtype) -> torch.Tensor:
-    if dtype not in _VALUE_TABLES:
-        _VALUE_TABLES[dtype] = cpu_kernels.value_table(dtype)
-    return _VALUE_TABLES[dtype]
+def _value_decoding(dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(value_kind, table) for the C++ ops; the first call per dtype also loads the kernels."""
+    if dtype not in _VALUE_DECODING:
+        cpu_kernels.load()
+        _VALUE_DECODING[dtype] = (cpu_kernels.value_kind(dtype), cpu_kernels.value_table(dtype))
+    return _VALUE_DECODING[dtype]
 
 
 def coefficient_product_cpu(
@@ -59,15 +61,15 @@ def coefficient_product_cpu(
     portable: bool = False,
 ) -> torch.Tensor:
     """z [M, K] · C → [M, N] on CPU. ``portable`` forces the scalar kernel (tests compare both)."""
-    cpu_kernels.load()
-    kind, table = cpu_kernels.value_kind(coef_values.dtype), _table(coef_values.dtype)
+    kind, table = _value_decoding(coef_values.dtype)
     m, k_total = z.shape
     n, words = coef_mask.shape
     if m <= direct_max_rows:
-        bf16_direct = z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()
-        z = (z if bf16_direct else z.float()).contiguous()
-        y = torch.ops.cospadi_cpu.coef_product(z, coef_mask, coef_values, coef_scales, atom_offsets, table, kind, portable)
-        return y.to(out_dtype)
+        if not (z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()):
+            z = z.float()
+        y = torch.ops.cospadi_cpu.coef_product(z.contiguous(), coef_mask, coef_values, coef_scales, atom_offsets,
+                                               table, kind, portable)
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
     # Prefill: bf16 activations multiply bf16 tiles (what the dense bf16 model does), others float32.
     tile_dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
     z = z.to(tile_dtype)

@@ -56,6 +56,20 @@ def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
             assert err < 1e-6, (path, portable, err)
 
 
+@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+def test_cpu_bf16_z_products_exact_sums_float32(value_dtype):
+    """bf16 Z (vdpbf16ps kernel, one and two columns at a time): bf16 values and Z are exact, so only
+    float32 summation separates it from the float64 product of the same numbers."""
+    g = torch.Generator().manual_seed(len(value_dtype))
+    _, coef, k_total = merged_layer(value_dtype, g)
+    reference_c = reference_coefficients(*coef, k_total)
+    for rows in (1, 2, 7, 8, 9, 16, 17, 32):
+        z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
+        y = coefficient_product_cpu(z, *coef, torch.float32)
+        reference = z.double() @ reference_c
+        assert float((y.double() - reference).norm() / reference.norm()) < 1e-6, rows
+
+
 def test_cpu_path_bf16_activations_within_bf16_rounding():
     g = torch.Generator().manual_seed(7)
     dictionary, coef, k_total = merged_layer("int8", g)

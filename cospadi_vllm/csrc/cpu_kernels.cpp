@@ -169,42 +169,64 @@ constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowB
 // bfloat16 Z (what a bf16 model's x·D gives): both halves of a mask word become one 32-lane bf16
 // vector of values (exact: int8, e4m3 and bf16 values all fit bf16), and one vdpbf16ps per word and
 // row replaces two float32 FMAs (products exact, sums in float32).
-template <int R>
-void column_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, int64_t ldz, int64_t m0, float* y,
-                        int64_t ldy) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// The 32 values of one mask word as bf16 lanes (zero where the bit is clear); advances *values.
+inline __m512bh word_values_bf16(uint32_t bits, const uint8_t** values, const Coefficients& c) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
   const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);
-  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
   const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
-  const uint16_t* zrow = z + m0 * ldz + c.offsets[j];
-  for (int64_t w = 0; w < c.words; ++w) {
-    const uint32_t bits = mask[w];
-    const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
-    const __m512i rank_lo = _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo));
-    const __m512i rank_hi = _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi));
-    const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
-    const __m512 v_lo = group_values(values, c.values_end, static_cast<__mmask16>(bits), rank_lo, c.kind, c.table);
-    const __m512 v_hi = group_values(values + n_lo * value_bytes, c.values_end, static_cast<__mmask16>(bits >> 16),
-                                     rank_hi, c.kind, c.table);
-    values += __builtin_popcount(bits) * value_bytes;
-    const __m512bh v = _mm512_cvtne2ps_pbh(v_hi, v_lo);  // lanes 0-15 from v_lo, 16-31 from v_hi
-    const uint16_t* zw = zrow + w * 32;
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_dpbf16_ps(acc[r], v, (__m512bh)_mm512_maskz_loadu_epi16(bits, zw + r * ldz));
-  }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = _mm512_reduce_add_ps(acc[r]) * c.scales[j];
+  const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
+  const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
+  const __m512 v_lo = group_values(*values, c.values_end, static_cast<__mmask16>(bits),
+                                   _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo)), c.kind, c.table);
+  const __m512 v_hi = group_values(*values + n_lo * value_bytes, c.values_end, static_cast<__mmask16>(bits >> 16),
+                                   _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi)), c.kind, c.table);
+  *values += __builtin_popcount(bits) * value_bytes;
+  return _mm512_cvtne2ps_pbh(v_hi, v_lo);  // lanes 0-15 from v_lo, 16-31 from v_hi
 }
 
-template <int... R>
-constexpr auto bf16_kernels(std::integer_sequence<int, R...>) {
-  return std::array<void (*)(const Coefficients&, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t),
-                    sizeof...(R)>{&column_avx512_bf16<R + 1>...};
+// bfloat16 Z (what a bf16 model's x·D gives): both halves of a mask word become one 32-lane bf16
+// vector of values (exact: int8, e4m3 and bf16 values all fit bf16), and one vdpbf16ps per word and
+// row replaces two float32 FMAs (products exact, sums in float32). P adjacent columns of one shard
+// share each load of Z (the union of their masks; a lane outside a column's mask has value 0).
+template <int R, int P>
+void columns_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, int64_t ldz, int64_t m0, float* y,
+                         int64_t ldy) {
+  __m512 acc[P][R];
+  const uint32_t* mask[P];
+  const uint8_t* values[P];
+  for (int p = 0; p < P; ++p) {
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
+    mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
+    values[p] = c.values + (j + p) * c.values_row_bytes;
+  }
+  const uint16_t* zrow = z + m0 * ldz + c.offsets[j];
+  for (int64_t w = 0; w < c.words; ++w) {
+    __m512bh v[P];
+    uint32_t any = 0;
+    for (int p = 0; p < P; ++p) {
+      any |= mask[p][w];
+      v[p] = word_values_bf16(mask[p][w], &values[p], c);
+    }
+    const uint16_t* zw = zrow + w * 32;
+    for (int r = 0; r < R; ++r) {
+      const __m512bh zr = (__m512bh)_mm512_maskz_loadu_epi16(any, zw + r * ldz);
+      for (int p = 0; p < P; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], v[p], zr);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j + p] = _mm512_reduce_add_ps(acc[p][r]) * c.scales[j + p];
 }
-constexpr auto kBf16Kernels = bf16_kernels(std::make_integer_sequence<int, kRowBlockBf16>{});
+
+using Bf16Kernel = void (*)(const Coefficients&, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
+template <int P, int... R>
+constexpr auto bf16_kernels(std::integer_sequence<int, R...>) {
+  return std::array<Bf16Kernel, sizeof...(R)>{&columns_avx512_bf16<R + 1, P>...};
+}
+constexpr auto kBf16Kernels = bf16_kernels<1>(std::make_integer_sequence<int, kRowBlockBf16>{});
+// Two columns at a time up to 8 rows (2·8 accumulators + 8 Z vectors fit the 32 registers).
+constexpr int kPairMaxRows = 8;
+constexpr auto kBf16PairKernels = bf16_kernels<2>(std::make_integer_sequence<int, kPairMaxRows>{});
 #endif
 #endif
 
@@ -252,7 +274,13 @@ at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const 
       for (int64_t j = begin; j < end; ++j) {
 #if COSPADI_AVX512_BF16
         if (bf16) {
-          kBf16Kernels[rows - 1](c, j, reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), ldz, m0, yp, n);
+          const uint16_t* zb = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
+          if (rows <= kPairMaxRows && j + 1 < end && c.offsets[j + 1] == c.offsets[j]) {
+            kBf16PairKernels[rows - 1](c, j, zb, ldz, m0, yp, n);
+            ++j;
+          } else {
+            kBf16Kernels[rows - 1](c, j, zb, ldz, m0, yp, n);
+          }
           continue;
         }
 #endif
