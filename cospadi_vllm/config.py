@@ -196,28 +196,6 @@ def split_mode(layer: torch.nn.Module, input_size_per_partition: int, input_size
     return COLUMN if isinstance(layer, ColumnParallelLinear) else REPLICATED
 
 
-def check_mask_bits(coef_mask: torch.Tensor, shards: list[ShardLayout], rows_per_step: int = 4096) -> None:
-    """Exactly s set bits per row, none at atom positions >= k (they would read another shard's atoms).
-
-    Counts bits a block of rows at a time (bounded temporaries even for a 70B gate_up)."""
-    for shard in shards:
-        full_words, rest = divmod(shard.k, fmt.BITS_PER_WORD)
-        for start in range(0, shard.out_size, rows_per_step):
-            rows = min(rows_per_step, shard.out_size - start)
-            block = coef_mask.narrow(0, shard.out_offset + start, rows).to(torch.int64) & 0xFFFFFFFF
-            if rest:
-                outside = block[:, full_words] >> rest
-                if full_words + 1 < block.shape[1]:
-                    outside = outside | block[:, full_words + 1 :].amax(1)
-            else:
-                outside = block[:, full_words:].amax(1) if full_words < block.shape[1] else torch.zeros(rows)
-            if bool((outside != 0).any()):
-                raise fmt.FormatError(f"tensor {shard.name}.coef_mask has bits set at atom positions >= k={shard.k}")
-            counts = fmt.unpack_mask(block.to(torch.int32), block.shape[1] * fmt.BITS_PER_WORD).sum(1)
-            if not bool((counts == shard.s).all()):
-                raise fmt.FormatError(f"tensor {shard.name}.coef_mask does not have exactly s={shard.s} bits per row")
-
-
 def pack_dictionary_for_cpu(layer: torch.nn.Module, dtype: torch.dtype) -> None:
     """On CPU with bf16 activations, hand D to vLLM's oneDNN GEMM, as vLLM does for dense weights.
 
@@ -323,7 +301,9 @@ class CoSpaDiLinearMethod(LinearMethodBase):
                 if shard.name not in param.loaded:
                     raise fmt.FormatError(f"checkpoint is missing tensor {shard.name}.{role}")
         # Exactly s bits per row within k: a mask that disagrees with the values would read garbage.
-        check_mask_bits(layer.coef_mask.data, layer.coef_mask.shards)
+        for shard in layer.coef_mask.shards:
+            fmt.check_mask_bits(shard.name, layer.coef_mask.data.narrow(0, shard.out_offset, shard.out_size),
+                                shard.k, shard.s)
         for role in fmt.TENSOR_SUFFIXES:  # plain parameters from here on (no loader state)
             data = getattr(layer, role).data
             delattr(layer, role)

@@ -257,6 +257,80 @@ def check_layer_tensors(
             raise FormatError(f"tensor {name} has dtype {got.dtype}, expected {want_dtype}")
 
 
+# safetensors header dtype names of the dtypes the format uses.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int8: "I8",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
+
+
+def layer_header_problems(
+    prefix: str, headers: dict[str, tuple[str, tuple[int, ...]]], shape: LayerShape, value_dtype: torch.dtype
+) -> list[str]:
+    """Problems of one compressed module from the checkpoint's safetensors headers alone.
+
+    headers: {tensor name: (safetensors dtype string, shape)} of the whole checkpoint. One line per
+    problem, each naming the tensor: missing, wrong shape, wrong dtype, or a dense ``<prefix>.weight``
+    left next to the compressed tensors (loaders would take one and ignore the other).
+    """
+    problems = []
+    for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype).items():
+        name = f"{prefix}.{suffix}"
+        if name not in headers:
+            problems.append(f"checkpoint is missing tensor {name}")
+            continue
+        got_dtype, got_shape = headers[name]
+        if tuple(got_shape) != want_shape:
+            problems.append(f"tensor {name} has shape {tuple(got_shape)}, expected {want_shape}")
+        if got_dtype != SAFETENSORS_DTYPES[want_dtype]:
+            problems.append(f"tensor {name} has dtype {got_dtype}, expected {SAFETENSORS_DTYPES[want_dtype]}")
+    if f"{prefix}.weight" in headers:
+        problems.append(f"tensor {prefix}.weight is present next to the compressed tensors of {prefix}")
+    return problems
+
+
+def read_safetensors_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype string, shape)} over safetensors files, from their headers only."""
+    import json
+    import struct
+
+    headers = {}
+    for path in files:
+        with open(path, "rb") as f:
+            size_bytes = f.read(8)
+            if len(size_bytes) != 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (size,) = struct.unpack("<Q", size_bytes)
+            try:
+                header = json.loads(f.read(size))
+            except ValueError as err:
+                raise FormatError(f"{path}: unreadable safetensors header ({err})") from err
+        for name, info in header.items():
+            if name != "__metadata__":
+                headers[name] = (info["dtype"], tuple(info["shape"]))
+    return headers
+
+
+def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per_step: int = 4096) -> None:
+    """coef_mask [rows, W >= mask_words(k)] of module ``name``: exactly s set bits per row and none at
+    atom positions >= k (a stray bit would make a kernel read another shard's atoms, or past D).
+
+    Counts a block of rows at a time: bounded temporaries even for a 70B gate_up."""
+    full_words, rest = divmod(k, BITS_PER_WORD)
+    for start in range(0, coef_mask.shape[0], rows_per_step):
+        block = coef_mask[start : start + rows_per_step].to(torch.int64) & 0xFFFFFFFF
+        outside = torch.zeros(block.shape[0], dtype=torch.int64, device=block.device)
+        if rest:
+            outside |= block[:, full_words] >> rest
+        if block.shape[1] > full_words + (1 if rest else 0):
+            outside |= block[:, full_words + (1 if rest else 0) :].amax(1)
+        if bool((outside != 0).any()):
+            raise FormatError(f"tensor {name}.coef_mask has bits set at atom positions >= k={k}")
+        counts = unpack_mask(block, block.shape[1] * BITS_PER_WORD).sum(1)
+        if not bool((counts == s).all()):
+            raise FormatError(f"tensor {name}.coef_mask does not have exactly s={s} bits per row")
+
+
 def parse_quantization_config(qc: dict) -> dict:
     """Validate a config.json ``quantization_config`` dict; return it with defaults filled."""
     if qc.get("quant_method") != QUANT_METHOD:

@@ -59,3 +59,17 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(assets.wikipedia_split("calibration")[:60_000])
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    """CoSpaDi checkpoints of the tiny models (fast settings: one learning iteration)."""
+    from offline_compress.pipeline import CompressOptions, compress_model
+
+    root = tmp_path_factory.mktemp("cospadi-tiny")
+    out = {}
+    for arch in TINY_ARCHS:
+        out[arch] = root / arch
+        compress_model(tiny_models[arch], out[arch], CompressOptions(iterations=1, calib=str(calib_file),
+                                                                     calib_samples=4, seq_len=64), log=lambda m: None)
+    return out

@@ -5,7 +5,6 @@ import torch
 
 from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.config import ShardLayout, check_mask_bits
 from cospadi_vllm.ops import (
     coefficient_product,
     coefficient_product_cpu,
@@ -114,22 +113,21 @@ def test_mask_check_rejects_bits_beyond_k_and_wrong_counts():
     idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
     mask = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, "int8")[fmt.COEF_MASK]
     mask = torch.nn.functional.pad(mask, (0, 1))  # a merged layer's extra word
-    shard = ShardLayout("m", k, s, 0, 0, out, 0, k, 0, out)
-    check_mask_bits(mask, [shard])
+    fmt.check_mask_bits("m", mask, k, s)
     beyond = mask.clone()
     beyond[2, 1] |= 1 << 9  # atom 41 >= k
     with pytest.raises(fmt.FormatError, match=r"m.coef_mask has bits set at atom positions >= k=40"):
-        check_mask_bits(beyond, [shard])
+        fmt.check_mask_bits("m", beyond, k, s)
     extra_word = mask.clone()
     extra_word[4, 2] = 1
     with pytest.raises(fmt.FormatError, match="atom positions >= k"):
-        check_mask_bits(extra_word, [shard])
+        fmt.check_mask_bits("m", extra_word, k, s)
     too_many = mask.clone()
     word = int(too_many[0, 0]) & 0xFFFFFFFF
     word |= ~word & (word + 1)  # set the lowest clear bit: s + 1 bits in row 0
     too_many[0, 0] = word - (1 << 32) if word >= 1 << 31 else word
     with pytest.raises(fmt.FormatError, match="exactly s=5 bits"):
-        check_mask_bits(too_many, [shard])
+        fmt.check_mask_bits("m", too_many, k, s)
 
 
 def test_vector_kernel_built_on_avx512_machines():

@@ -10,8 +10,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
 from offline_compress.pipeline import CompressOptions, compress_model
 from offline_compress.reader import load_reconstructed_model
 from tests.conftest import TINY_ARCHS
@@ -20,26 +21,22 @@ from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
 LOGPROB_ATOL = 2e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm-tiny")
-    out = {}
-    for arch in TINY_ARCHS:
-        out[arch] = root / arch
-        compress_model(tiny_models[arch], out[arch], CompressOptions(iterations=1, calib=str(calib_file),
-                                                                     calib_samples=4, seq_len=64), log=lambda m: None)
-    return out
-
-
 def compare_with_hf(checkpoint, tp: int = 1):
     result = run_vllm(checkpoint, tp=tp)
     assert "error" not in result, result.get("error")
     assert "quantization=cospadi" in result["stderr"], "vLLM did not pick up the cospadi quantization method"
-    model = load_reconstructed_model(checkpoint)
-    hf = hf_reference(model, AutoTokenizer.from_pretrained(checkpoint))
-    assert_same_greedy(result["tokens"], hf)
-    for got, want in zip(result["prompt_logprobs"], hf["prompt_logprobs"], strict=True):
-        assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), atol=LOGPROB_ATOL), (got, want)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    references = {
+        "dense rebuild": load_reconstructed_model(checkpoint),
+        # what transformers computes on the checkpoint as stored (cospadi HfQuantizer, same kernels)
+        "transformers cospadi": AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+    }
+    for label, model in references.items():
+        hf = hf_reference(model, tokenizer)
+        assert_same_greedy(result["tokens"], hf)
+        for got, want in zip(result["prompt_logprobs"], hf["prompt_logprobs"], strict=True):
+            assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                  atol=LOGPROB_ATOL), (label, got, want)
     return result
 
 
@@ -121,3 +118,14 @@ def test_vllm_matches_transformers_smollm2(smollm2_dir, tmp_path):
     assert report["totals"]["modules_compressed"] == 210
     assert 0.3 <= report["totals"]["compression_ratio_actual"] <= 0.31
     compare_with_hf(out)
+    # transformers holds the checkpoint as stored: parameter + buffer bytes of the bf16-loaded CoSpaDi
+    # model against the dense bf16 model (counted once per storage: embeddings and lm_head are tied).
+    cospadi = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    ratio = held_bytes(cospadi) / held_bytes(dense)
+    assert ratio <= 0.80, ratio
+
+
+def held_bytes(model) -> int:
+    tensors = {t.untyped_storage().data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.untyped_storage().nbytes() for t in tensors.values())

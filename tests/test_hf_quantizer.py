@@ -1,0 +1,99 @@
+"""CoSpaDi checkpoints in transformers (cospadi_vllm/hf_quantizer.py) against the dense rebuild."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import cospadi_vllm  # noqa: F401  (registers the quantizer)
+from cospadi_vllm import format as fmt
+from cospadi_vllm.hf_quantizer import CoSpaDiLinear
+from offline_compress.reader import load_reconstructed_model
+from tests.conftest import TINY_ARCHS
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_logits_equal_dense_rebuild(tiny_checkpoints, arch):
+    checkpoint = tiny_checkpoints[arch]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    modules = json.loads((checkpoint / "config.json").read_text())["quantization_config"]["modules"]
+    replaced = {name for name, m in model.named_modules() if isinstance(m, CoSpaDiLinear)}
+    assert replaced == set(modules)
+    for name in replaced:  # no dense weight anywhere in a compressed module
+        assert not any(p.endswith("weight") for p, _ in model.get_submodule(name).named_parameters())
+    if arch == "qwen2":  # the biases came through (random, non-zero in the tiny model)
+        assert float(model.model.layers[0].self_attn.q_proj.bias.abs().mean()) > 0.1
+    reference = load_reconstructed_model(checkpoint)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(len(arch)))
+    with torch.no_grad():
+        got, want = model(ids).logits.double(), reference(ids).logits.double()
+    assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_save_pretrained_round_trips_compressed_tensors(tiny_checkpoints, tmp_path):
+    checkpoint = tiny_checkpoints["qwen2"]
+    AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).save_pretrained(tmp_path)
+    before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    config_before = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == config_before
+    names = [f"{m}.{s}" for m in config_before["modules"] for s in fmt.TENSOR_SUFFIXES]
+    assert names and all(n in after for n in names)
+    for name in names:
+        assert after[name].dtype == before[name].dtype, name
+        assert after[name].view(torch.uint8).equal(before[name].view(torch.uint8)), name  # byte-identical
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(reloaded.model.layers[1].mlp.down_proj, CoSpaDiLinear)
+
+
+def _broken(checkpoint, tmp_path, edit):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda t: t.pop("model.layers.1.self_attn.v_proj.coef_values"),
+         "missing tensor model.layers.1.self_attn.v_proj.coef_values"),
+        (lambda t: t.__setitem__("model.layers.0.mlp.down_proj.dictionary",
+                                 t["model.layers.0.mlp.down_proj.dictionary"][:, :-3].contiguous()),
+         r"tensor model.layers.0.mlp.down_proj.dictionary has shape \(512, \d+\), expected"),
+        (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.coef_scales",
+                                 t["model.layers.0.mlp.up_proj.coef_scales"].to(torch.bfloat16)),
+         "tensor model.layers.0.mlp.up_proj.coef_scales has dtype BF16, expected F32"),
+        (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.randn(512, 256)),
+         "tensor model.layers.0.mlp.up_proj.weight is present next to the compressed tensors"),
+    ],
+    ids=["missing", "shape", "dtype", "stray-weight"],
+)
+def test_bad_checkpoint_fails_naming_the_tensor(tiny_checkpoints, tmp_path, edit, needle):
+    broken = _broken(tiny_checkpoints["llama"], tmp_path, edit)
+    with pytest.raises(fmt.FormatError, match=needle):
+        AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
+
+
+def test_mask_bits_are_checked_after_loading(tiny_checkpoints, tmp_path):
+    def set_extra_bit(tensors):
+        mask = tensors["model.layers.0.self_attn.o_proj.coef_mask"]
+        mask[3, 0] = mask[3, 0] ^ 1  # one bit flipped: s - 1 or s + 1 bits in row 3
+
+    broken = _broken(tiny_checkpoints["llama"], tmp_path, set_extra_bit)
+    with pytest.raises(fmt.FormatError, match="model.layers.0.self_attn.o_proj.coef_mask does not have exactly"):
+        AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
+
+
+def test_registration_is_idempotent():
+    from cospadi_vllm.hf_quantizer import register
+
+    register()
+    register()
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert AUTO_QUANTIZER_MAPPING["cospadi"].__name__ == "CoSpaDiHfQuantizer"
