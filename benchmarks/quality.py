@@ -1,7 +1,8 @@
 """Quality benchmark: perplexity against real model bytes for dense, RTN int8, SVD-LLM and CoSpaDi.
 
-Perplexity is HF transformers on the dense reconstruction (Wᵀ = D·C read back from each checkpoint),
-over fixed non-overlapping windows of the held-out Wikipedia split (offline_compress.evaluate:
+Perplexity is HF transformers on each checkpoint as stored (``import cospadi_vllm`` registers the
+``cospadi`` quantizer: the linears compute (x·D)·C with the serving kernels, float32 activations), over
+fixed non-overlapping windows of the held-out Wikipedia split (offline_compress.evaluate:
 16 windows × 512 tokens spread evenly over the split, no BOS prepended, every position after the
 first scored). Bytes are real stored bytes: compressed layers as stored, everything else at bf16.
 
@@ -33,7 +34,6 @@ from offline_compress import assets
 from offline_compress.calibration import DEFAULT_TARGETS
 from offline_compress.evaluate import evaluation_windows, perplexity
 from offline_compress.pipeline import CompressOptions, compress_or_reuse
-from offline_compress.reader import load_reconstructed_model
 
 RESULTS = Path(__file__).parent / "results"
 # Row name -> (--method, --value-dtype). SVD-LLM is stored like CoSpaDi-int8 with s = k.
@@ -103,8 +103,13 @@ def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: fl
     checkpoint = work_dir / row_id(variant, ratio)
     report = compress_or_reuse(model_dir, checkpoint, options, log=lambda msg: print(msg, file=sys.stderr))
     totals = report["totals"]
-    model = load_reconstructed_model(checkpoint).to(args.device)
+    from transformers import AutoModelForCausalLM
+
+    import cospadi_vllm  # noqa: F401  (registers the cospadi quantizer with transformers)
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map=args.device).eval()
     return {
+        "evaluated_with": "transformers cospadi quantizer (checkpoint as stored)",
         "model_bytes": totals["model_bytes_stored"],
         "layer_bytes": totals["bytes_stored"],
         "layer_bytes_dense_bf16": totals["bytes_dense_bf16"],
@@ -145,6 +150,15 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                                 f"{svd['perplexity']:.2f} → **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
     if verdicts:
         lines += ["", "CoSpaDi against SVD-LLM at the same byte budget:", "", *verdicts]
+    through = [r for r in results.values() if "evaluated_with" in r]
+    if through:
+        lines += ["", "Compressed rows are evaluated on the checkpoint as stored, through transformers' `cospadi` "
+                  "quantizer (the serving kernels, float32 activations)."]
+        rebuilt = [r for r in through if "previous_perplexity" in r and "rebuild" in r.get("previous_evaluated_with", "")]
+        if rebuilt:
+            worst = max(abs(r["perplexity"] / r["previous_perplexity"] - 1) for r in rebuilt)
+            lines.append(f"The dense rebuild (Wᵀ = D·C in a plain model) gave the same perplexities to within "
+                         f"{worst * 100:.5f} % on the {len(rebuilt)} rows evaluated both ways.")
     if any(rid.partition("@")[0].endswith(KEPT_SUFFIX) for rid in results):
         lines += ["", f"Rows `*{KEPT_SUFFIX}@CR` were measured with the previous compressor (K-SVD with OMP coding, T = 3, "
                   "k/s = 2, no atom-scale balancing or refit; commit 178ba59) and are kept for comparison; the "
@@ -200,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="where checkpoints are kept (default: cache dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results JSON")
+    parser.add_argument("--redo", action="store_true", help="evaluate the --rows again even if the JSON has them "
+                        "(the previous perplexity is kept in the row as previous_perplexity)")
     args = parser.parse_args(argv)
 
     planned = ["dense", "rtn-int8"] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
@@ -220,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path = args.out / f"quality-{name}.json"
     results = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["rows"]
-    todo = [rid for rid in planned if (not args.rows or rid in args.rows) and rid not in results]
+    todo = [rid for rid in planned if (not args.rows or rid in args.rows) and (rid not in results or args.redo)]
+    if args.redo and not args.rows:
+        parser.error("--redo needs --rows (which rows to evaluate again)")
+    previous = {rid: results[rid] for rid in todo if rid in results}
     args.out.mkdir(parents=True, exist_ok=True)
     for rid in todo:
         started = time.perf_counter()
@@ -231,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             variant, _, ratio = rid.partition("@")
             results[rid] = evaluate_compressed(model_dir, work_dir, variant, float(ratio), windows, args)
         results[rid]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if rid in previous:
+            old = previous[rid]
+            results[rid]["previous_perplexity"] = old["perplexity"]
+            results[rid]["previous_evaluated_with"] = old.get("evaluated_with", "dense rebuild (Wᵀ = D·C)")
         print(f"{rid}: perplexity {results[rid]['perplexity']:.3f}, model {results[rid]['model_bytes'] / 1e6:.1f} MB",
               flush=True)
         json_path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))  # after every row: resumable
