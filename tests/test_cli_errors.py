@@ -87,15 +87,17 @@ def test_chat_calibration_needs_a_chat_template(tiny_models, tmp_path, capsys):
     check_failed(*run_cli([model, out, "--calib", "wikipedia-chat"], capsys), out, "wikipedia-chat", "chat template")
 
 
-def test_nan_in_weight(tiny_models, tmp_path, capsys):
-    model = tmp_path / "nan-model"
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight(tiny_models, tmp_path, capsys, bad):
+    model = tmp_path / "bad-model"
     shutil.copytree(tiny_models["llama"], model)
     tensors = load_file(str(model / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())  # the fixture is clean: the fault is ours
     name = "model.layers.1.mlp.down_proj.weight"
-    tensors[name][3, 5] = float("nan")
+    tensors[name][3, 5] = bad
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    check_failed(*run_cli([model, out], capsys), out, name, "NaN")
+    check_failed(*run_cli([model, out], capsys), out, name, "NaN or Inf")
 
 
 def test_existing_output_is_not_touched(tiny_models, tmp_path, capsys):
@@ -114,7 +116,59 @@ def test_console_script_help():
         assert option in result.stdout
 
 
-def test_weights_are_checked_before_any_output(tiny_models, tmp_path):
-    """Sanity for the fixture the NaN test relies on: the tiny model itself is finite."""
-    tensors = load_file(str(tiny_models["llama"] / "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_invalid_config_json(tiny_models, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    out = tmp_path / "out"
+    check_failed(*run_cli([model, out], capsys), out, "config.json is not valid JSON")
+
+
+def test_truncated_source_safetensors(tiny_models, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    out = tmp_path / "out"
+    check_failed(*run_cli([model, out], capsys), out, "model.safetensors: truncated")
+
+
+def test_missing_tokenizer(tiny_models, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (model / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    check_failed(*run_cli([model, out], capsys), out, "no usable tokenizer")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_bad_device_string(tiny_models, tmp_path, capsys, device):
+    out = tmp_path / "out"
+    check_failed(*run_cli([tiny_models["llama"], out, "--device", device], capsys), out, f"--device {device!r}")
+
+
+def test_out_of_memory_names_the_layer(tiny_models, tmp_path, capsys, monkeypatch):
+    """Running out of memory in a layer: one line naming the module and the memory option, exit 2, no
+    OUT_DIR (the finished layers stay in .OUT.partial for the resumed run)."""
+    from offline_compress import pipeline
+
+    calls = {"n": 0}
+    real = pipeline.compress_linear
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # layer 1's second module
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_linear", failing)
+    out = tmp_path / "out"
+    code, message = run_cli([tiny_models["llama"], out, "--iterations", "1", "--calib-samples", "4",
+                             "--seq-len", "64"], capsys)
+    assert code == 2 and message.startswith("cospadi-compress: error: out of memory compressing model.layers.1.")
+    assert "--max-memory" in message
+    assert not out.exists()
+    assert (tmp_path / ".out.partial" / "layer-00000.safetensors").is_file()  # resumable
