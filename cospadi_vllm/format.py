@@ -49,8 +49,11 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
 _VALUE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 
 
-class FormatError(ValueError):
-    """A checkpoint or config does not follow CoSpaDi format version 1."""
+class FormatError(Exception):
+    """A checkpoint or config does not follow CoSpaDi format version 1.
+
+    Not a ValueError on purpose: vLLM builds its config in pydantic validators, which turn any
+    ValueError into a multi-line ValidationError; this one reaches the caller as it is."""
 
 
 def value_dtype_from_name(name: str) -> torch.dtype:

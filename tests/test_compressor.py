@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,34 @@ def test_resume_fingerprint_tracks_weights_not_where_the_work_runs(tiny_models, 
     weights = next(model.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert options.fingerprint(model) != first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["calibration", "layer", "export"])
+def test_kill_9_then_same_command_gives_the_uninterrupted_checkpoint(tiny_models, tmp_path, point):
+    """SIGKILL mid-calibration, mid-layer or mid-export, then the same command: byte-identical output."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    options = ["--iterations", "1", "--calib-samples", "4", "--seq-len", "64"]
+
+    def compress(out, *runner):
+        cmd = [sys.executable, "-m", *(runner or ("offline_compress",)), str(tiny_models["llama"]), str(out), *options]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+
+    reference = tmp_path / "reference"
+    assert compress(reference).returncode == 0
+    out = tmp_path / "out"
+    killed = compress(out, "tests.kill_runner", point)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists()
+    resumed = compress(out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list(tmp_path.glob(".out*")), list(tmp_path.glob(".out*"))  # partial and export leftovers gone
+    compared = sorted(p.name for p in reference.iterdir() if p.name != "compress_report.json")  # report has timings
+    assert "model.safetensors" in compared
+    for name in compared:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name

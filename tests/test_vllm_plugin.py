@@ -6,7 +6,6 @@ int8·scale coefficients are exact in float32); only summation order differs (vL
 (x·D)·C vs x·(DC)), which moves log-probabilities by ~1e-5 relative. We allow 2e-3 absolute.
 """
 
-import json
 
 import pytest
 import torch
@@ -73,39 +72,6 @@ def test_served_bytes_match_stored_bytes_and_split_under_tp(tiny_checkpoints):
         assert rank["cospadi_linear"] <= 0.55 * tp1["cospadi_linear"], (rank["cospadi_linear"], tp1["cospadi_linear"])
         for name, layer in rank["cospadi_layers"].items():
             assert layer["held_bytes"] <= 0.55 * tp1["cospadi_layers"][name]["held_bytes"], name
-
-
-def _broken_copy(src, dst, edit):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    config = json.loads((dst / "config.json").read_text())
-    edit(tensors, config)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case,edit,needle",
-    [
-        ("missing", lambda t, c: t.pop("model.layers.1.self_attn.v_proj.coef_values"),
-         "missing tensor model.layers.1.self_attn.v_proj.coef_values"),
-        ("shape", lambda t, c: t.__setitem__("model.layers.0.mlp.down_proj.dictionary",
-                                             t["model.layers.0.mlp.down_proj.dictionary"][:, :-3].contiguous()),
-         "model.layers.0.mlp.down_proj.dictionary has shape"),
-        ("version", lambda t, c: c["quantization_config"].__setitem__("format_version", 99), "format_version 99"),
-    ],
-)
-def test_bad_checkpoint_fails_at_load_naming_the_problem(tiny_checkpoints, tmp_path, case, edit, needle):
-    broken = _broken_copy(tiny_checkpoints["llama"], tmp_path / case, edit)
-    result = run_vllm(broken, max_tokens=1, timeout=600)
-    assert "error" in result, "vLLM accepted a broken checkpoint"
-    assert needle in result["error"] or needle in result["stderr"], result["error"]
 
 
 @pytest.mark.slow
