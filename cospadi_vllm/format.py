@@ -314,6 +314,16 @@ def read_safetensors_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
     return headers
 
 
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each 32-bit word held in an int64 tensor (0 <= value < 2**32), same shape.
+
+    SWAR bit counting: temporaries the size of the input, not 32× it as unpacking would be."""
+    x = words - ((words >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
 def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per_step: int = 4096) -> None:
     """coef_mask [rows, W >= mask_words(k)] of module ``name``: exactly s set bits per row and none at
     atom positions >= k (a stray bit would make a kernel read another shard's atoms, or past D).
@@ -329,8 +339,7 @@ def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per
             outside |= block[:, full_words + (1 if rest else 0) :].amax(1)
         if bool((outside != 0).any()):
             raise FormatError(f"tensor {name}.coef_mask has bits set at atom positions >= k={k}")
-        counts = unpack_mask(block, block.shape[1] * BITS_PER_WORD).sum(1)
-        if not bool((counts == s).all()):
+        if not bool((popcount32(block).sum(1) == s).all()):
             raise FormatError(f"tensor {name}.coef_mask does not have exactly s={s} bits per row")
 
 

@@ -77,3 +77,11 @@ def test_solve_k_s_rejects_bad_ratio(bad):
 def test_parse_quantization_config_rejects_unknown_version():
     with pytest.raises(fmt.FormatError, match="format_version 99"):
         fmt.parse_quantization_config({"quant_method": "cospadi", "format_version": 99, "modules": {"a": {"k": 2, "s": 1}}})
+
+
+def test_popcount32_matches_python():
+    g = torch.Generator().manual_seed(4)
+    words = torch.randint(-(2**31), 2**31, (300, 7), generator=g, dtype=torch.int64).to(torch.int32)
+    as_unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    expected = torch.tensor([[bin(int(v)).count("1") for v in row] for row in as_unsigned])
+    assert torch.equal(fmt.popcount32(as_unsigned), expected)
