@@ -1,6 +1,6 @@
 """The CPU coefficient product (csrc/cpu_kernels.cpp), built once per machine with the system compiler.
 
-``make setup`` builds it (``python -m cospadi_vllm.cpu_kernels``); otherwise the first CoSpaDi layer
+``make setup`` builds it (``cpu_kernels.main()``); otherwise the first CoSpaDi layer
 that vLLM loads on CPU does (about a minute on 2 cores; torch's file lock makes concurrent TP workers
 wait for one build). The library is compiled for the build machine's CPU (``-march=native``) and cached
 under ``~/.cache/cospadi-vllm/cpu-kernels/<cpu-flags-hash>/``, so a home directory shared between
@@ -112,7 +112,7 @@ def has_bf16_kernel() -> bool:
 
 
 def main() -> int:
-    """``python -m cospadi_vllm.cpu_kernels``: build now (make setup), print what was built."""
+    """Build now (``make setup`` calls this), print what was built."""
     load()
     kind = "AVX-512" if has_vector_kernel() else "portable (scalar bit walk)"
     kind += " + BF16 dot products" if has_bf16_kernel() else ""

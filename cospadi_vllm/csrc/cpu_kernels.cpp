@@ -74,23 +74,27 @@ struct Coefficients {
   int kind;
 };
 
+// Calls visit(atom, value) for output j's non-zeros, atom relative to its shard, in atom order
+// (the portable bit walk both portable kernels share).
+template <typename Visit>
+inline void for_each_coefficient(const Coefficients& c, int64_t j, Visit visit) {
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  int64_t t = 0;
+  for (int64_t w = 0; w < c.words; ++w) {
+    for (uint32_t bits = mask[w]; bits; bits &= bits - 1)
+      visit(w * 32 + __builtin_ctz(bits), decode_value(values, t++, c.kind, c.table));
+  }
+}
+
 // One output column, rows [m0, m0 + rows) of Z, any CPU.
 void column_portable(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, int64_t rows,
                      float* y, int64_t ldy) {
   float acc[kRowBlock] = {0};
-  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
-  const int64_t base = c.offsets[j];
-  int64_t t = 0;
-  for (int64_t w = 0; w < c.words; ++w) {
-    uint32_t bits = mask[w];
-    while (bits) {
-      const int64_t atom = base + w * 32 + __builtin_ctz(bits);
-      bits &= bits - 1;
-      const float v = decode_value(values, t++, c.kind, c.table);
-      for (int64_t r = 0; r < rows; ++r) acc[r] += v * z[(m0 + r) * ldz + atom];
-    }
-  }
+  const float* zrow = z + m0 * ldz + c.offsets[j];
+  for_each_coefficient(c, j, [&](int64_t atom, float v) {
+    for (int64_t r = 0; r < rows; ++r) acc[r] += v * zrow[r * ldz + atom];
+  });
   for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * ldy + j] = acc[r] * c.scales[j];
 }
 
@@ -300,19 +304,10 @@ at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const 
 template <typename T>
 void expand_row_portable(const Coefficients& c, int64_t j, int64_t width, T* row) {
   std::fill(row, row + width, T(0));
-  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
   const float scale = c.scales[j];
-  int64_t t = 0;
-  for (int64_t w = 0; w < c.words; ++w) {
-    uint32_t bits = mask[w];
-    while (bits) {
-      const int64_t atom = w * 32 + __builtin_ctz(bits);
-      bits &= bits - 1;
-      const float v = decode_value(values, t++, c.kind, c.table) * scale;
-      if (atom < width) row[atom] = static_cast<T>(v);
-    }
-  }
+  for_each_coefficient(c, j, [&](int64_t atom, float v) {
+    if (atom < width) row[atom] = static_cast<T>(v * scale);
+  });
 }
 
 #if COSPADI_AVX512
