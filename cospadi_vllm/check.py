@@ -47,14 +47,12 @@ def module_dims(hf_config: dict, leaf: str) -> tuple[int, int] | None:
 def file_problems(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str]]:
     """Header of one safetensors file and its problems (unreadable, truncated)."""
     try:
-        headers = fmt.read_safetensors_headers([path])
+        header_len, header = fmt.read_safetensors_header(path)
         size_bytes = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-    except (OSError, fmt.FormatError, ValueError) as err:
+    except (OSError, fmt.FormatError) as err:
         return {}, [f"{path.name}: {err}"]
     end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    headers = fmt.header_tensors(header)
     if 8 + header_len + end > size_bytes:
         return headers, [f"{path.name}: truncated ({size_bytes} bytes, its header needs {8 + header_len + end})"]
     return headers, []

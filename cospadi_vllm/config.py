@@ -274,7 +274,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             k_offset += spec["k"]
             out_offset += out_size
             atoms_offset += atoms_local
-        k_total, out_local = k_offset, out_offset
+        out_local = out_offset
         words = max(s.words for s in shards)
         s_max = max(s.s for s in shards)
         specs = {
@@ -293,7 +293,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.register_buffer("atom_offsets", offsets, persistent=False)
         if split == COLUMN:
             # All-gathered Z is [rank 0: shard 0 atoms, shard 1 atoms, …][rank 1: …]…; this index puts
-            # it back in full-dictionary order (k_total columns).
+            # it back in full-dictionary order (all k of every shard).
             local = atoms_offset
             index = torch.cat([
                 (torch.arange(s.k) // s.atoms_local) * local + s.atoms_offset + torch.arange(s.k) % s.atoms_local
@@ -305,7 +305,6 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.cospadi_params_dtype = params_dtype
         layer.cospadi_dictionary_mm = None  # set on CPU by pack_dictionary_for_cpu
         layer.cospadi_packed_dictionary_bytes = 0
-        layer.cospadi_k_total = k_total
         layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -292,25 +292,31 @@ def layer_header_problems(
     return problems
 
 
+def read_safetensors_header(path) -> tuple[int, dict]:
+    """(header length in bytes, parsed JSON header) of one safetensors file; FormatError if unreadable."""
+    import json
+
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        size = int.from_bytes(size_bytes, "little")
+        try:
+            return size, json.loads(f.read(size))
+        except ValueError as err:
+            raise FormatError(f"{path}: unreadable safetensors header ({err})") from err
+
+
+def header_tensors(header: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype string, shape)} of a parsed safetensors header."""
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"}
+
+
 def read_safetensors_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype string, shape)} over safetensors files, from their headers only."""
-    import json
-    import struct
-
     headers = {}
     for path in files:
-        with open(path, "rb") as f:
-            size_bytes = f.read(8)
-            if len(size_bytes) != 8:
-                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (size,) = struct.unpack("<Q", size_bytes)
-            try:
-                header = json.loads(f.read(size))
-            except ValueError as err:
-                raise FormatError(f"{path}: unreadable safetensors header ({err})") from err
-        for name, info in header.items():
-            if name != "__metadata__":
-                headers[name] = (info["dtype"], tuple(info["shape"]))
+        headers.update(header_tensors(read_safetensors_header(path)[1]))
     return headers
 
 

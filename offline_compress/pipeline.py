@@ -114,8 +114,8 @@ def workspace_bytes(max_memory_gb: float | None, device: torch.device) -> int:
     return int(min(free // 4, 1024**3))
 
 
-def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -> dict:
-    """Check everything checkable before any work; return the model's config.json."""
+def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions):
+    """Check everything checkable before any work; return (the model's config.json, its tokenizer)."""
     if not 0.0 < options.ratio < 1.0:
         raise CompressError(f"--ratio must be in (0, 1), got {options.ratio}")
     if not options.k_over_s or any(not v >= 1.0 for v in options.k_over_s):
@@ -178,7 +178,7 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
     from transformers import AutoTokenizer
 
     try:
-        AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # transformers raises OSError, ValueError, TypeError… depending on what is missing
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CompressError(f"{model_dir}: no usable tokenizer ({first})") from None
@@ -186,7 +186,7 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions) -
         raise CompressError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
     if out_dir.resolve() == model_dir.resolve():
         raise CompressError("output directory must differ from the model directory")
-    return config
+    return config, tokenizer
 
 
 def check_finite_weights(source: SafetensorsSource) -> None:
@@ -289,13 +289,10 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     checkpoint is assembled from those files at the end.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = validate_options(model_dir, out_dir, options)
+    config, tokenizer = validate_options(model_dir, out_dir, options)
     source = SafetensorsSource(source_safetensors(model_dir))
     check_finite_weights(source)
-    from transformers import AutoTokenizer
-
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = calibration_ids(tokenizer, options)
     device = torch.device(options.device)
     model = skeleton_model(model_dir)
