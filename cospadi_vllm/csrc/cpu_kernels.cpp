@@ -104,7 +104,7 @@ void column_portable(const Coefficients& c, int64_t j, const float* z, int64_t l
 // of the group's values (converted to float) puts each in place. Plain loads: masked loads and
 // vpexpand are slow on AMD Zen 4 (NOTES.md); only the last 64 bytes of the tensor, where a plain
 // load could run past the allocation, take the masked form.
-inline __m512 group_values(const uint8_t* p, const uint8_t* end, __mmask16 mk, __m512i ranks, int kind,
+__attribute__((always_inline)) inline __m512 group_values(const uint8_t* p, const uint8_t* end, __mmask16 mk, __m512i ranks, int kind,
                            const float* table) {
   const bool tail = p + 64 > end;
   const __mmask16 first_n = static_cast<__mmask16>((1u << __builtin_popcount(static_cast<unsigned>(mk))) - 1);
@@ -118,6 +118,22 @@ inline __m512 group_values(const uint8_t* p, const uint8_t* end, __mmask16 mk, _
                            : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_n, _mm512_cvtepu8_epi32(raw), table, 4);
   }
   return _mm512_maskz_permutexvar_ps(mk, ranks, packed);
+}
+
+// The 32 values of one mask word in their atom lanes (zero where the bit is clear), as float32:
+// low 16 lanes in *lo, high 16 in *hi; advances *values past them. Shared by every AVX-512 kernel.
+__attribute__((always_inline)) inline void word_values(uint32_t bits, const uint8_t** values, const Coefficients& c, __m512* lo, __m512* hi) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
+  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);  // the high half's bits below the lane
+  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
+  const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
+  const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
+  *lo = group_values(*values, c.values_end, static_cast<__mmask16>(bits),
+                     _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo)), c.kind, c.table);
+  *hi = group_values(*values + n_lo * value_bytes, c.values_end, static_cast<__mmask16>(bits >> 16),
+                     _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi)), c.kind, c.table);
+  *values += __builtin_popcount(bits) * value_bytes;
 }
 
 // float32 lanes rounded to bfloat16 (nearest even, as c10::BFloat16 does; values here are finite).
@@ -134,24 +150,14 @@ void column_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz
   // so the FMA latency chain is split in two.
   __m512 lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
-  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);  // bits 16..16+i-1, compared on bits >> 0
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
   const uint8_t* values = c.values + j * c.values_row_bytes;
-  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
   const float* zrow = z + m0 * ldz + c.offsets[j];
   for (int64_t w = 0; w < c.words; ++w) {
     const uint32_t bits = mask[w];
     const __mmask16 mk_lo = static_cast<__mmask16>(bits), mk_hi = static_cast<__mmask16>(bits >> 16);
-    const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
-    const __m512i rank_lo = _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo));
-    // High lanes: bits of the high half below the lane (the low half's count is the pointer advance).
-    const __m512i rank_hi = _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi));
-    const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
-    const __m512 v_lo = group_values(values, c.values_end, mk_lo, rank_lo, c.kind, c.table);
-    const __m512 v_hi = group_values(values + n_lo * value_bytes, c.values_end, mk_hi, rank_hi, c.kind, c.table);
-    values += __builtin_popcount(bits) * value_bytes;
+    __m512 v_lo, v_hi;
+    word_values(bits, &values, c, &v_lo, &v_hi);
     // Masked loads: lanes of clear bits are neither read nor faulted (the shard may end here).
     const float* zw = zrow + w * 32;
     for (int r = 0; r < R; ++r) {
@@ -170,22 +176,10 @@ constexpr auto fp32_kernels(std::integer_sequence<int, R...>) {
 constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowBlock>{});
 
 #if COSPADI_AVX512_BF16
-// bfloat16 Z (what a bf16 model's x·D gives): both halves of a mask word become one 32-lane bf16
-// vector of values (exact: int8, e4m3 and bf16 values all fit bf16), and one vdpbf16ps per word and
-// row replaces two float32 FMAs (products exact, sums in float32).
 // The 32 values of one mask word as bf16 lanes (zero where the bit is clear); advances *values.
-inline __m512bh word_values_bf16(uint32_t bits, const uint8_t** values, const Coefficients& c) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
-  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);
-  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
-  const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
-  const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
-  const __m512 v_lo = group_values(*values, c.values_end, static_cast<__mmask16>(bits),
-                                   _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo)), c.kind, c.table);
-  const __m512 v_hi = group_values(*values + n_lo * value_bytes, c.values_end, static_cast<__mmask16>(bits >> 16),
-                                   _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi)), c.kind, c.table);
-  *values += __builtin_popcount(bits) * value_bytes;
+__attribute__((always_inline)) inline __m512bh word_values_bf16(uint32_t bits, const uint8_t** values, const Coefficients& c) {
+  __m512 v_lo, v_hi;
+  word_values(bits, values, c, &v_lo, &v_hi);
   return _mm512_cvtne2ps_pbh(v_hi, v_lo);  // lanes 0-15 from v_lo, 16-31 from v_hi
 }
 
@@ -314,23 +308,14 @@ void expand_row_portable(const Coefficients& c, int64_t j, int64_t width, T* row
 // The same lane placement as the decode kernel, stored densely (32 atoms per mask word).
 template <typename T>
 void expand_row_avx512(const Coefficients& c, int64_t j, int64_t width, T* row) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i below_lo = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
-  const __m512i below_hi = _mm512_slli_epi32(below_lo, 16);
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
   const uint8_t* values = c.values + j * c.values_row_bytes;
-  const int64_t value_bytes = c.kind == kBf16 ? 2 : 1;
   const __m512 scale = _mm512_set1_ps(c.scales[j]);
   for (int64_t w = 0; w * 32 < width; ++w) {
-    const uint32_t bits = w < c.words ? mask[w] : 0;
-    const __m512i word = _mm512_set1_epi32(static_cast<int>(bits));
-    const int64_t n_lo = __builtin_popcount(bits & 0xFFFFu);
-    const __m512 v_lo = _mm512_mul_ps(scale, group_values(values, c.values_end, static_cast<__mmask16>(bits),
-                                      _mm512_popcnt_epi32(_mm512_and_si512(word, below_lo)), c.kind, c.table));
-    const __m512 v_hi = _mm512_mul_ps(scale, group_values(values + n_lo * value_bytes, c.values_end,
-                                      static_cast<__mmask16>(bits >> 16),
-                                      _mm512_popcnt_epi32(_mm512_and_si512(word, below_hi)), c.kind, c.table));
-    values += __builtin_popcount(bits) * value_bytes;
+    __m512 v_lo, v_hi;
+    word_values(w < c.words ? mask[w] : 0, &values, c, &v_lo, &v_hi);
+    v_lo = _mm512_mul_ps(scale, v_lo);
+    v_hi = _mm512_mul_ps(scale, v_hi);
     const int64_t left = width - w * 32;  // lanes inside the row
     const uint32_t inside = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
     if constexpr (std::is_same_v<T, float>) {
