@@ -2,7 +2,7 @@
 
     python -m tests.kill_runner calibration|layer|export MODEL OUT [cospadi-compress options]
 
-calibration: while the first layer's inputs are being captured; layer: inside layer 1, after its
+calibration: right after the first layer's inputs are captured; layer: inside layer 1, after its
 third module is compressed; export: right after the first output shard is written, before the
 checkpoint is renamed into place.
 """
@@ -14,43 +14,32 @@ import signal
 import sys
 
 
-def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def kill_after(owner, name: str, call: int = 1) -> None:
+    """Replace ``owner.name`` so that its ``call``-th call completes and then the process is SIGKILLed."""
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, name, wrapper)
 
 
 def main() -> int:
     point, args = sys.argv[1], sys.argv[2:]
     from offline_compress import cli, export, pipeline
 
-    if point == "calibration":
-        real_capture = pipeline.capture_layer_inputs
-
-        def capture(*a, **k):
-            real_capture(*a, **k)
-            die()
-
-        pipeline.capture_layer_inputs = capture
-    elif point == "layer":
-        real_compress, calls = pipeline.compress_linear, {"n": 0}
-
-        def compress(*a, **k):
-            result = real_compress(*a, **k)
-            calls["n"] += 1
-            if calls["n"] == 10:  # layer 1, third module
-                die()
-            return result
-
-        pipeline.compress_linear = compress
-    elif point == "export":
-        real_save = export.save_file
-
-        def save(*a, **k):
-            real_save(*a, **k)
-            die()
-
-        export.save_file = save
-    else:
-        raise SystemExit(f"unknown point {point}")
+    points = {
+        "calibration": (pipeline, "capture_layer_inputs", 1),
+        "layer": (pipeline, "compress_linear", 10),  # layer 1, third module
+        "export": (export, "save_file", 1),
+    }
+    if point not in points:
+        raise SystemExit(f"unknown point {point} (one of {', '.join(points)})")
+    kill_after(*points[point])
     return cli.main(args)
 
 
