@@ -109,18 +109,27 @@ def check_checkpoint(checkpoint: str | Path, masks: bool = True) -> list[str]:
     for name, spec in modules.items():
         parent, _, leaf = name.rpartition(".")
         dims = module_dims(hf_config, leaf)
+        owner = fmt.dictionary_owner(modules, name)
         if dims is None:  # unknown module kind: take the sizes from its own tensors
-            dictionary = headers.get(f"{name}.{fmt.DICTIONARY}")
+            dictionary = headers.get(f"{owner}.{fmt.DICTIONARY}")
             scales = headers.get(f"{name}.{fmt.COEF_SCALES}")
             dims = (dictionary[1][0] if dictionary else -1, scales[1][0] if scales else -1)
         shape = fmt.LayerShape(dims[0], dims[1], spec["k"], spec["s"])
-        problems += fmt.layer_header_problems(name, headers, shape, value_dtype)
+        problems += fmt.layer_header_problems(name, headers, shape, value_dtype, owner,
+                                              fmt.dictionary_users(modules, name))
         for group in FUSED_GROUPS:
             if leaf in group:
                 missing = [f"{parent}.{g}" for g in group if f"{parent}.{g}" not in modules]
                 if missing:
                     problems.append(f"quantization_config.modules has {name} but not {', '.join(missing)}: "
                                     "vLLM fuses them, so they must be compressed together")
+                elif leaf == group[0]:
+                    owners = [fmt.dictionary_owner(modules, f"{parent}.{g}") for g in group]
+                    owner_parent = owners[0].rpartition(".")[0]
+                    if owners != [f"{owner_parent}.{g}" for g in group]:
+                        problems.append(f"{parent}: {', '.join(group)} use the dictionaries of {owners}; vLLM fuses "
+                                        "them into one layer, so they must share one other layer's dictionaries "
+                                        "together or none")
     for tensor in headers:
         prefix, _, suffix = tensor.rpartition(".")
         if suffix in fmt.TENSOR_SUFFIXES and prefix not in modules:

@@ -48,6 +48,9 @@ class CoSpaDiConfig(QuantizationConfig):
         self.value_dtype_name = value_dtype
         self.value_dtype = fmt.value_dtype_from_name(value_dtype)
         self.ignore = ignore
+        # Layers that store a dictionary, by vLLM prefix, once processed: the layers that share it
+        # (cross-layer groups, docs/format.md) take that very tensor instead of a copy.
+        self.dictionary_layers: dict[str, torch.nn.Module] = {}
 
     def __repr__(self) -> str:
         return f"CoSpaDiConfig(value_dtype={self.value_dtype_name}, modules={len(self.modules)})"
@@ -109,7 +112,23 @@ class CoSpaDiConfig(QuantizationConfig):
                 f"{prefix}: vLLM fuses {names}, but quantization_config.modules lacks {missing}; "
                 "fused modules must be compressed together"
             )
-        return CoSpaDiLinearMethod(self, names)
+        return CoSpaDiLinearMethod(self, names, prefix, self.dictionary_owner_layer(prefix, names))
+
+    def dictionary_owner_layer(self, prefix: str, names: list[str]) -> str | None:
+        """The vLLM layer whose dictionary layer ``prefix`` uses, or None if it stores its own.
+
+        vLLM concatenates the dictionaries of fused modules (q/k/v, gate/up), so a fused layer can use
+        another layer's dictionary only if each of its modules shares the same-position module's one."""
+        owners = [fmt.dictionary_owner(self.modules, n) for n in names]
+        if owners == names:
+            return None
+        owner_layer = f"{owners[0].rpartition('.')[0]}.{prefix.rpartition('.')[2]}"
+        if self.shard_names(owner_layer) != owners:
+            raise fmt.FormatError(
+                f"{prefix}: vLLM fuses {names} into one layer, so they must share the dictionaries of one other "
+                f"layer's {', '.join(n.rpartition('.')[2] for n in names)} together; quantization_config has "
+                f"them using {owners}")
+        return owner_layer
 
 
 @dataclass
@@ -233,9 +252,12 @@ def pack_dictionary_for_cpu(layer: torch.nn.Module, dtype: torch.dtype) -> None:
 class CoSpaDiLinearMethod(LinearMethodBase):
     """y = (x·D)·C for one (possibly merged) linear layer."""
 
-    def __init__(self, quant_config: CoSpaDiConfig, shard_names: list[str]) -> None:
+    def __init__(self, quant_config: CoSpaDiConfig, shard_names: list[str], prefix: str = "",
+                 dictionary_owner: str | None = None) -> None:
         self.quant_config = quant_config
         self.shard_names = shard_names
+        self.prefix = prefix
+        self.dictionary_owner = dictionary_owner  # vLLM layer whose dictionary this one uses (None: its own)
 
     def create_weights(
         self,
@@ -277,8 +299,10 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         out_local = out_offset
         words = max(s.words for s in shards)
         s_max = max(s.s for s in shards)
+        # A layer that shares another layer's dictionary gets that tensor after loading; nothing to load here.
+        dictionary_atoms = atoms_offset if self.dictionary_owner is None else 0
         specs = {
-            fmt.DICTIONARY: ((input_size_per_partition, atoms_offset), fmt.DICTIONARY_DTYPE),
+            fmt.DICTIONARY: ((input_size_per_partition, dictionary_atoms), fmt.DICTIONARY_DTYPE),
             fmt.COEF_MASK: ((out_local, words), fmt.MASK_DTYPE),
             fmt.COEF_VALUES: ((out_local, s_max), self.quant_config.value_dtype),
             fmt.COEF_SCALES: ((out_local,), fmt.SCALES_DTYPE),
@@ -306,9 +330,11 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.cospadi_dictionary_mm = None  # set on CPU by pack_dictionary_for_cpu
         layer.cospadi_packed_dictionary_bytes = 0
         layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
+        layer.cospadi_dictionary_shape = (input_size_per_partition, atoms_offset)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for role in fmt.TENSOR_SUFFIXES:
+        owner = self.dictionary_owner
+        for role in fmt.TENSOR_SUFFIXES if owner is None else fmt.COEF_SUFFIXES:
             param = getattr(layer, role)
             for shard in param.shards:
                 if shard.name not in param.loaded:
@@ -322,7 +348,9 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             delattr(layer, role)
             layer.register_parameter(role, torch.nn.Parameter(data, requires_grad=False))
         dtype = layer.cospadi_params_dtype
-        if dtype.itemsize == fmt.DICTIONARY_DTYPE.itemsize and dtype != fmt.DICTIONARY_DTYPE:
+        if owner is not None:
+            self._use_owner_dictionary(layer, owner)
+        elif dtype.itemsize == fmt.DICTIONARY_DTYPE.itemsize and dtype != fmt.DICTIONARY_DTYPE:
             # float16 activations: D in float16 once (same bytes) instead of a conversion per call.
             # float32 activations keep D in bfloat16 (half the bytes) and convert per call.
             layer.dictionary = torch.nn.Parameter(layer.dictionary.data.to(dtype), requires_grad=False)
@@ -331,8 +359,26 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             layer.atom_gather_index = layer.atom_gather_index.to(layer.coef_mask.device)
         if gemm_backend(layer.coef_mask.device) == "cpu":
             cpu_kernels.load()  # build / load the C++ kernels now, not inside the first forward
-            pack_dictionary_for_cpu(layer, dtype)
+            if owner is None:
+                pack_dictionary_for_cpu(layer, dtype)
+        if owner is None:
+            self.quant_config.dictionary_layers[self.prefix] = layer
         register_custom_op()
+
+    def _use_owner_dictionary(self, layer: torch.nn.Module, owner: str) -> None:
+        """Point ``layer`` at the (already processed) dictionary of layer ``owner``: one tensor, and on
+        CPU one oneDNN handle, for the whole group. vLLM processes layers in model order, and a group's
+        dictionary is stored by its first layer."""
+        source = self.quant_config.dictionary_layers.get(owner)
+        if source is None:
+            raise fmt.FormatError(f"{self.prefix} uses the dictionary of {owner}, which has not been loaded "
+                                  "(a shared dictionary must be stored by the group's first layer)")
+        if source.cospadi_dictionary_shape != layer.cospadi_dictionary_shape:
+            raise fmt.FormatError(f"{self.prefix} uses the dictionary of {owner}, whose shape "
+                                  f"{source.cospadi_dictionary_shape} differs from {layer.cospadi_dictionary_shape}")
+        layer.dictionary = source.dictionary
+        layer.cospadi_dictionary_mm = source.cospadi_dictionary_mm
+        layer.cospadi_packed_dictionary_bytes = 0  # counted once, at the owner
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

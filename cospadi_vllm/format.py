@@ -16,6 +16,10 @@ A compressed linear layer ``y = x · W^T`` (W: [out, in]) is stored as ``W^T ≈
 Bit ``t % 32`` of word ``t // 32`` in row j of ``coef_mask`` is set iff atom t is
 used by output column j; row j of ``coef_values`` holds that column's s non-zeros in
 increasing atom order; ``C[t, j] = coef_values[j, rank of t] * coef_scales[j]``.
+Layers of a group may share one dictionary (CoSpaDi's cross-layer sharing): it is stored once,
+under the first module's prefix, and ``quantization_config.modules[name]["dictionary"]`` names that
+module for every other member (see :func:`dictionary_owner`).
+
 This module depends on torch only (no vLLM, no transformers).
 """
 
@@ -35,6 +39,9 @@ COEF_VALUES = "coef_values"
 COEF_SCALES = "coef_scales"
 BIAS = "bias"
 TENSOR_SUFFIXES = (DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES)
+COEF_SUFFIXES = (COEF_MASK, COEF_VALUES, COEF_SCALES)
+# Key of a module's quantization_config entry naming the module whose stored dictionary it uses.
+SHARED_DICTIONARY_KEY = "dictionary"
 
 DICTIONARY_DTYPE = torch.bfloat16
 MASK_DTYPE = torch.int32
@@ -77,7 +84,7 @@ class LayerShape:
     s: int
 
     def tensor_specs(self, value_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """{suffix: (shape, dtype)} for the four tensors every compressed layer stores."""
+        """{suffix: (shape, dtype)} of the layer's four tensors (the dictionary may be another module's)."""
         return {
             DICTIONARY: ((self.in_features, self.k), DICTIONARY_DTYPE),
             COEF_MASK: ((self.out_features, mask_words(self.k)), MASK_DTYPE),
@@ -86,11 +93,24 @@ class LayerShape:
         }
 
 
-def stored_bytes(shape: LayerShape, value_dtype_name: str) -> int:
-    """Bytes actually stored for one layer: dictionary + mask + values + scales (bias excluded)."""
+def dictionary_owner(modules: dict[str, dict], name: str) -> str:
+    """The module under whose prefix module ``name``'s dictionary is stored (``name`` itself unless shared)."""
+    return modules[name].get(SHARED_DICTIONARY_KEY, name)
+
+
+def dictionary_users(modules: dict[str, dict], owner: str) -> list[str]:
+    """The other modules that use the dictionary stored under ``owner``'s prefix."""
+    return [name for name in modules if name != owner and dictionary_owner(modules, name) == owner]
+
+
+def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool = True) -> int:
+    """Bytes actually stored for one layer: dictionary + mask + values + scales (bias excluded).
+
+    A layer that uses another module's dictionary (``owns_dictionary=False``) stores no dictionary.
+    """
     value_bytes = VALUE_DTYPES[value_dtype_name].itemsize
     return (
-        shape.in_features * shape.k * DICTIONARY_DTYPE.itemsize
+        shape.in_features * shape.k * DICTIONARY_DTYPE.itemsize * owns_dictionary
         + shape.out_features * mask_words(shape.k) * MASK_DTYPE.itemsize
         + shape.out_features * shape.s * value_bytes
         + shape.out_features * SCALES_DTYPE.itemsize
@@ -268,19 +288,30 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 
 
 def layer_header_problems(
-    prefix: str, headers: dict[str, tuple[str, tuple[int, ...]]], shape: LayerShape, value_dtype: torch.dtype
+    prefix: str,
+    headers: dict[str, tuple[str, tuple[int, ...]]],
+    shape: LayerShape,
+    value_dtype: torch.dtype,
+    owner: str | None = None,
+    users: list[str] | None = None,
 ) -> list[str]:
     """Problems of one compressed module from the checkpoint's safetensors headers alone.
 
-    headers: {tensor name: (safetensors dtype string, shape)} of the whole checkpoint. One line per
-    problem, each naming the tensor: missing, wrong shape, wrong dtype, or a dense ``<prefix>.weight``
-    left next to the compressed tensors (loaders would take one and ignore the other).
+    headers: {tensor name: (safetensors dtype string, shape)} of the whole checkpoint; ``owner``: the
+    module whose stored dictionary this one uses (default: itself). One line per problem, each naming
+    the tensor: missing, wrong shape, wrong dtype, a dense ``<prefix>.weight`` left next to the
+    compressed tensors (loaders would take one and ignore the other), or a dictionary stored for a
+    module that says it shares another's. ``users``: the modules sharing this module's dictionary,
+    named when it is missing.
     """
     problems = []
+    owner = owner or prefix
     for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype).items():
-        name = f"{prefix}.{suffix}"
+        name = f"{owner if suffix == DICTIONARY else prefix}.{suffix}"
         if name not in headers:
-            problems.append(f"checkpoint is missing tensor {name}")
+            shared = f"module {prefix} uses the dictionary of {owner}, but " if name != f"{prefix}.{suffix}" else ""
+            also = f" (shared by {', '.join(users)})" if suffix == DICTIONARY and users and owner == prefix else ""
+            problems.append(f"{shared}checkpoint is missing tensor {name}{also}")
             continue
         got_dtype, got_shape = headers[name]
         if tuple(got_shape) != want_shape:
@@ -289,6 +320,8 @@ def layer_header_problems(
             problems.append(f"tensor {name} has dtype {got_dtype}, expected {SAFETENSORS_DTYPES[want_dtype]}")
     if f"{prefix}.weight" in headers:
         problems.append(f"tensor {prefix}.weight is present next to the compressed tensors of {prefix}")
+    if owner != prefix and f"{prefix}.{DICTIONARY}" in headers:
+        problems.append(f"tensor {prefix}.{DICTIONARY} is stored although {prefix} uses the dictionary of {owner}")
     return problems
 
 
@@ -368,4 +401,16 @@ def parse_quantization_config(qc: dict) -> dict:
         k, s = spec.get("k"), spec.get("s")
         if not (isinstance(k, int) and isinstance(s, int) and 1 <= s <= k):
             raise FormatError(f"module {name}: need integers 1 <= s <= k, got k={k!r} s={s!r}")
+    for name, spec in modules.items():
+        owner = spec.get(SHARED_DICTIONARY_KEY, name)
+        if owner == name:
+            continue
+        if not isinstance(owner, str) or owner not in modules:
+            raise FormatError(f"module {name} uses the dictionary of {owner!r}, which is not in quantization_config.modules")
+        if dictionary_owner(modules, owner) != owner:
+            raise FormatError(f"module {name} uses the dictionary of {owner}, which itself uses another module's "
+                              "dictionary (a shared dictionary must be named by the module that stores it)")
+        if modules[owner]["k"] != spec["k"]:
+            raise FormatError(f"module {name} uses the dictionary of {owner} but has k={spec['k']}, {owner} has "
+                              f"k={modules[owner]['k']}")
     return {"value_dtype": "int8", "dictionary_dtype": "bfloat16", "ignore": [], **qc}

@@ -48,12 +48,17 @@ class CoSpaDiLinear(torch.nn.Module):
     """y = (x·D)·C + b with C in its stored form. Tensors are buffers: nothing here is trainable."""
 
     def __init__(self, in_features: int, out_features: int, k: int, s: int, value_dtype: torch.dtype,
-                 bias_dtype: torch.dtype | None, device: torch.device | str = "meta") -> None:
+                 bias_dtype: torch.dtype | None, device: torch.device | str = "meta",
+                 owns_dictionary: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.k, self.s = in_features, out_features, k, s
+        # A layer of a shared-dictionary group that does not store it uses its owner's buffer (set by
+        # ``share_dictionary_of``), held outside the module tree so it is neither saved nor moved twice.
+        self._dictionary_owner: list[CoSpaDiLinear] = []
         specs = fmt.LayerShape(in_features, out_features, k, s).tensor_specs(value_dtype)
         for suffix, (shape, dtype) in specs.items():
-            self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device=device))
+            if suffix != fmt.DICTIONARY or owns_dictionary:
+                self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device=device))
         if bias_dtype is None:
             self.bias = None
         else:
@@ -61,12 +66,23 @@ class CoSpaDiLinear(torch.nn.Module):
         self.register_buffer("atom_offsets", torch.zeros(out_features, dtype=torch.int32, device=device),
                              persistent=False)
 
+    def share_dictionary_of(self, owner: CoSpaDiLinear) -> None:
+        self._dictionary_owner[:] = [owner]
+
+    def dictionary_tensor(self) -> torch.Tensor:
+        """D [in, k]: this layer's buffer, or the one of the layer whose dictionary it shares."""
+        return self._dictionary_owner[0].dictionary if self._dictionary_owner else self.dictionary
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {suffix: self.dictionary_tensor() if suffix == fmt.DICTIONARY else getattr(self, suffix)
+                for suffix in fmt.TENSOR_SUFFIXES}
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        z = dictionary_product(flat, self.dictionary)
+        z = dictionary_product(flat, self.dictionary_tensor())
         y = coefficient_product_impl(z, self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -92,9 +108,11 @@ class CoSpaDiHfQuantizer(HfQuantizer):
             if not isinstance(linear, torch.nn.Linear):
                 raise fmt.FormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
             shape = fmt.LayerShape(linear.in_features, linear.out_features, spec["k"], spec["s"])
+            owner = fmt.dictionary_owner(config.modules, name)
             bias_dtype = None
             if headers is not None:
-                problems = fmt.layer_header_problems(name, headers, shape, config.value_dtype)
+                problems = fmt.layer_header_problems(name, headers, shape, config.value_dtype, owner,
+                                                      fmt.dictionary_users(config.modules, name))
                 if problems:
                     raise fmt.FormatError(problems[0])
                 if f"{name}.bias" in headers:  # keep the bias in its stored dtype
@@ -102,20 +120,24 @@ class CoSpaDiHfQuantizer(HfQuantizer):
             elif linear.bias is not None:
                 bias_dtype = linear.bias.dtype
             model.set_submodule(name, CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"],
-                                                    config.value_dtype, bias_dtype))
+                                                    config.value_dtype, bias_dtype, owns_dictionary=owner == name))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        config: CoSpaDiHfConfig = self.quantization_config
         for name, module in model.named_modules():
             if not isinstance(module, CoSpaDiLinear):
                 continue
+            owner = fmt.dictionary_owner(config.modules, name)
+            if owner != name:
+                module.share_dictionary_of(model.get_submodule(owner))
             for suffix in (*fmt.TENSOR_SUFFIXES, *(("bias",) if module.bias is not None else ())):
-                tensor = getattr(module, suffix)
+                tensor = module.dictionary_tensor() if suffix == fmt.DICTIONARY else getattr(module, suffix)
                 if tensor.is_meta or not getattr(tensor, "_is_hf_initialized", True):
-                    raise fmt.FormatError(f"checkpoint is missing tensor {name}.{suffix}")
+                    raise fmt.FormatError(f"checkpoint is missing tensor "
+                                          f"{owner if suffix == fmt.DICTIONARY else name}.{suffix}")
             shape = fmt.LayerShape(module.in_features, module.out_features, module.k, module.s)
-            fmt.check_layer_tensors(name, {s: getattr(module, s) for s in fmt.TENSOR_SUFFIXES}, shape,
-                                    module.coef_values.dtype)
+            fmt.check_layer_tensors(name, module.stored_tensors(), shape, module.coef_values.dtype)
             fmt.check_mask_bits(name, module.coef_mask, module.k, module.s)
             module.atom_offsets = torch.zeros(module.out_features, dtype=torch.int32, device=module.coef_mask.device)
         return model

@@ -54,10 +54,16 @@ def count_weight_bytes(model) -> dict:
             held += packed
             result["cospadi_linear"] += held
             stored = sum(
-                fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name)
+                fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name,
+                                 owns_dictionary=method.dictionary_owner is None)
                 for s in module.cospadi_shards
             )
-            result["cospadi_layers"][name] = {"held_bytes": held, "stored_bytes_tp1": stored}
+            result["cospadi_layers"][name] = {
+                "held_bytes": held, "stored_bytes_tp1": stored,
+                # layers of a shared-dictionary group hold the very same tensor (and CPU GEMM handle)
+                "dictionary_data_ptr": module.dictionary.data_ptr(), "dictionary_numel": module.dictionary.numel(),
+                "dictionary_gemm_id": id(module.cospadi_dictionary_mm) if module.cospadi_dictionary_mm else None,
+            }
         elif isinstance(module, LinearBase):
             weight = getattr(module, "weight", None)
             if weight is not None and weight.numel() == 0:  # packed by vLLM's CPU GEMM dispatch

@@ -9,6 +9,7 @@ from cospadi_vllm import format as fmt
 from offline_compress.calibration import DEFAULT_TARGETS
 from offline_compress.layer import METHODS
 from offline_compress.pipeline import (
+    ALLOCATIONS,
     BUILTIN_CALIBRATION,
     CHAT_CALIBRATION,
     CompressError,
@@ -23,6 +24,10 @@ def _float_list(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration sequence")
     parser.add_argument("--targets", default=",".join(defaults.targets),
                         help=f"comma-separated linears to compress, from: {','.join(DEFAULT_TARGETS)}")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size, metavar="G",
+                        help="cross-layer dictionary sharing: every G consecutive layers share one dictionary per "
+                        "--group-targets projection (stored once), each layer keeping its own sparse coefficients; "
+                        "1 = a dictionary per layer")
+    parser.add_argument("--group-targets", default=",".join(defaults.group_targets),
+                        help="projections whose dictionaries are shared when --group-size > 1 (q/k/v and gate/up "
+                        "go together: vLLM fuses them into one layer)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                        help="uniform = every module at --ratio; sensitivity = per-module ratios with the same total "
+                        "bytes, more where the whitened spectrum says bytes lower the error most (one extra "
+                        "calibration pass)")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB", dest="max_memory_gb",
                         help="memory budget of the sparse-coding workspace in GiB (columns are coded in chunks that "
@@ -82,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         calib=args.calib,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        targets=_names(args.targets),
+        group_size=args.group_size,
+        group_targets=_names(args.group_targets),
+        allocation=args.allocation,
         device=args.device,
         max_memory_gb=args.max_memory_gb,
         seed=args.seed,

@@ -68,8 +68,21 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path) ->
 
 
 def quantization_config(
-    modules: dict[str, fmt.LayerShape], value_dtype: str, k_over_s: tuple[float, ...], ratio: float, method: str
+    modules: dict[str, fmt.LayerShape],
+    value_dtype: str,
+    k_over_s: tuple[float, ...],
+    ratio: float,
+    method: str,
+    dictionary_owners: dict[str, str] | None = None,
+    group_size: int = 1,
+    allocation: str = "uniform",
 ) -> dict:
+    """config.json's quantization_config. ``dictionary_owners``: {module: the module whose stored
+    dictionary it uses} for the members of shared-dictionary groups (all but each group's first)."""
+    owners = dictionary_owners or {}
+    entries = {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()}
+    for name, owner in owners.items():
+        entries[name][fmt.SHARED_DICTIONARY_KEY] = owner
     return {
         "quant_method": fmt.QUANT_METHOD,
         "format_version": fmt.FORMAT_VERSION,
@@ -79,7 +92,10 @@ def quantization_config(
         "k_over_s": k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
         "target_compression_ratio": ratio,
         "method": method,
-        "modules": {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()},
+        # Informational, like k_over_s: how the modules' dictionaries and budgets were chosen.
+        "group_size": group_size,
+        "allocation": allocation,
+        "modules": entries,
         "ignore": ["lm_head"],
     }
 

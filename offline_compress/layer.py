@@ -178,3 +178,41 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
         seconds=time.perf_counter() - started,
     )
 
+
+
+def compress_shared(
+    weights: list[torch.Tensor], grams: list[torch.Tensor], ratio: float, settings: LayerSettings
+) -> list[CompressedLinear]:
+    """G layers that share one dictionary (CoSpaDi's cross-layer sharing) → one CompressedLinear each.
+
+    weights: G × [out_i, in] (nn.Linear layout, same in), grams: G × [in, in] (each layer's own input
+    Gram). The shared objective is Σ_i ‖X_i(A_i − D·C_i)‖², i.e. Σ_i tr(E_iᵀ G_i E_i). No single
+    whitening turns that into one factorisation when the G_i differ, so the dictionary is learned
+    on L̄ᵀ[A_1 … A_G] with L̄L̄ᵀ = mean_i G_i — exact when the layers' Grams are equal, and each
+    layer's error is still weighted by its own activation energy through the mean. It is then
+    ``compress_linear`` on the stacked [Σ out_i, in] weight: the byte budget of the group counts the
+    dictionary once and the structure search (including SVD's s = k, which is Basis Sharing) runs
+    for the group. Coefficients come back per layer; only the first layer's result holds the
+    dictionary tensor. ``whitened_rel_error`` of each layer is measured under its own Gram.
+    """
+    group = compress_linear(torch.cat(weights, 0), torch.stack(grams).mean(0), ratio, settings)
+    approx_t = fmt.reconstruct_weight_t(group.tensors, group.shape.k).to(grams[0].device)
+    results, row = [], 0
+    for index, (weight, gram) in enumerate(zip(weights, grams, strict=True)):
+        rows = slice(row, row + weight.shape[0])
+        row = rows.stop
+        tensors = {suffix: group.tensors[suffix][rows].contiguous() for suffix in fmt.COEF_SUFFIXES}
+        if index == 0:
+            tensors = {fmt.DICTIONARY: group.tensors[fmt.DICTIONARY], **tensors}
+        factor, damping = whitening_factor(gram)
+        results.append(CompressedLinear(
+            tensors=tensors,
+            shape=fmt.LayerShape(weight.shape[1], weight.shape[0], group.shape.k, group.shape.s),
+            structure=group.structure,
+            whitened_rel_error=whitened_error(weight.to(factor.device), approx_t[:, rows], factor),
+            unquantized_rel_error=group.unquantized_rel_error,
+            candidates=group.candidates,
+            damping=damping,
+            seconds=group.seconds / len(weights),
+        ))
+    return results

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cospadi_vllm import format as fmt
-from offline_compress import assets, loading
+from offline_compress import allocation, assets, loading
 from offline_compress.calibration import (
     DEFAULT_TARGETS,
     capture_layer_inputs,
@@ -31,12 +31,17 @@ from offline_compress.calibration import (
     run_layer,
 )
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
-from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear
+from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear, compress_shared
 from offline_compress.loading import SafetensorsSource, release, return_free_memory, skeleton_model
+from offline_compress.whitening import whitening_factor
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 BUILTIN_CALIBRATION = "wikipedia"
 CHAT_CALIBRATION = "wikipedia-chat"  # the same split as chat exchanges in the model's own chat template
+# The projections the paper shares across layers (its appendix; Basis Sharing shares the same ones and
+# keeps o_proj and down_proj per layer).
+DEFAULT_GROUP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ALLOCATIONS = ("uniform", "sensitivity")
 CHAT_CHUNK_CHARS = 1200  # one exchange per ~410 tokens on SmolLM2: every 512-token window holds a turn boundary
 
 
@@ -62,6 +67,9 @@ class CompressOptions:
     dtype: str = "auto"
     overwrite: bool = False
     max_memory_gb: float | None = None  # sparse-coding workspace budget; None = automatic
+    group_size: int = 1  # consecutive layers sharing one dictionary per group target (1 = per layer)
+    group_targets: tuple[str, ...] = DEFAULT_GROUP_TARGETS
+    allocation: str = "uniform"  # or "sensitivity": per-module ratios, same total bytes
     layers: list[int] | None = field(default=None)  # restrict to these decoder layers (tests, debugging)
 
     def affecting(self) -> dict:
@@ -133,6 +141,20 @@ def validate_options(model_dir: Path, out_dir: Path, options: CompressOptions):
     unknown = [t for t in options.targets if t not in DEFAULT_TARGETS]
     if unknown or not options.targets:
         raise CompressError(f"--targets {unknown or '(empty)'} not among {', '.join(DEFAULT_TARGETS)}")
+    if options.group_size < 1:
+        raise CompressError(f"--group-size must be >= 1, got {options.group_size}")
+    if options.group_size > 1:
+        outside = [t for t in options.group_targets if t not in options.targets]
+        if outside or not options.group_targets:
+            raise CompressError(f"--group-targets {outside or '(empty)'} not among --targets {','.join(options.targets)}")
+        for target in options.group_targets:  # vLLM fuses the linears that read one input into one layer
+            fused = [t for t in options.targets if gram_key(t) == gram_key(target)]
+            if not set(fused) <= set(options.group_targets):
+                raise CompressError(
+                    f"--group-targets has {target} but not {','.join(t for t in fused if t not in options.group_targets)}"
+                    f": vLLM fuses {','.join(fused)} into one layer, so they share dictionaries together or not at all")
+    if options.allocation not in ALLOCATIONS:
+        raise CompressError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {options.allocation!r}")
     try:
         device = torch.device(options.device)
     except (RuntimeError, ValueError):
@@ -316,63 +338,102 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
         model.model.rotary_emb.to(device)
     inputs = capture_layer_inputs(model, input_ids.to(device), options.batch_size)
     release(embed)
+    groups = layer_groups(len(layers), options.group_size)
+    shared = set(options.group_targets) if options.group_size > 1 else set()
+    ratios = None
+    if options.allocation == "sensitivity":
+        ratios = sensitivity_ratios(layers, groups, layer_ids, shared, inputs, source, options, device, partial, log)
     module_stats: dict[str, dict] = {}
     shapes: dict[str, fmt.LayerShape] = {}
     part_files: list[Path] = []
-    bar = tqdm(range(len(layers)), desc="compressing layers", unit="layer", file=sys.stderr)
-    for index in bar:
-        layer = layers[index]
-        targets = list(options.targets) if index in layer_ids else []
-        part_file = partial / f"layer-{index:05d}.safetensors"
-        last = index == len(layers) - 1
-        resumed = bool(targets) and part_file.is_file()
-        layer_tensors, layer_stats, outputs = {}, {}, None
+    bar = tqdm(total=len(layers), desc="compressing layers", unit="layer", file=sys.stderr)
+    for group in groups:
+        part_file = partial / f"layer-{group[0]:05d}.safetensors"
+        compressed = [index for index in group if index in layer_ids]
+        resumed = bool(compressed) and part_file.is_file()
+        last = group[-1] == len(layers) - 1
+        group_inputs, group_outputs = inputs.hidden, None
+        group_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        group_stats: dict[str, dict] = {}
         if resumed:
-            layer_tensors, layer_stats = _load_partial_layer(part_file)
-        if not (resumed and last):  # a finished last layer feeds nothing downstream: no need to load it
-            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
-        if targets and not resumed:
-            grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
-            for name in targets:
-                linear = layer.get_submodule(name)
-                prefix = f"model.layers.{index}.{name}"
-                try:
-                    result = compress_linear(linear.weight.detach(), grams[gram_key(name)], options.ratio, settings)
-                except (torch.OutOfMemoryError, MemoryError):
-                    raise CompressError(
-                        f"out of memory compressing {prefix} on {device} (workspace "
-                        f"{settings.workspace_bytes / 2**30:.2f} GiB); finished layers are kept: rerun with a "
-                        "smaller --max-memory (GiB) or free memory, and the run resumes") from None
-                layer_tensors[prefix] = result.tensors
-                layer_stats[prefix] = _module_stats(result, options.value_dtype)
-                del result
+            group_tensors, group_stats = _load_partial_layer(part_file)
+            bar.update(len(group))
+        else:
+            members: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}  # shared target → its layers
+            for index in group:
+                layer = layers[index]
+                materialize(layer, f"model.layers.{index}", source, device, torch.float32)
+                targets = list(options.targets) if index in compressed else []
+                outputs = None
+                if targets:
+                    grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
+                    for name in targets:
+                        prefix = f"model.layers.{index}.{name}"
+                        weight, gram = layer.get_submodule(name).weight.detach(), grams[gram_key(name)]
+                        if name in shared:  # learned once every layer of the group is calibrated
+                            members.setdefault(name, []).append((prefix, weight, gram))
+                            continue
+                        result = _compress(prefix, device, settings, compress_linear, weight, gram,
+                                           _ratio(ratios, prefix, options.ratio), settings)
+                        group_tensors[prefix] = result.tensors
+                        group_stats[prefix] = _module_stats(result, options.value_dtype)
+                        del result
+                        return_free_memory()
+                    del grams
+                if index != group[-1]:  # the group's next layer calibrates on this one's outputs
+                    if options.sequential or outputs is None:
+                        if options.sequential:
+                            _swap_in(layer, index, group_tensors, group_stats, device)
+                        _, outputs = run_layer(layer, inputs, device)
+                    inputs.hidden = outputs
+                group_outputs = outputs
+                bar.update(1)
+            for items in members.values():
+                owner = items[0][0]
+                results = _compress(owner, device, settings, compress_shared, [w for _, w, _ in items],
+                                    [g for _, _, g in items], _ratio(ratios, owner, options.ratio), settings)
+                for (prefix, _, _), result in zip(items, results, strict=True):
+                    group_tensors[prefix] = result.tensors
+                    group_stats[prefix] = _module_stats(result, options.value_dtype, owner if prefix != owner else None)
+                del results
                 return_free_memory()
-            del grams
-            _save_partial_layer(part_file, layer_tensors, layer_stats)
-        if layer_stats:
+            del members
+            if group_stats:
+                _save_partial_layer(part_file, group_tensors, group_stats)
+        if group_stats:
             part_files.append(part_file)
-        module_stats.update(layer_stats)
-        shapes.update(_shapes(layer_stats))
-        if options.sequential and not last:
-            # Later layers calibrate on what the compressed model really feeds them (as GPTQ does).
-            for prefix, tensors in layer_tensors.items():
-                name = prefix.split(f"layers.{index}.", 1)[1]
-                weight_t = fmt.reconstruct_weight_t(tensors, shapes[prefix].k)
-                layer.get_submodule(name).weight.data = weight_t.T.contiguous().to(device)
-        del layer_tensors
-        if not last and (options.sequential or outputs is None):
-            _, outputs = run_layer(layer, inputs, device)
-        inputs.hidden = outputs if outputs is not None else inputs.hidden
-        release(layer)
+        module_stats.update(group_stats)
+        shapes.update(_shapes(group_stats))
+        if not last and (options.sequential or group_outputs is None):
+            # What the group really outputs feeds the next one: with sequential calibration, the
+            # compressed layers (shared dictionaries included, which exist only now) run again from
+            # the group's inputs; one-shot (after a resume), the original layers.
+            inputs.hidden = group_inputs
+            for index in group:
+                if resumed:
+                    materialize(layers[index], f"model.layers.{index}", source, device, torch.float32)
+                if options.sequential:
+                    _swap_in(layers[index], index, group_tensors, group_stats, device)
+                _, inputs.hidden = run_layer(layers[index], inputs, device)
+        elif not last:
+            inputs.hidden = group_outputs
+        del group_tensors
+        for index in group:
+            release(layers[index])
         return_free_memory()
         if module_stats:
             errors = [s["whitened_rel_error"] for s in module_stats.values()]
             bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
+    bar.close()
     del inputs
     return_free_memory()
 
     report = build_report(param_count, config, model_dir, options, module_stats, time.perf_counter() - started)
-    qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method)
+    if ratios is not None:
+        report["allocation"] = ratios
+    owners = {prefix: stats["dictionary"] for prefix, stats in module_stats.items() if "dictionary" in stats}
+    qconfig = quantization_config(shapes, options.value_dtype, options.k_over_s, options.ratio, options.method,
+                                  owners, options.group_size, options.allocation)
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     write_checkpoint(model_dir, out_dir, part_files, qconfig, report, dtype=dtype)
     shutil.rmtree(partial, ignore_errors=True)
@@ -396,27 +457,107 @@ def _shapes(layer_stats: dict[str, dict]) -> dict[str, fmt.LayerShape]:
     return {p: fmt.LayerShape(s["in_features"], s["out_features"], s["k"], s["s"]) for p, s in layer_stats.items()}
 
 
-def _module_stats(result, value_dtype: str) -> dict:
+def _module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
+    """The report entry of one module; ``owner``: the module whose dictionary it uses, if not its own."""
     shape = result.shape
-    return {
+    stats = {
         "k": shape.k,
         "s": shape.s,
         "structure": result.structure,
         "in_features": shape.in_features,
         "out_features": shape.out_features,
         "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
-        "bytes_stored": fmt.stored_bytes(shape, value_dtype),
+        "bytes_stored": fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None),
         "whitened_rel_error": result.whitened_rel_error,
         "unquantized_rel_error": result.unquantized_rel_error,
         "candidates": {name: round(err, 6) for name, err in result.candidates.items()},
         "damping": result.damping,
         "seconds": round(result.seconds, 3),
     }
+    if owner is not None:
+        stats["dictionary"] = owner
+    return stats
+
+
+def layer_groups(n_layers: int, group_size: int) -> list[list[int]]:
+    """Consecutive decoder layers that share dictionaries: [[0, …, G−1], [G, …], …] (the last may be shorter)."""
+    return [list(range(first, min(first + group_size, n_layers))) for first in range(0, n_layers, group_size)]
+
+
+def _ratio(ratios: dict[str, float] | None, key: str, default: float) -> float:
+    return default if ratios is None else ratios[key]
+
+
+def _compress(prefix: str, device: torch.device, settings: LayerSettings, compress, *args):
+    """``compress(*args)`` with running out of memory reported as a CompressError naming the module."""
+    try:
+        return compress(*args)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise CompressError(
+            f"out of memory compressing {prefix} on {device} (workspace "
+            f"{settings.workspace_bytes / 2**30:.2f} GiB); finished layers are kept: rerun with a "
+            "smaller --max-memory (GiB) or free memory, and the run resumes") from None
+
+
+def _swap_in(layer: torch.nn.Module, index: int, tensors: dict[str, dict[str, torch.Tensor]], stats: dict[str, dict],
+             device: torch.device) -> None:
+    """Give layer ``index``'s compressed modules their reconstructed weights (Wᵀ = D·C), so later layers
+    calibrate on what the compressed model really feeds them (as GPTQ does)."""
+    marker = f"model.layers.{index}."
+    for prefix, layer_tensors in tensors.items():
+        if not prefix.startswith(marker):
+            continue
+        owner = stats[prefix].get("dictionary", prefix)
+        layer_tensors = {**layer_tensors, fmt.DICTIONARY: tensors[owner][fmt.DICTIONARY]}
+        weight_t = fmt.reconstruct_weight_t(layer_tensors, stats[prefix]["k"])
+        layer.get_submodule(prefix[len(marker):]).weight.data = weight_t.T.contiguous().to(device)
+
+
+def sensitivity_ratios(layers, groups: list[list[int]], layer_ids: list[int], shared: set[str], inputs,
+                       source: SafetensorsSource, options: CompressOptions, device: torch.device, partial: Path,
+                       log) -> dict[str, float]:
+    """{unit key: ratio} for --allocation sensitivity (offline_compress.allocation), from one calibration
+    pass over the original layers. Saved in the partial directory, so a resumed run does not redo it.
+
+    A unit is a module, or one shared dictionary's group (key: its first member's prefix)."""
+    saved = partial / "allocation.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    hidden = inputs.hidden
+    spectra = []
+    for group in tqdm(groups, desc="measuring sensitivity", unit="group", file=sys.stderr):
+        members: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for index in group:
+            layer = layers[index]
+            materialize(layer, f"model.layers.{index}", source, device, torch.float32)
+            targets = list(options.targets) if index in layer_ids else []
+            grams, inputs.hidden = run_layer(layer, inputs, device, targets)
+            for name in targets:
+                prefix = f"model.layers.{index}.{name}"
+                weight = layer.get_submodule(name).weight.detach().cpu()
+                key = name if name in shared else prefix
+                members.setdefault(key, []).append((prefix, weight, grams[gram_key(name)]))
+            release(layer)
+        for items in members.values():
+            factor, _ = whitening_factor(torch.stack([g for _, _, g in items]).mean(0))
+            spectra.append(allocation.spectrum(items[0][0], torch.cat([w for _, w, _ in items]), factor))
+        del members
+        return_free_memory()
+    inputs.hidden = hidden
+    ratios = allocation.allocate(spectra, options.ratio, options.value_dtype)
+    by_kind: dict[str, list[float]] = {}
+    for key, ratio in ratios.items():
+        by_kind.setdefault(key.rsplit(".", 1)[1], []).append(ratio)
+    log("sensitivity allocation (mean ratio per module kind): "
+        + ", ".join(f"{kind} {sum(r) / len(r):.3f}" for kind, r in by_kind.items()))
+    saved.write_text(json.dumps(ratios, indent=1))
+    return ratios
 
 
 def differing_options(report: dict, model_dir: Path, options: CompressOptions) -> dict[str, tuple]:
     """{option: (in the report, asked for)} for every result-affecting option a finished run did differently."""
-    made = {**report.get("options", {}), "model": report.get("model_dir")}
+    defaults = CompressOptions().affecting()  # options a report predates were at their defaults then
+    made = {**defaults, **report.get("options", {}), "model": report.get("model_dir")}
     asked = {**options.affecting(), "model": str(Path(model_dir).resolve())}
     return {k: (made.get(k), v) for k, v in asked.items() if made.get(k) != v}
 

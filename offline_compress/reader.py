@@ -15,7 +15,9 @@ from offline_compress.export import iter_file_tensors, source_safetensors
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """→ (config dict, plain tensors {name: tensor}, compressed {prefix: {suffix: tensor}})."""
+    """→ (config dict, plain tensors {name: tensor}, compressed {prefix: {suffix: tensor}}).
+
+    Modules that share a dictionary all map ``dictionary`` to the one stored tensor."""
     checkpoint_dir = Path(checkpoint_dir)
     config = json.loads((checkpoint_dir / "config.json").read_text())
     qc = fmt.parse_quantization_config(config.get("quantization_config", {}))
@@ -29,6 +31,16 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
         else:
             plain[name] = tensor
     value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
+    for prefix in modules:  # a shared dictionary is stored once: every member of the group gets that tensor
+        owner = fmt.dictionary_owner(modules, prefix)
+        if owner != prefix:
+            if fmt.DICTIONARY in compressed[prefix]:
+                raise fmt.FormatError(f"tensor {prefix}.{fmt.DICTIONARY} is stored although {prefix} uses the "
+                                      f"dictionary of {owner}")
+            if fmt.DICTIONARY not in compressed[owner]:
+                raise fmt.FormatError(f"module {prefix} uses the dictionary of {owner}, but the checkpoint is "
+                                      f"missing tensor {owner}.{fmt.DICTIONARY}")
+            compressed[prefix][fmt.DICTIONARY] = compressed[owner][fmt.DICTIONARY]
     for prefix, spec in modules.items():
         tensors = compressed[prefix]
         # in/out come from the tensors themselves; a missing one is reported by check_layer_tensors.
