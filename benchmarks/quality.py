@@ -12,6 +12,9 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   svd-llm@CR          whitened truncated SVD at the CR's byte budget
   cospadi-int8@CR     K-SVD dictionary + int8 coefficient values
   cospadi-bf16@CR     K-SVD dictionary + bf16 coefficient values
+  cospadi-int8-g2@CR  dictionaries of q/k/v/gate/up shared by 2 consecutive layers (--group-size 2)
+  cospadi-int8-sens@CR  per-module ratios by sensitivity, same total bytes (--allocation sensitivity)
+  cospadi-int8-g2-sens@CR  both
 
     python benchmarks/quality.py                          # SmolLM2-135M, CR 0.2 0.3 0.4
     python benchmarks/quality.py --model /models/Llama-3.2-1B --device cuda --ratios 0.3
@@ -36,11 +39,16 @@ from offline_compress.evaluate import evaluation_windows, perplexity
 from offline_compress.pipeline import CompressOptions, compress_or_reuse
 
 RESULTS = Path(__file__).parent / "results"
-# Row name -> (--method, --value-dtype). SVD-LLM is stored like CoSpaDi-int8 with s = k.
-VARIANTS = {
-    "svd-llm": ("svd-llm", "int8"),
-    "cospadi-int8": ("cospadi", "int8"),
-    "cospadi-bf16": ("cospadi", "bfloat16"),
+# Row name -> compressor options. SVD-LLM is stored like CoSpaDi-int8 with s = k.
+VARIANTS: dict[str, dict] = {
+    "svd-llm": {"method": "svd-llm", "value_dtype": "int8"},
+    "cospadi-int8": {"method": "cospadi", "value_dtype": "int8"},
+    "cospadi-bf16": {"method": "cospadi", "value_dtype": "bfloat16"},
+    # cross-layer sharing: q/k/v/gate/up dictionaries shared by 2 consecutive layers
+    "cospadi-int8-g2": {"method": "cospadi", "value_dtype": "int8", "group_size": 2},
+    # per-module ratios from the whitened spectra, same total bytes
+    "cospadi-int8-sens": {"method": "cospadi", "value_dtype": "int8", "allocation": "sensitivity"},
+    "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity"},
 }
 
 
@@ -89,11 +97,9 @@ def evaluate_dense(model_dir: Path, windows, device, rtn: bool) -> dict:
 
 
 def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: float, windows, args) -> dict:
-    method, value_dtype = VARIANTS[variant]
     options = CompressOptions(
         ratio=ratio,
-        method=method,
-        value_dtype=value_dtype,
+        **VARIANTS[variant],
         iterations=args.iterations,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
@@ -121,6 +127,14 @@ def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: fl
     }
 
 
+def model_bytes_of(row: dict, dense: dict | None) -> int:
+    """The dense model's bytes with the compressed layers at their stored bytes (one rule for every row,
+    whatever the compressor version that wrote the row counted)."""
+    if dense is None:
+        return row["model_bytes"]
+    return dense["model_bytes"] - row["layer_bytes_dense_bf16"] + row["layer_bytes"]
+
+
 def markdown(results: dict, meta: dict, missing: list[str]) -> str:
     dense = results.get("dense")
     lines = [
@@ -132,13 +146,29 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
         "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | mean whitened error | compress time |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for rid, r in sorted(results.items(), key=lambda item: -item[1]["model_bytes"]):
+    for rid, r in sorted(results.items(), key=lambda item: -model_bytes_of(item[1], dense)):
         cr = 1 - r["layer_bytes"] / r["layer_bytes_dense_bf16"]
         delta = f"{r['perplexity'] - dense['perplexity']:+.2f}" if dense else "–"
         secs = f"{r['compress_seconds'] / 60:.1f} min" if "compress_seconds" in r else "–"
         err = f"{r['mean_whitened_rel_error']:.4f}" if "mean_whitened_rel_error" in r else "–"
-        lines.append(f"| {rid} | {r['model_bytes'] / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
+        lines.append(f"| {rid} | {model_bytes_of(r, dense) / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
                      f"{r['perplexity']:.2f} | {delta} | {err} | {secs} |")
+    sharing = []
+    for ratio in meta["ratios"]:
+        base = results.get(row_id("cospadi-int8", ratio))
+        for variant, what in (("cospadi-int8-g2", "grouped (G = 2)"), ("cospadi-int8-sens", "sensitivity allocation"),
+                              ("cospadi-int8-g2-sens", "grouped + sensitivity")):
+            row = results.get(row_id(variant, ratio))
+            if base and row:
+                change = row["perplexity"] / base["perplexity"] - 1
+                cost = row["compress_seconds"] / base["compress_seconds"]
+                sharing.append(f"- CR {ratio}: {what} {row['perplexity']:.2f} vs per-layer uniform {base['perplexity']:.2f} "
+                               f"({change * 100:+.1f} %) → **{'lower' if change < 0 else 'NOT lower'}**; compression "
+                               f"time {cost:.2f}× (layer CR {row['compression_ratio_actual']:.4f} vs "
+                               f"{base['compression_ratio_actual']:.4f})")
+    if sharing:
+        lines += ["", "Cross-layer sharing and sensitivity allocation against per-layer uniform CoSpaDi int8, same bytes:",
+                  "", *sharing]
     verdicts = []
     for ratio in meta["ratios"]:
         svd = results.get(row_id("svd-llm", ratio))
@@ -177,9 +207,11 @@ def plot(results: dict, meta: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"svd-llm": ("tab:orange", "s", "-"), "cospadi-int8": ("tab:blue", "o", "-"),
               "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
-              f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":")}
+              f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":"), "cospadi-int8-g2": ("tab:green", "D", "-"),
+              "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-")}
     for variant, (color, marker, line) in styles.items():
-        pts = sorted((r["model_bytes"] / 1e6, r["perplexity"]) for rid, r in results.items() if rid.startswith(variant + "@"))
+        pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])
+                     for rid, r in results.items() if rid.startswith(variant + "@"))
         if pts:
             label = f"{variant.removesuffix(KEPT_SUFFIX)} (previous compressor)" if variant.endswith(KEPT_SUFFIX) else variant
             ax.plot(*zip(*pts, strict=True), marker=marker, color=color, linestyle=line, label=label, alpha=0.6 if line == ":" else 1)

@@ -35,7 +35,8 @@ def hf_perplexity(model_dir: Path) -> float:
 def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     model = tiny_models["llama"]
     out, work = tmp_path / "results", tmp_path / "work"
-    rows = ["dense", "rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3"]
+    rows = ["dense", "rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-g2@0.3",
+            "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3"]
     common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
     run_quality(*common, "--iterations", "1", "--rows", *rows)
     result = json.loads((out / "quality-tiny.json").read_text())
@@ -52,12 +53,14 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     model_bf16 = 2 * sum(math.prod(s) for s in shapes.values())  # embeddings tied: stored once
     assert got["dense"]["layer_bytes"] == layer_bf16 and got["dense"]["model_bytes"] == model_bf16
     assert got["rtn-int8"]["layer_bytes"] == sum(o * i + 4 * o for o, i in targets)
-    for rid in ("rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3"):
+    for rid in ("rtn-int8", *rows[2:]):
         row = got[rid]
         assert row["model_bytes"] == model_bf16 - layer_bf16 + row["layer_bytes"], rid
     assert got["cospadi-bf16@0.3"]["options"]["value_dtype"] == "bfloat16"
-    for rid in ("svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3"):
+    for rid in rows[2:]:
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
+    assert got["cospadi-int8-g2@0.3"]["options"]["group_size"] == 2
+    assert got["cospadi-int8-sens@0.3"]["options"]["allocation"] == "sensitivity"
 
     # Perplexity: the dense row equals HF's own loss; compressed rows are finite and differ from it (a random model need not get worse).
     assert math.isclose(got["dense"]["perplexity"], hf_perplexity(model), rel_tol=1e-4)
@@ -65,6 +68,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
         assert math.isfinite(got[rid]["perplexity"]) and got[rid]["perplexity"] != got["dense"]["perplexity"]
     table = (out / "quality-tiny.md").read_text()
     assert "- CR 0.3: CoSpaDi int8" in table and "- CR 0.3: CoSpaDi bf16" in table and "Not measured" not in table
+    assert "- CR 0.3: grouped (G = 2)" in table and "- CR 0.3: sensitivity allocation" in table
     assert (out / "quality-tiny.png").stat().st_size > 10_000
 
     # Asking for other options must not report the old checkpoint: it is compressed again.
