@@ -36,13 +36,23 @@ def replays_match_eager(fn, static_input: torch.Tensor, fresh_inputs: list[torch
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_output = fn(static_input)
+    previous = None
     for x in fresh_inputs:
         static_input.copy_(x)
         graph.replay()
         torch.cuda.synchronize()
         eager = fn(x)
         assert torch.isfinite(static_output).all()
-        assert torch.equal(static_output, eager)
+        # Same kernels on the same inputs: equal up to cuBLAS picking another algorithm for x·D in capture.
+        limit = 1e-6 if x.dtype == torch.float32 else 1e-3
+        assert relative_difference(static_output, eager) < limit
+        if previous is not None:  # the replay read the new input
+            assert relative_difference(static_output, previous) > 0.1
+        previous = static_output.clone()
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 600])
@@ -69,5 +79,5 @@ def test_packed_op_under_torch_compile_in_cuda_graph(m):
     g = torch.Generator(device="cuda").manual_seed(m)
     fresh = [torch.randn(m, 256, generator=g, device="cuda").to(torch.bfloat16) for _ in range(3)]
     for x in fresh:
-        assert torch.equal(compiled(x), forward(x))
+        assert relative_difference(compiled(x), forward(x)) < 1e-2
     replays_match_eager(compiled, torch.randn(m, 256, device="cuda").to(torch.bfloat16), fresh)
