@@ -3,7 +3,7 @@
 For each Llama linear shape, compression ratio and batch M it times, on random data:
   dense          x · W                    (bf16 torch.matmul on GPU; vLLM's oneDNN handle on CPU)
   svd-llm        (x · U) · V               (bf16, rank r = CR·in·out/(in+out): same bytes as CR·dense)
-  cospadi-triton (x · D) · C, C compressed  (cospadi_vllm.triton_kernels; CUDA only)
+  cospadi-triton (x · D) · C, C compressed  (cospadi_vllm.triton_kernels on C repacked once, as served; CUDA)
   cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: cospadi_vllm.ops, C++ kernels)
 and reports time, bytes moved (each operand read once, output written once), the floor
 max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) with both ceilings measured in the same run,
@@ -12,6 +12,13 @@ time ÷ floor, and speed-up over dense.
     python benchmarks/kernel_bench.py                 # full grid on CUDA, reduced grid on CPU
     python benchmarks/kernel_bench.py --models llama3.2-1b --ratios 0.3 --m 1 16
 
+On CUDA every case is timed as vLLM's decode runs it: one CUDA graph holding one call per weight copy
+(copies rotated until they overflow L2, so weights come from HBM), replayed after warm-up, timed with
+CUDA events; the median replay over the copies is one call's time. "qkv" is Llama's merged q/k/v
+layer (three shards with their own k and s; SVD-LLM: x·[U_q U_k U_v] then one GEMM per shard).
+With TRITON_INTERPRET=1 on CPU, ``--impls cospadi-triton`` runs the kernel interpreted: a smoke test
+of this script, its times mean nothing.
+
 Writes benchmarks/results/kernels-<device>.json and .md.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -35,9 +43,11 @@ RESULTS = Path(__file__).parent / "results"
 
 # (name, in_features, out_features) per model; k/v are GQA projections.
 MODELS = {
-    "llama3-8b": [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 14336), ("down", 14336, 4096)],
+    "llama3-8b": [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 14336), ("down", 14336, 4096),
+                  ("qkv", 4096, (4096, 1024, 1024))],
     "llama3.2-1b": [("q/o", 2048, 2048), ("k/v", 2048, 512), ("gate/up", 2048, 8192), ("down", 8192, 2048)],
-    "smollm2-135m": [("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576)],
+    "smollm2-135m": [("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576),
+                     ("qkv", 576, (576, 192, 192))],
 }
 IMPLS = ("dense", "svd-llm", "cospadi-triton", "cospadi-cpu")
 ROTATE_BYTES = 256 * 2**20  # weights of one case are replicated until ≥ this, so GPU L2 never holds them
@@ -87,17 +97,48 @@ def timer(device: torch.device):
     return cpu_median
 
 
-def rotating(make, bytes_per_set: int, device: torch.device):
-    """A callable cycling through copies of make()'s operands, enough to overflow the GPU's L2 / the CPU's L3."""
+def weight_sets(make, bytes_per_set: int) -> list:
+    """Copies of make()'s operands, enough to overflow the GPU's L2 / the CPU's L3 (at most 16)."""
     copies = max(1, ROTATE_BYTES // max(bytes_per_set, 1))  # on CPU too: decode streams weights from DRAM
-    sets = [make() for _ in range(min(copies, 16))]
-    state = {"i": 0}
+    return [make() for _ in range(min(copies, 16))]
 
-    def next_set():
-        state["i"] = (state["i"] + 1) % len(sets)
-        return sets[state["i"]]
 
-    return next_set
+def seconds_per_call(call, sets: list, device: torch.device, measure, replays: int = 30) -> float:
+    """Median seconds of one call(set) over the rotating weight sets.
+
+    CUDA: one graph of len(sets) calls (no launch gaps, as vLLM's decode graphs), warm-up replays,
+    then CUDA events around each replay. CPU: wall-clock median, cycling through the sets.
+    """
+    if device.type != "cuda":
+        state = {"i": 0}
+
+        def next_call():
+            state["i"] = (state["i"] + 1) % len(sets)
+            return call(sets[state["i"]])
+
+        return measure(next_call)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile / autotune / allocate outside the capture
+        for operands in sets:
+            call(operands)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for operands in sets:
+            call(operands)
+    for _ in range(3):
+        graph.replay()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / len(sets))
+    del graph
+    return statistics.median(samples)
 
 
 def measure_ceilings(device: torch.device, measure) -> tuple[float, float]:
@@ -116,16 +157,31 @@ def measure_ceilings(device: torch.device, measure) -> tuple[float, float]:
 # ------------------------------------------------------------------ operands
 
 
-def random_cospadi(in_features: int, out_features: int, shape: fmt.LayerShape, device: torch.device):
-    """Random dictionary and random column-sparse C (s atoms per output) in the checkpoint format."""
-    support_idx = torch.rand(out_features, shape.k).argsort(dim=1)[:, : shape.s]
-    tensors = fmt.encode_coefficients(support_idx, torch.randn(out_features, shape.s), shape.k, "int8")
+def random_cospadi(in_features: int, shard_outs: tuple[int, ...], shapes: list[fmt.LayerShape],
+                   device: torch.device, value_dtype: str = "int8"):
+    """Random dictionary and random column-sparse C (s atoms per output) in the checkpoint format,
+    shards merged as the plugin merges q/k/v (dictionaries side by side, mask/values padded per row)."""
+    words = max(fmt.mask_words(shape.k) for shape in shapes)
+    s_max = max(shape.s for shape in shapes)
+    dictionaries, masks, values, scales, offsets, k_offset = [], [], [], [], [], 0
+    for out_features, shape in zip(shard_outs, shapes, strict=True):  # drawn on the device: fast for 8B shapes
+        support_idx = torch.rand(out_features, shape.k, device=device).argsort(dim=1)[:, : shape.s]
+        tensors = fmt.encode_coefficients(support_idx, torch.randn(out_features, shape.s, device=device), shape.k,
+                                          value_dtype)
+        dictionaries.append((torch.randn(in_features, shape.k, device=device) / in_features**0.5).to(torch.bfloat16))
+        masks.append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
+        row = torch.zeros(out_features, s_max, dtype=tensors[fmt.COEF_VALUES].dtype, device=device)
+        row[:, : shape.s] = tensors[fmt.COEF_VALUES]
+        values.append(row)
+        scales.append(tensors[fmt.COEF_SCALES])
+        offsets.append(torch.full((out_features,), k_offset, dtype=torch.int32, device=device))
+        k_offset += shape.k
     return {
-        "dictionary": (torch.randn(in_features, shape.k) / in_features**0.5).to(torch.bfloat16).to(device),
-        "coef_mask": tensors[fmt.COEF_MASK].to(device),
-        "coef_values": tensors[fmt.COEF_VALUES].to(device),
-        "coef_scales": tensors[fmt.COEF_SCALES].to(device),
-        "atom_offsets": torch.zeros(out_features, dtype=torch.int32, device=device),
+        "dictionary": torch.cat(dictionaries, 1).to(device),
+        "coef_mask": torch.cat(masks).to(device),
+        "coef_values": torch.cat(values).to(device),
+        "coef_scales": torch.cat(scales).to(device),
+        "atom_offsets": torch.cat(offsets).to(device),
     }
 
 
@@ -146,60 +202,82 @@ def cpu_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return ops.onednn_mm(_ONEDNN_HANDLES[id(w)][1], x, None)
 
 
-def bench_case(model, layer, in_f, out_f, ratio, ms, impls, device, measure, ceilings) -> list[Row]:
+def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, ceilings) -> list[Row]:
     bandwidth, rate = ceilings
     bf16 = 2
     _ONEDNN_HANDLES.clear()  # one case's weights at a time
-    shape = fmt.solve_k_s(in_f, out_f, ratio, 2.0, "int8")
-    rank = int(ratio * in_f * out_f / (in_f + out_f))
-    weight_bytes = {
-        "dense": in_f * out_f * bf16,
-        "svd-llm": (in_f + out_f) * rank * bf16,
-        "cospadi-triton": fmt.stored_bytes(shape, "int8"),
-        "cospadi-cpu": fmt.stored_bytes(shape, "int8"),
-    }
-    inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": shape.k, "cospadi-cpu": shape.k}
+    shard_outs = out_spec if isinstance(out_spec, tuple) else (out_spec,)
+    out_f = sum(shard_outs)
+    shapes = [fmt.solve_k_s(in_f, out, ratio, 2.0, "int8") for out in shard_outs]
+    ranks = [int(ratio * in_f * out / (in_f + out)) for out in shard_outs]
+    k_total, rank = sum(s.k for s in shapes), sum(ranks)
+    cospadi_bytes = sum(fmt.stored_bytes(shape, "int8") for shape in shapes)
+    weight_bytes = {"dense": in_f * out_f * bf16, "svd-llm": (in_f + out_f) * rank * bf16,
+                    "cospadi-triton": cospadi_bytes, "cospadi-cpu": cospadi_bytes}
+    inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": k_total, "cospadi-cpu": k_total}
+    cospadi_flops = 2 * k_total * in_f + 2 * sum(s.k * out for s, out in zip(shapes, shard_outs, strict=True))
     flops_per_row = {
         "dense": 2 * in_f * out_f,
-        "svd-llm": 2 * rank * (in_f + out_f),
-        "cospadi-triton": 2 * shape.k * (in_f + out_f),  # tl.dot runs on the expanded dense tile
-        "cospadi-cpu": 2 * shape.k * (in_f + out_f),  # every atom position of a column is walked
-    }
-    operands = {
-        "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(torch.bfloat16).to(device)},
-        "svd-llm": lambda: {
-            "u": (torch.randn(in_f, rank) / in_f**0.5).to(torch.bfloat16).to(device),
-            "v": (torch.randn(rank, out_f) / rank**0.5).to(torch.bfloat16).to(device),
-        },
-        "cospadi-triton": lambda: random_cospadi(in_f, out_f, shape, device),
+        "svd-llm": 2 * rank * in_f + 2 * sum(r * out for r, out in zip(ranks, shard_outs, strict=True)),
+        "cospadi-triton": cospadi_flops,  # every atom position of a column is walked / multiplied
+        "cospadi-cpu": cospadi_flops,
     }
 
-    operands["cospadi-cpu"] = operands["cospadi-triton"]
+    def svd_operands():
+        return {"u": (torch.randn(in_f, rank) / in_f**0.5).to(torch.bfloat16).to(device),
+                "v": [(torch.randn(r, out) / r**0.5).to(torch.bfloat16).to(device)
+                      for r, out in zip(ranks, shard_outs, strict=True)]}
+
+    def triton_operands():
+        from cospadi_vllm.gpu_layout import repack
+
+        layer_tensors = random_cospadi(in_f, shard_outs, shapes, device)
+        coef = [layer_tensors[n] for n in ("coef_mask", "coef_values", "coef_scales", "atom_offsets")]
+        return {"dictionary": layer_tensors["dictionary"], "packed": repack(*coef)}  # repacked once, as served
+
+    operands = {
+        "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(torch.bfloat16).to(device)},
+        "svd-llm": svd_operands,
+        "cospadi-triton": triton_operands,
+        "cospadi-cpu": lambda: random_cospadi(in_f, shard_outs, shapes, device),
+    }
     matmul = cpu_matmul if device.type == "cpu" else (lambda x, w: x @ w)
+
+    def svd_llm(x, o):
+        z = matmul(x, o["u"])
+        if len(o["v"]) == 1:
+            return matmul(z, o["v"][0])
+        parts, start = [], 0
+        for v in o["v"]:
+            parts.append(matmul(z[:, start:start + v.shape[0]], v))
+            start += v.shape[0]
+        return torch.cat(parts, 1)
+
     run = {
         "dense": lambda x, o: matmul(x, o["w"]),
-        "svd-llm": lambda x, o: matmul(matmul(x, o["u"]), o["v"]),
+        "svd-llm": svd_llm,
         "cospadi-cpu": lambda x, o: coefficient_product_impl(
             matmul(x, o["dictionary"]), o["coef_mask"], o["coef_values"], o["coef_scales"], o["atom_offsets"]),
     }
     if "cospadi-triton" in impls:
-        from cospadi_vllm.triton_kernels import cospadi_gemm_triton
+        from cospadi_vllm.triton_kernels import packed_coef_product
 
-        run["cospadi-triton"] = lambda x, o: cospadi_gemm_triton(x, **o)
+        run["cospadi-triton"] = lambda x, o: packed_coef_product(x @ o["dictionary"], o["packed"])
     rows = []
     for impl in impls:
-        next_set = rotating(operands[impl], weight_bytes[impl], device)
+        sets = weight_sets(operands[impl], weight_bytes[impl])
         warm_x = torch.randn(1, in_f, device=device).to(torch.bfloat16)
-        for _ in range(16):  # every copy once: oneDNN handles are made here, not inside the timing
-            run[impl](warm_x, next_set())
+        for operand_set in sets:  # every copy once: oneDNN handles are made here, not inside the timing
+            run[impl](warm_x, operand_set)
         for m in ms:
             x = torch.randn(m, in_f, device=device).to(torch.bfloat16)
-            seconds = measure(lambda x=x, impl=impl, next_set=next_set: run[impl](x, next_set()))
+            seconds = seconds_per_call(lambda o, x=x, impl=impl: run[impl](x, o), sets, device, measure)
             moved = weight_bytes[impl] + bf16 * m * (in_f + out_f + 2 * inner[impl])
             flops = flops_per_row[impl] * m
             floor = max(moved / bandwidth, flops / rate)
-            rows.append(Row(model, layer, in_f, out_f, ratio, m, impl, shape.k, shape.s, seconds, moved, flops,
-                            floor, seconds / floor, None))
+            rows.append(Row(model, layer, in_f, out_f, ratio, m, impl, k_total, sum(s.s for s in shapes), seconds,
+                            moved, flops, floor, seconds / floor, None))
+        del sets
     dense = {r.m: r.seconds for r in rows if r.impl == "dense"}
     for r in rows:
         r.speedup_vs_dense = dense[r.m] / r.seconds if r.m in dense else None
@@ -240,22 +318,22 @@ def markdown(rows: list[Row], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: llama3-8b llama3.2-1b on CUDA, smollm2-135m llama3.2-1b on CPU")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: llama3-8b on CUDA, smollm2-135m llama3.2-1b on CPU")
     parser.add_argument("--ratios", nargs="+", type=float, help="default: 0.2 0.3 0.4 on CUDA, 0.3 on CPU")
     parser.add_argument("--m", nargs="+", type=int, help="batch rows; default 1 4 16 64 512 2048 on CUDA, 1 8 64 512 on CPU")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all (cospadi-triton only on CUDA)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: dense svd-llm and cospadi-triton on CUDA, cospadi-cpu on CPU")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"
-    models = args.models or (["llama3-8b", "llama3.2-1b"] if gpu else ["smollm2-135m", "llama3.2-1b"])
+    models = args.models or (["llama3-8b"] if gpu else ["smollm2-135m", "llama3.2-1b"])
     ratios = args.ratios or ([0.2, 0.3, 0.4] if gpu else [0.3])
     ms = args.m or ([1, 4, 16, 64, 512, 2048] if gpu else [1, 8, 64, 512])
-    impls = args.impls or [i for i in IMPLS if gpu or i != "cospadi-triton"]
-    if "cospadi-triton" in impls and not gpu:
-        parser.error("cospadi-triton needs a CUDA device (the Triton interpreter is a correctness tool, not a timing)")
+    impls = args.impls or [i for i in IMPLS if i != ("cospadi-cpu" if gpu else "cospadi-triton")]
+    if "cospadi-triton" in impls and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("cospadi-triton needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run whose times mean nothing)")
 
     torch.manual_seed(0)
     measure = timer(device)
@@ -263,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device_label(device)}: copy {bandwidth / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.1f} GFLOP/s")
     rows: list[Row] = []
     for model in models:
-        for layer, in_f, out_f in MODELS[model]:
+        for layer, in_f, out_spec in MODELS[model]:
             for ratio in ratios:
-                case = bench_case(model, layer, in_f, out_f, ratio, ms, impls, device, measure, (bandwidth, rate))
+                case = bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, (bandwidth, rate))
                 for r in case:
                     print(f"{model:12s} {layer:8s} CR {ratio} M={r.m:5d} {r.impl:15s} {r.seconds * 1e6:10.1f} µs "
                           f"{r.time_over_floor:6.2f}× floor  {r.speedup_vs_dense or 0:5.2f}× dense", flush=True)
@@ -275,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "bandwidth_gbs": bandwidth / 1e9,
         "matmul_tflops": rate / 1e12,
-        "timing": "triton.testing.do_bench median, weights rotated over ≥256 MB" if gpu else
+        "timing": "median CUDA-graph replay (one call per weight copy, copies rotated over ≥256 MB so weights "
+                  "come from HBM) ÷ copies, CUDA events; ceilings by triton.testing.do_bench" if gpu else
                   "median of wall-clock repeats, weights rotated over up to 16 copies (≥256 MB where that fits) "
                   "so they come from DRAM as in decode (CPU)",
         "note": "" if gpu else "CPU run: the Triton kernel is not timed here (no GPU). Every bf16 GEMM (dense, both "

@@ -27,9 +27,15 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import BasevLLMParameter
 
-from cospadi_vllm import cpu_kernels
+from cospadi_vllm import cpu_kernels, gpu_layout
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import coefficient_product, dictionary_product, gemm_backend, register_custom_op
+from cospadi_vllm.ops import (
+    coefficient_product,
+    dictionary_product,
+    gemm_backend,
+    packed_coefficient_product,
+    register_custom_op,
+)
 
 # vLLM fuses these checkpoint modules into one layer (Llama / Qwen2 / Qwen3).
 DEFAULT_PACKED_MODULES = {
@@ -65,7 +71,9 @@ class CoSpaDiConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 70
+        # bfloat16 tl.dot needs Ampere; float8 values need 8.9, checked per layer at load
+        # (gpu_layout.check_capability names the dtype and the GPU's capability).
+        return 80
 
     @staticmethod
     def get_config_filenames() -> list[str]:
@@ -248,6 +256,19 @@ def pack_dictionary_for_cpu(layer: torch.nn.Module, dtype: torch.dtype) -> None:
     layer.dictionary = torch.nn.Parameter(torch.empty(0, dtype=dictionary.dtype), requires_grad=False)
 
 
+def pack_coefficients_for_gpu(layer: torch.nn.Module) -> None:
+    """On GPUs, C in the layout the Triton kernels read (gpu_layout.py); the stored mask and values are
+    replaced (not copied), so C is held once. The GPU's capability is checked for the value dtype here."""
+    gpu_layout.check_capability(layer.coef_values.dtype, layer.coef_values.device)
+    packed = gpu_layout.repack(layer.coef_mask.data, layer.coef_values.data, layer.coef_scales.data, layer.atom_offsets)
+    for role, data in ((fmt.COEF_MASK, packed.mask_words), (fmt.COEF_VALUES, packed.values),
+                       (fmt.COEF_SCALES, packed.scales)):
+        setattr(layer, role, torch.nn.Parameter(data, requires_grad=False))
+    layer.register_buffer("value_starts", packed.value_starts, persistent=False)
+    layer.register_buffer("shard_table", packed.shard_table, persistent=False)
+    layer.cospadi_packed = packed
+
+
 @register_weight_loader_v2_supported_method
 class CoSpaDiLinearMethod(LinearMethodBase):
     """y = (x·D)·C for one (possibly merged) linear layer."""
@@ -357,10 +378,13 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.atom_offsets = layer.atom_offsets.to(layer.coef_mask.device)
         if hasattr(layer, "atom_gather_index"):
             layer.atom_gather_index = layer.atom_gather_index.to(layer.coef_mask.device)
+        layer.cospadi_packed = None
         if gemm_backend(layer.coef_mask.device) == "cpu":
             cpu_kernels.load()  # build / load the C++ kernels now, not inside the first forward
             if owner is None:
                 pack_dictionary_for_cpu(layer, dtype)
+        else:
+            pack_coefficients_for_gpu(layer)
         if owner is None:
             self.quant_config.dictionary_layers[self.prefix] = layer
         register_custom_op()
@@ -390,7 +414,10 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             z = tensor_model_parallel_all_gather(z, dim=-1).index_select(1, layer.atom_gather_index)
         elif layer.cospadi_split == ROW:  # each rank has a partial sum over its input rows
             z = tensor_model_parallel_all_reduce(z)
-        out = coefficient_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets)
+        if layer.cospadi_packed is not None:
+            out = packed_coefficient_product(z, layer.cospadi_packed)
+        else:
+            out = coefficient_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets)
         if layer.cospadi_split == ROW:
             # This rank computed its chunk of the outputs; vLLM's all-reduce of the row-parallel
             # output then assembles them (the other ranks contribute zeros there).

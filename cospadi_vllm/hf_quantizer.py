@@ -24,7 +24,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import coefficient_product_impl, dictionary_product
+from cospadi_vllm import gpu_layout
+from cospadi_vllm.ops import coefficient_product_impl, dictionary_product, packed_coefficient_product_impl
 
 
 class CoSpaDiHfConfig(QuantizationConfigMixin):
@@ -65,6 +66,16 @@ class CoSpaDiLinear(torch.nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device))
         self.register_buffer("atom_offsets", torch.zeros(out_features, dtype=torch.int32, device=device),
                              persistent=False)
+        self._packed: gpu_layout.PackedCoefficients | None = None
+
+    def packed_coefficients(self) -> gpu_layout.PackedCoefficients:
+        """C in the GPU layout (gpu_layout.py), made on the first CUDA forward and kept beside the stored
+        tensors, which ``save_pretrained`` writes: on a GPU this module holds C twice (run one forward
+        before capturing CUDA graphs, so the repack is not captured)."""
+        if self._packed is None or self._packed.mask_words.device != self.coef_mask.device:
+            gpu_layout.check_capability(self.coef_values.dtype, self.coef_values.device)
+            self._packed = gpu_layout.repack(self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
+        return self._packed
 
     def share_dictionary_of(self, owner: CoSpaDiLinear) -> None:
         self._dictionary_owner[:] = [owner]
@@ -83,7 +94,11 @@ class CoSpaDiLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         z = dictionary_product(flat, self.dictionary_tensor())
-        y = coefficient_product_impl(z, self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
+        if z.is_cuda:
+            packed = self.packed_coefficients()
+            y = packed_coefficient_product_impl(z, *packed.tensors(), list(packed.shard_outputs))
+        else:
+            y = coefficient_product_impl(z, self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

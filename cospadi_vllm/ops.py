@@ -19,6 +19,7 @@ import torch
 
 from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
+from cospadi_vllm.gpu_layout import PackedCoefficients, repack
 
 # CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
 # (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
@@ -99,9 +100,10 @@ def coefficient_product_impl(
 ) -> torch.Tensor:
     """The body of ``torch.ops.vllm.cospadi_coefficient_product``: dispatch on the device."""
     if gemm_backend(z.device) == "triton":
-        from cospadi_vllm.triton_kernels import sparse_coef_matmul  # imports triton: GPU machines only
+        from cospadi_vllm.triton_kernels import packed_coef_product  # imports triton: GPU machines only
 
-        return sparse_coef_matmul(z, coef_mask, coef_values, coef_scales, atom_offsets, z.dtype)
+        # C as stored on a GPU: repacked per call (layers repack once at load and use the packed op).
+        return packed_coef_product(z, repack(coef_mask, coef_values, coef_scales, atom_offsets))
     return coefficient_product_cpu(z, coef_mask, coef_values, coef_scales, atom_offsets, z.dtype)
 
 
@@ -116,21 +118,58 @@ def _coefficient_product_fake(
 
 
 _REGISTERED = False
+_LIBRARY: torch.library.Library | None = None  # keeps ops defined without vLLM alive
+
+
+def _define_op(op_name: str, op_func, fake_impl) -> None:
+    """``torch.ops.vllm.<op_name>`` through vLLM's ``direct_register_custom_op`` where vLLM is
+    installed, else the same low-overhead ``torch.library`` registration done here (GPU machines with
+    only torch + transformers run the transformers integration through the same ops)."""
+    global _LIBRARY
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
+    except ImportError:
+        if _LIBRARY is None:
+            _LIBRARY = torch.library.Library("vllm", "FRAGMENT")
+        _LIBRARY.define(op_name + torch.library.infer_schema(op_func, mutates_args=()))
+        for dispatch_key in ("CPU", "CUDA"):
+            _LIBRARY.impl(op_name, op_func, dispatch_key=dispatch_key)
+        _LIBRARY._register_fake(op_name, fake_impl)
+        return
+    direct_register_custom_op(op_name=op_name, op_func=op_func, mutates_args=[], fake_impl=fake_impl)
+
+
+def packed_coefficient_product_impl(
+    z: torch.Tensor,
+    mask_words: torch.Tensor,
+    values: torch.Tensor,
+    value_starts: torch.Tensor,
+    scales: torch.Tensor,
+    shard_table: torch.Tensor,
+    shard_outputs: list[int],
+) -> torch.Tensor:
+    """The body of ``torch.ops.vllm.cospadi_packed_coefficient_product``: C in the GPU layout."""
+    from cospadi_vllm.triton_kernels import packed_coef_product  # imports triton: GPU machines only
+
+    packed = PackedCoefficients(mask_words, values, value_starts, scales, shard_table, tuple(shard_outputs))
+    return packed_coef_product(z, packed)
+
+
+def _packed_coefficient_product_fake(z, mask_words, values, value_starts, scales, shard_table, shard_outputs):
+    return z.new_empty((z.shape[0], mask_words.shape[1]))
 
 
 def register_custom_op() -> None:
-    """Register ``torch.ops.vllm.cospadi_coefficient_product`` once per process (opaque to
+    """Register ``torch.ops.vllm.cospadi_coefficient_product`` (C as stored) and
+    ``cospadi_packed_coefficient_product`` (C in the GPU layout) once per process (opaque to
     torch.compile / CUDA graphs)."""
     global _REGISTERED
     if _REGISTERED or hasattr(torch.ops.vllm, "cospadi_coefficient_product"):
         _REGISTERED = True
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op(
-        op_name="cospadi_coefficient_product", op_func=coefficient_product_impl, mutates_args=[],
-        fake_impl=_coefficient_product_fake,
-    )
+    _define_op("cospadi_coefficient_product", coefficient_product_impl, _coefficient_product_fake)
+    _define_op("cospadi_packed_coefficient_product", packed_coefficient_product_impl,
+               _packed_coefficient_product_fake)
     _REGISTERED = True
 
 
@@ -144,6 +183,12 @@ def coefficient_product(
     """Z [M, K] · C → [M, N] in Z's dtype, through the registered custom op."""
     register_custom_op()
     return torch.ops.vllm.cospadi_coefficient_product(z, coef_mask, coef_values, coef_scales, atom_offsets)
+
+
+def packed_coefficient_product(z: torch.Tensor, packed: PackedCoefficients) -> torch.Tensor:
+    """Z [M, K] · C → [M, N] in Z's dtype, C in the GPU layout, through the registered custom op."""
+    register_custom_op()
+    return torch.ops.vllm.cospadi_packed_coefficient_product(z, *packed.tensors(), list(packed.shard_outputs))
 
 
 def reference_coefficients(

@@ -1,122 +1,215 @@
-"""Triton kernel for the CoSpaDi GEMM: Y = (X·D)·C with C read compressed.
+"""Triton kernel for the CoSpaDi GEMM: Y = (X·D)·C with C read compressed, in the GPU layout.
 
-Stage 1, Z = X·D [M, K], is a plain dense GEMM and goes to cuBLAS (``torch.matmul``): K is small,
-the dictionary is dense, and nothing custom beats the vendor library there.
-Stage 2, Y = Z·C, is the kernel here. Each program owns a [BLOCK_M, BLOCK_N] output tile and walks
-the atoms in BLOCK_K steps; for every step it rebuilds the [BLOCK_K, BLOCK_N] tile of C on chip from
+Stage 1, Z = X·D [M, K], is a plain dense GEMM and goes to cuBLAS (``torch.matmul``).
+Stage 2, Y = Z·C, is the kernel here. It reads C as ``gpu_layout.repack`` lays it out at load time
+(word-major mask, 16-byte aligned value rows, value starts per group of mask words, a shard table).
 
-- ``coef_mask``  [N, W] int32: bit t of row j set ⇔ atom ``atom_offsets[j] + t`` is used by output j,
-- ``coef_values`` [N, S] int8 / float8_e4m3fn / bf16: the non-zeros of row j in increasing atom order,
-- ``coef_scales`` [N] float32: per-output scale (applied once to the accumulator, since it factors
-  out of the sum over atoms),
+One kernel serves every M; what changes with M is the tile and how the product is summed:
 
-and multiplies it with the matching Z tile with ``tl.dot``. A value's position in its row is the
-number of set bits before it: a running per-column count across K steps plus a ``tl.cumsum``
-inside the step. Merged layers (qkv, gate_up) need nothing special: mask bits are shard-relative
-and ``atom_offsets`` says where each output's shard starts in the concatenated dictionary; a tile
-only walks the atom range its columns can touch.
+- decode (M ≤ 16): GEMV-like. A program owns BLOCK_N outputs of one shard and walks their mask one
+  word (32 atoms) at a time: the BLOCK_N words are one contiguous load, each set bit's value is found
+  by its rank (popcount of the lower bits, plus the running count of the output's earlier values) in
+  the output's contiguous value row. For M ≤ 4 the products are float32 FMAs kept per atom lane and
+  summed once at the end (no tensor cores for a single row); for 4 < M ≤ 16 one 16-row ``tl.dot``.
+  Where output tiles alone would leave SMs idle, programs also split the atoms (SPLIT_K > 1, at
+  group boundaries where ``value_starts`` gives the first value) and add float32 partials after.
+- prefill (M > 16): the same expansion of each [32, BLOCK_N] piece of C in registers, multiplied with
+  the matching Z tile by ``tl.dot`` on tensor cores over 64–128-row tiles of Z.
+
+Precision: float32 activations multiply in float32 (FMA path) or tf32 (tl.dot's float32 mode); bf16
+and fp16 activations multiply in their own dtype with float32 accumulation. The per-output scale
+factors out of the sum and is applied once. Offsets that can pass 2³¹ (rows × row stride, outputs ×
+padded value row) are computed in int64.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from cospadi_vllm import format as fmt
+from cospadi_vllm.gpu_layout import WORDS_PER_GROUP, PackedCoefficients, repack
+
+DECODE_MAX_ROWS = 16  # M up to here: the decode configuration (split over atoms allowed)
+FMA_MAX_ROWS = 4  # M up to here: float32 FMAs instead of tl.dot
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _sparse_coef_matmul_kernel(
-    z_ptr, mask_ptr, values_ptr, scales_ptr, offsets_ptr, y_ptr,
-    M, N, K, WORDS, S_MAX, stride_zm, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _popcount(x, HARDWARE: tl.constexpr):
+    """Set bits of each uint32 element (int32 result): the POPC instruction when compiled, bit counting
+    by halves when interpreted (the interpreter has no libdevice)."""
+    if HARDWARE:
+        return libdevice.popc(x.to(tl.int32, bitcast=True))
+    else:
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _coef_product_kernel(
+    z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
+    M, N, K, S_PAD, stride_zm, stride_om, stride_split,
+    NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HARDWARE_POPCOUNT: tl.constexpr,
+    WORDS_PER_GROUP: tl.constexpr,
 ):
+    """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n] for this program's tile and atom split."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    # Which shard this column block belongs to: blocks are numbered shard after shard.
+    col_start = tl.full((), 0, tl.int32)
+    col_end = tl.full((), 0, tl.int32)
+    atom_start = tl.full((), 0, tl.int32)
+    atom_end = tl.full((), 0, tl.int32)
+    blocks_before = tl.full((), 0, tl.int32)
+    for i in tl.static_range(NUM_SHARDS):
+        first = tl.load(shards_ptr + 4 * i)
+        count = tl.load(shards_ptr + 4 * i + 1)
+        blocks = tl.cdiv(count, BLOCK_N)
+        mine = (pid_n >= blocks_before) & (pid_n < blocks_before + blocks)
+        col_start = tl.where(mine, first + (pid_n - blocks_before) * BLOCK_N, col_start)
+        col_end = tl.where(mine, first + count, col_end)
+        atom_start = tl.where(mine, tl.load(shards_ptr + 4 * i + 2), atom_start)
+        atom_end = tl.where(mine, tl.load(shards_ptr + 4 * i + 3), atom_end)
+        blocks_before += blocks
+    atoms = tl.minimum(atom_end, K) - atom_start  # this shard's columns of Z
+    words = tl.cdiv(atoms, 32)
+
+    # This program's words: a run of whole groups (value_starts gives the first value of a group).
+    groups = tl.cdiv(words, WORDS_PER_GROUP)
+    groups_per_split = tl.cdiv(groups, SPLIT_K)
+    w_lo = pid_k * groups_per_split * WORDS_PER_GROUP
+    w_hi = tl.minimum(w_lo + groups_per_split * WORDS_PER_GROUP, words)
+
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = col_start + tl.arange(0, BLOCK_N)
     m_ok = rm < M
-    n_ok = rn < N
-    atom_offset = tl.load(offsets_ptr + rn, mask=n_ok, other=0)
-    local_atoms = WORDS * 32
-    # Only the atoms this tile's columns can use: [min offset, max offset + 32·W) ∩ [0, K).
-    k_lo = tl.min(tl.where(n_ok, atom_offset, K), axis=0)
-    k_lo = (k_lo // BLOCK_K) * BLOCK_K
-    k_hi = tl.minimum(tl.max(tl.where(n_ok, atom_offset, 0), axis=0) + local_atoms, K)
+    n_ok = rn < col_end
+    lane = tl.arange(0, 32)
+    lane_bit = tl.full((32,), 1, tl.uint32) << lane.to(tl.uint32)
+    below = lane_bit - 1  # bits under each lane: a set bit's rank inside its word
+    z_rows = z_ptr + rm.to(tl.int64) * stride_zm + atom_start  # [BLOCK_M] pointers to this shard's Z
+    value_rows = values_ptr + rn.to(tl.int64) * S_PAD  # [BLOCK_N] pointers to each output's values
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    seen = tl.zeros((BLOCK_N,), dtype=tl.int32)  # set bits already consumed in each column's row
-    for k_start in range(k_lo, k_hi, BLOCK_K):
-        rk = k_start + tl.arange(0, BLOCK_K)
-        local = rk[:, None] - atom_offset[None, :]  # [BLOCK_K, BLOCK_N] shard-relative atom index
-        in_row = (local >= 0) & (local < local_atoms) & n_ok[None, :] & (rk[:, None] < K)
-        safe_local = tl.where(in_row, local, 0)
-        word = tl.load(mask_ptr + rn[None, :] * WORDS + safe_local // 32, mask=in_row, other=0)
-        bit = tl.where(in_row, (word >> (safe_local % 32)) & 1, 0)
-        rank = seen[None, :] + tl.cumsum(bit, axis=0) - 1
-        coef = tl.load(values_ptr + rn[None, :] * S_MAX + rank, mask=bit != 0, other=0.0)
-        seen += tl.sum(bit, axis=0)
-        z = tl.load(z_ptr + rm[:, None] * stride_zm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(z.to(DOT_DTYPE), coef.to(DOT_DTYPE))
+    has_words = (tl.zeros((BLOCK_N,), tl.int32) + w_lo) < w_hi  # a split past the shard's last group reads nothing
+    seen = tl.load(starts_ptr + (w_lo // WORDS_PER_GROUP) * N + rn, mask=n_ok & has_words, other=0)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, 32, BLOCK_N), dtype=tl.float32)  # one partial sum per atom lane
+    for w in range(w_lo, w_hi):
+        word = tl.load(mask_ptr + w * N + rn, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # [BLOCK_N]
+        used = (word[None, :] & lane_bit[:, None]) != 0  # [32, BLOCK_N]
+        rank = _popcount(word[None, :] & below[:, None], HARDWARE_POPCOUNT)
+        coef = tl.load(value_rows[None, :] + (seen[None, :] + rank), mask=used, other=0.0)
+        seen += _popcount(word, HARDWARE_POPCOUNT)
+        atom = w * 32 + lane
+        z = tl.load(z_rows[:, None] + atom[None, :], mask=m_ok[:, None] & (atom < atoms)[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(z.to(DOT_DTYPE), coef.to(DOT_DTYPE))
+        else:
+            acc += z.to(tl.float32)[:, :, None] * coef.to(tl.float32)[None, :, :]
 
+    if USE_DOT:
+        total = acc
+    else:
+        total = tl.sum(acc, axis=1)
     scale = tl.load(scales_ptr + rn, mask=n_ok, other=0.0)
-    out = acc * scale[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    out = total * scale[None, :]
+    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_split + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def block_shape(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) per regime.
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-    Decode (M ≤ 16): one M tile (tl.dot's minimum is 16) and narrow N tiles so a 4096-wide layer
-    still spreads over ≥ 128 programs; the work is reading C, so parallelism is what matters.
-    Prefill: square-ish tiles that reuse each expanded C tile across 64–128 rows of Z.
+
+def launch_config(m: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, USE_DOT, num_warps) for M rows of Z.
+
+    Decode (M ≤ 16): one row tile; float32 FMAs up to 4 rows, one 16-row tl.dot above; 64 outputs
+    per program (a warp's word loads are 128 contiguous bytes per 32 outputs). Prefill: 64×64 tiles up
+    to 256 rows, 128×128 above, so each expanded piece of C serves 64–128 rows of Z.
     """
-    if m <= 16:
-        return 16, 32, 64, 4
+    if m <= FMA_MAX_ROWS:
+        return triton.next_power_of_2(m), 64, False, 4
+    if m <= DECODE_MAX_ROWS:
+        return 16, 64, True, 4
     if m <= 256:
-        return 64, 64, 64, 4
-    return 128, 128, 32, 8
+        return 64, 64, True, 4
+    return 128, 128, True, 8
 
 
-def _dot_dtype(x: torch.Tensor):
-    # The CPU interpreter (TRITON_INTERPRET=1) computes bf16 tl.dot wrongly (checked on Triton 3.9),
-    # so interpreted runs multiply in float32; on GPUs the tensor cores take the activation dtype.
-    if not x.is_cuda:
+def split_count(m: int, column_blocks: int, words: int, device: torch.device) -> int:
+    """Splits over atoms for decode: enough programs for ~4 per SM (latency hiding for the value
+    gathers), at most one split per group of mask words. Prefill grids are large enough without."""
+    if m > DECODE_MAX_ROWS:
+        return 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    wanted = -(-4 * sms // max(column_blocks, 1))
+    return max(1, min(wanted, -(-words // WORDS_PER_GROUP)))
+
+
+def _dot_dtype(z: torch.Tensor):
+    # The interpreter computes bf16 tl.dot wrongly (checked on Triton 3.9): interpreted runs multiply
+    # in float32. On GPUs float32 stays float32 (tf32 tensor cores), bf16 / fp16 keep their dtype.
+    if not z.is_cuda or z.dtype == torch.float32:
         return tl.float32
-    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+    return tl.bfloat16 if z.dtype == torch.bfloat16 else tl.float16
 
 
-def sparse_coef_matmul(
+def packed_coef_product(
     z: torch.Tensor,
-    coef_mask: torch.Tensor,
-    coef_values: torch.Tensor,
-    coef_scales: torch.Tensor,
-    atom_offsets: torch.Tensor,
-    out_dtype: torch.dtype,
+    packed: PackedCoefficients,
+    out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
-    """z [M, K] · C → [M, N] with C given compressed (mask [N, W], values [N, S], scales [N], offsets [N]).
+    """z [M, K] · C → [M, N] with C in the GPU layout (``gpu_layout.repack``).
 
-    ``out`` (optional, [M, N] contiguous, ``out_dtype``) receives the result.
+    ``out`` (optional, [M, N] with unit column stride, any row stride) receives the result in
+    ``out_dtype`` (default: z's). ``split_k`` overrides the split over atoms (tests).
     """
+    out_dtype = out_dtype or z.dtype
     m, k = z.shape
-    n, words = coef_mask.shape
+    n = packed.out_features
     if z.stride(1) != 1:
         z = z.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=z.device) if out is None else out
-    if y.shape != (m, n) or y.dtype != out_dtype or y.stride(1) != 1:
-        raise ValueError(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor")
+    if tuple(y.shape) != (m, n) or y.dtype != out_dtype or (n > 1 and y.stride(1) != 1):
+        raise ValueError(f"out must be a [{m}, {n}] {out_dtype} tensor with unit column stride")
     if m == 0 or n == 0:
         return y
-    block_m, block_n, block_k, num_warps = block_shape(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _sparse_coef_matmul_kernel[grid](
-        z, coef_mask, coef_values, coef_scales, atom_offsets, y,
-        m, n, k, words, coef_values.shape[1], z.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=_dot_dtype(z), num_warps=num_warps,
+    block_m, block_n, use_dot, num_warps = launch_config(m)
+    column_blocks = sum(triton.cdiv(c, block_n) for c in packed.shard_outputs)
+    words = packed.mask_words.shape[0]
+    split = split_k or split_count(m, column_blocks, words, z.device)
+    target = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=z.device)
+    grid = (triton.cdiv(m, block_m), column_blocks, split)
+    _coef_product_kernel[grid](
+        z, packed.mask_words, packed.values, packed.value_starts, packed.scales, packed.shard_table, target,
+        m, n, k, packed.values.shape[1], z.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
+        NUM_SHARDS=len(packed.shard_outputs), BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+        USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(z), HARDWARE_POPCOUNT=not _interpreted(),
+        WORDS_PER_GROUP=WORDS_PER_GROUP, num_warps=num_warps,
     )
+    if split > 1:
+        y.copy_(target.sum(0))
     return y
 
 
@@ -128,8 +221,10 @@ def cospadi_gemm_triton(
     coef_scales: torch.Tensor,
     atom_offsets: torch.Tensor,
 ) -> torch.Tensor:
-    """x [M, in] → [M, out]: Z = x·D by cuBLAS, then Z·C by the kernel above."""
+    """x [M, in] → [M, out] from the stored tensors (tests and benchmarks: repacks on every call).
+
+    Serving repacks once at load time and calls :func:`packed_coef_product`."""
     if coef_mask.dtype != fmt.MASK_DTYPE:
         raise TypeError(f"coef_mask must be {fmt.MASK_DTYPE}, got {coef_mask.dtype}")
     z = x @ dictionary.to(x.dtype)
-    return sparse_coef_matmul(z, coef_mask, coef_values, coef_scales, atom_offsets, x.dtype)
+    return packed_coef_product(z, repack(coef_mask, coef_values, coef_scales, atom_offsets))

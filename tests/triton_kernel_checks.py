@@ -1,8 +1,10 @@
-"""Triton kernel vs a float64 reference of X·D·dequant(C).
+"""Triton kernel (cospadi_vllm/triton_kernels.py) vs a float64 reference of X·D·dequant(C).
 
 Collected through tests/test_triton_kernel.py: on a CUDA machine directly (compiled kernel); without a
 GPU in a child pytest with TRITON_INTERPRET=1, because Triton picks the interpreter when its modules
 are first imported and other tests import Triton (through vLLM/torch) long before this file runs.
+Interpreted runs use small layers (the interpreter runs every program in numpy); compiled runs the
+full-size ones. Needs only torch + triton (no vLLM).
 """
 
 import os
@@ -11,13 +13,26 @@ import pytest
 import torch
 
 from cospadi_vllm import format as fmt
+from cospadi_vllm.gpu_layout import repack
+from cospadi_vllm.ops import reference_coefficients
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COMPILED = DEVICE == "cuda"
+# (k, out, s) of a single-shard layer and its input width: several mask words, value groups and
+# column blocks in both modes.
+SINGLE = ((600, 1000, 250), 512) if COMPILED else ((300, 70, 121), 40)
+MERGED = ([(700, 512, 300), (330, 128, 80), (900, 128, 410)], 256) if COMPILED else \
+    ([(70, 40, 30), (33, 24, 8), (290, 70, 141)], 56)  # q/k/v-like, k and out not multiples of 32/64
+ROWS = [1, 3, 16, 17, 130, 600, 2048]
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Relative Frobenius error bounds (~3× margin): float32 exact up to summation order when interpreted,
+# tf32 (10-bit mantissa) in tl.dot on GPUs; bf16 rounds Z and Y to 8 bits, fp16 to 11.
+TOLERANCE = {torch.float32: 2e-3 if COMPILED else 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    if DEVICE == "cpu":
+    if not COMPILED:
         assert os.environ.get("TRITON_INTERPRET") == "1", "without a GPU run these through test_triton_kernel.py"
     import cospadi_vllm.triton_kernels as module
 
@@ -25,76 +40,131 @@ def kernels():
 
 
 def random_layer(shards, in_features, value_dtype, generator):
-    """A merged layer of len(shards) shards (k, out, s) with random D and random supports/values.
+    """A merged layer of len(shards) shards (k, out, s) with random D and random supports/values, in
+    the stored layout (mask [N, W], values [N, S_max] padded with real values that must not be read).
 
-    Returns the kernel's tensors and the float64 dense Wᵀ [in, out] they encode.
+    Returns the stored tensors (on DEVICE) and the float64 dense Wᵀ [in, out] they encode.
     """
     s_max = max(s for _, _, s in shards)
     words = max(fmt.mask_words(k) for k, _, _ in shards)
-    parts = {"dictionary": [], "mask": [], "values": [], "scales": [], "offsets": [], "dense": []}
+    parts = {"dictionary": [], "mask": [], "values": [], "scales": [], "offsets": []}
     k_offset = 0
     for k, out, s in shards:
         idx = torch.stack([torch.randperm(k, generator=generator)[:s] for _ in range(out)])
         tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=generator), k, value_dtype)
-        dictionary = torch.randn(in_features, k, generator=generator).to(fmt.DICTIONARY_DTYPE)
-        coef = fmt.decode_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], k)
-        parts["dictionary"].append(dictionary)
+        parts["dictionary"].append(torch.randn(in_features, k, generator=generator).to(fmt.DICTIONARY_DTYPE))
         parts["mask"].append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
         parts["values"].append(torch.cat([tensors[fmt.COEF_VALUES], tensors[fmt.COEF_VALUES][:, :1].expand(out, s_max - s)], 1))
         parts["scales"].append(tensors[fmt.COEF_SCALES])
         parts["offsets"].append(torch.full((out,), k_offset, dtype=torch.int32))
-        parts["dense"].append(dictionary.double() @ coef.double())
         k_offset += k
     layer = {
         "dictionary": torch.cat(parts["dictionary"], 1),
         "coef_mask": torch.cat(parts["mask"], 0),
-        "coef_values": torch.cat(parts["values"], 0),  # padding holds real values: must not be read
+        "coef_values": torch.cat(parts["values"], 0),
         "coef_scales": torch.cat(parts["scales"], 0),
         "atom_offsets": torch.cat(parts["offsets"], 0),
     }
-    return {name: t.to(DEVICE) for name, t in layer.items()}, torch.cat(parts["dense"], 1)
+    coef = reference_coefficients(layer["coef_mask"], layer["coef_values"], layer["coef_scales"],
+                                  layer["atom_offsets"], k_offset)
+    return {name: t.to(DEVICE) for name, t in layer.items()}, layer["dictionary"].double() @ coef
 
 
-# bf16 rounds Z = X·D and Y to 8 significant bits (relative 2⁻⁹ per entry, errors of random sign
-# add in quadrature), fp16 to 11: relative Frobenius error bounds with ~3× margin.
-TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+def coefficients(layer):
+    return [layer[n] for n in ("coef_mask", "coef_values", "coef_scales", "atom_offsets")]
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((got.double().cpu() - reference).norm() / reference.norm())
 
 
 @pytest.mark.parametrize("value_dtype", ["int8", "float8_e4m3fn", "bfloat16"])
-@pytest.mark.parametrize("m", [1, 3, 17, 130])
+@pytest.mark.parametrize("m", ROWS)
 def test_kernel_matches_float64_reference(kernels, value_dtype, m):
     g = torch.Generator().manual_seed(m)
-    layer, dense_t = random_layer([(150, 50, 61)], 40, value_dtype, g)  # k=150 (5 mask words, several K steps), out=50
-    for x_dtype in (torch.bfloat16, torch.float16):
-        x = torch.randn(m, 40, generator=g).to(x_dtype).to(DEVICE)
-        out = torch.full((m, 50), float("nan"), dtype=x_dtype, device=DEVICE)  # poisoned: every entry must be written
+    (k, out_features, s), in_features = SINGLE
+    layer, dense_t = random_layer([(k, out_features, s)], in_features, value_dtype, g)
+    packed = repack(*coefficients(layer))
+    for x_dtype in X_DTYPES:
+        x = torch.randn(m, in_features, generator=g).to(x_dtype).to(DEVICE)
+        out = torch.full((m, out_features), float("nan"), dtype=x_dtype, device=DEVICE)  # poisoned
         z = x @ layer["dictionary"].to(x_dtype)
-        y = kernels.sparse_coef_matmul(
-            z, layer["coef_mask"], layer["coef_values"], layer["coef_scales"], layer["atom_offsets"], x_dtype, out=out
-        )
+        y = kernels.packed_coef_product(z, packed, out=out)
         assert y.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
-        reference = x.double().cpu() @ dense_t
-        error = float((out.double().cpu() - reference).norm() / reference.norm())
+        error = relative_error(out, x.double().cpu() @ dense_t)
         assert error < TOLERANCE[x_dtype], (value_dtype, m, x_dtype, error)
 
 
-@pytest.mark.parametrize("m", [1, 17, 130])
+@pytest.mark.parametrize("m", [1, 5, 17, 130])
 def test_merged_three_shards_with_different_k(kernels, m):
     g = torch.Generator().manual_seed(100 + m)
-    shards = [(70, 40, 30), (33, 24, 8), (90, 70, 41)]  # q/k/v-like, k and out not multiples of 32/64
-    layer, dense_t = random_layer(shards, 56, "int8", g)
-    x = torch.randn(m, 56, generator=g).to(torch.bfloat16).to(DEVICE)
+    shards, in_features = MERGED
+    layer, dense_t = random_layer(shards, in_features, "int8", g)
+    x = torch.randn(m, in_features, generator=g).to(torch.bfloat16).to(DEVICE)
     y = kernels.cospadi_gemm_triton(x, **layer)
-    assert y.shape == (m, 134) and torch.isfinite(y).all()
+    assert y.shape == (m, sum(out for _, out, _ in shards)) and torch.isfinite(y).all()
     reference = x.double().cpu() @ dense_t
-    error = float((y.double().cpu() - reference).norm() / reference.norm())
-    assert error < TOLERANCE[torch.bfloat16], error
+    assert relative_error(y, reference) < TOLERANCE[torch.bfloat16]
     # Each shard on its own block of columns: a kernel reading another shard's atoms fails here.
-    for lo, hi in ((0, 40), (40, 64), (64, 134)):
-        block_error = (y[:, lo:hi].double().cpu() - reference[:, lo:hi]).norm() / reference[:, lo:hi].norm()
-        assert float(block_error) < TOLERANCE[torch.bfloat16]
+    start = 0
+    for _, out, _ in shards:
+        assert relative_error(y[:, start:start + out], reference[:, start:start + out]) < TOLERANCE[torch.bfloat16]
+        start += out
 
 
-def test_block_shapes_cover_both_regimes(kernels):
-    assert kernels.block_shape(1)[0] == 16 and kernels.block_shape(16)[0] == 16
-    assert kernels.block_shape(2048)[0] >= 64
+@pytest.mark.parametrize("m", [1, 4, 9])
+def test_every_split_over_atoms_gives_the_same_product(kernels, m):
+    """Decode splits the atoms over programs at group boundaries (value_starts): any split count,
+    including more splits than groups (programs with no words), gives the float64 product."""
+    g = torch.Generator().manual_seed(200 + m)
+    shards, in_features = MERGED
+    layer, dense_t = random_layer(shards, in_features, "float8_e4m3fn", g)
+    packed = repack(*coefficients(layer))
+    z = torch.randn(m, layer["dictionary"].shape[1], generator=g).to(DEVICE)
+    reference = z.double().cpu() @ reference_coefficients(*[t.cpu() for t in coefficients(layer)], z.shape[1])
+    groups = packed.value_starts.shape[0]
+    for split in sorted({1, 2, 3, groups, groups + 2}):
+        y = kernels.packed_coef_product(z, packed, split_k=split)
+        assert relative_error(y, reference) < TOLERANCE[torch.float32], split
+
+
+def test_float32_activations_beyond_float16_range(kernels):
+    """float32 activations are multiplied in float32 / tf32, not fp16: |Z| ≫ 65504 stays finite."""
+    g = torch.Generator().manual_seed(5)
+    layer, dense_t = random_layer([SINGLE[0]], SINGLE[1], "int8", g)
+    packed = repack(*coefficients(layer))
+    for m in (1, 9, 130):  # FMA, decode tl.dot, prefill tl.dot
+        x = (torch.randn(m, SINGLE[1], generator=g) * 1e5).to(DEVICE)
+        z = x @ layer["dictionary"].float()
+        assert float(z.abs().max()) > 1e6
+        y = kernels.packed_coef_product(z, packed)
+        assert torch.isfinite(y).all()
+        assert relative_error(y, x.double().cpu() @ dense_t) < TOLERANCE[torch.float32], m
+
+
+@pytest.mark.parametrize("m", [9, 17])
+def test_offsets_past_two_to_the_31(kernels, m):
+    """Row offsets rows × stride ≥ 2³¹ elements (a 70B gate_up at ~37k tokens): Z and Y are views with
+    a 2²⁸-element row stride, so row 8 starts at element 2³¹. Memory is reserved, not touched (CPU),
+    or 2 × m × 512 MiB on a GPU."""
+    g = torch.Generator().manual_seed(300 + m)
+    layer, _ = random_layer([(100, 48, 40)], 24, "int8", g)
+    packed = repack(*coefficients(layer))
+    stride = 2**28
+    z_rows = torch.empty((m, stride), dtype=torch.bfloat16, device=DEVICE)
+    y_rows = torch.empty((m, stride), dtype=torch.bfloat16, device=DEVICE)
+    z = z_rows[:, :100]
+    z.copy_(torch.randn(m, 100, generator=g).to(torch.bfloat16))
+    y = y_rows[:, :48]
+    y.fill_(float("nan"))
+    assert z.stride(0) * (m - 1) >= 2**31
+    kernels.packed_coef_product(z, packed, out=y)
+    reference = z.double().cpu() @ reference_coefficients(*[t.cpu() for t in coefficients(layer)], 100)
+    assert torch.isfinite(y).all()
+    assert relative_error(y, reference) < TOLERANCE[torch.bfloat16]
+
+
+def test_launch_config_by_rows(kernels):
+    assert [kernels.launch_config(m)[2] for m in (1, 4, 5, 16, 17, 2048)] == [False, False, True, True, True, True]
+    assert kernels.launch_config(1)[0] == 1 and kernels.launch_config(3)[0] == 4
+    assert kernels.launch_config(2048)[0] >= 64

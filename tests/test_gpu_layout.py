@@ -1,0 +1,117 @@
+"""The GPU layout of C (cospadi_vllm/gpu_layout.py), the capability check, the Triton kernel compiled
+ahead of time for Ampere / Hopper (no GPU needed), and the GPU-side modules without vLLM."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cospadi_vllm import format as fmt
+from cospadi_vllm import gpu_layout
+from cospadi_vllm.launch import ROOT
+from cospadi_vllm.ops import reference_coefficients
+from tests.test_ops import merged_layer
+
+
+def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> torch.Tensor:
+    """C [k_total, N] in float64 read from the packed layout one output at a time (plain Python walk)."""
+    dense = torch.zeros(k_total, packed.out_features, dtype=torch.float64)
+    for first, count, atom_start, atom_end in packed.shard_table.tolist():
+        for n in range(first, first + count):
+            words = packed.mask_words[:, n].tolist()
+            for g in range(packed.value_starts.shape[0]):  # every group's start is the running count
+                counted = sum(bin(w & 0xFFFFFFFF).count("1") for w in words[: g * gpu_layout.WORDS_PER_GROUP])
+                assert packed.value_starts[g, n] == counted
+            position = 0
+            for atom in range(min(atom_end, k_total) - atom_start):
+                if words[atom // 32] >> (atom % 32) & 1:
+                    dense[atom_start + atom, n] = float(packed.values[n, position]) * float(packed.scales[n])
+                    position += 1
+    return dense
+
+
+@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+def test_repacked_layout_holds_the_same_coefficients(value_dtype):
+    g = torch.Generator().manual_seed(len(value_dtype))
+    shards = [(300, 13, 120), (70, 20, 11), (33, 9, 2)]  # 10 mask words: two value groups
+    _, coef, k_total = merged_layer(value_dtype, g, shards=shards)
+    packed = gpu_layout.repack(*coef)
+    assert packed.mask_words.shape == (10, 42) and packed.mask_words.is_contiguous()
+    assert packed.values.shape[1] * packed.values.element_size() % gpu_layout.VALUE_ROW_ALIGN_BYTES == 0
+    assert packed.value_starts.shape == (2, 42) and packed.shard_outputs == (13, 20, 9)
+    assert packed.shard_table.tolist() == [[0, 13, 0, 300], [13, 20, 300, 370], [33, 9, 370, 370 + 320]]
+    assert torch.equal(dense_from_packed(packed, k_total), reference_coefficients(*coef, k_total))
+
+
+def test_capability_check_names_dtype_and_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    gpu_layout.check_capability(torch.int8, torch.device("cuda"))  # Ampere runs int8 / bf16 values
+    with pytest.raises(gpu_layout.UnsupportedGPUError, match=r"float8_e4m3fn .*>= 8\.9.*NVIDIA A10 has 8\.6"):
+        gpu_layout.check_capability(torch.float8_e4m3fn, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(gpu_layout.UnsupportedGPUError, match=r"bfloat16 .*>= 8\.0.*has 7\.5"):
+        gpu_layout.check_capability(torch.bfloat16, torch.device("cuda"))
+
+
+def test_kernel_compiles_for_ampere_and_hopper_without_spills():
+    """Ahead-of-time compilation (Triton's NVIDIA backend and ptxas, no GPU): every regime for sm_80
+    and sm_90, each dtype path once. The interpreter accepts code the compiler rejects; this does not."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cospadi_vllm import triton_kernels
+
+    pointers = ("z_ptr", "mask_ptr", "values_ptr", "starts_ptr", "scales_ptr", "shards_ptr", "out_ptr")
+    scalars = ("M", "N", "K", "S_PAD", "stride_zm", "stride_om", "stride_split")
+    cases = [(90, "bf16", "i8", 1), (90, "fp16", "fp8e4nv", 9), (90, "bf16", "bf16", 64), (90, "fp32", "i8", 512),
+             (80, "bf16", "i8", 1), (80, "fp32", "bf16", 16), (80, "bf16", "i8", 2048)]
+    dot_dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    for capability, act, values, m in cases:
+        block_m, block_n, use_dot, num_warps = triton_kernels.launch_config(m)
+        types = dict(zip(pointers, (f"*{act}", "*i32", f"*{values}", "*i32", "*fp32", "*i32", f"*{act}"), strict=True))
+        signature = {**types, **dict.fromkeys(scalars, "i32")}
+        constants = {"NUM_SHARDS": 3, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": 2 if m <= 16 else 1,
+                     "USE_DOT": use_dot, "DOT_DTYPE": dot_dtypes[act], "HARDWARE_POPCOUNT": True,
+                     "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP}
+        signature.update(dict.fromkeys(constants, "constexpr"))
+        source = ASTSource(fn=triton_kernels._coef_product_kernel, signature=signature, constexprs=constants)
+        kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+        assert kernel.asm["cubin"], (capability, act, values, m)
+        assert kernel.metadata.num_warps == num_warps
+        assert ".local" not in kernel.asm["ptx"], f"register spills: {(capability, act, values, m)}"
+
+
+NO_VLLM = """
+import sys
+sys.modules["vllm"] = None  # import vllm raises ImportError, as on the GPU machines
+import torch
+import cospadi_vllm
+from cospadi_vllm import ops, gpu_layout, hf_quantizer
+from tests.test_ops import merged_layer
+dictionary, coef, k_total = merged_layer("int8", torch.Generator().manual_seed(3))
+device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on a GPU, the C++ kernels on CPU
+z = torch.randn(5, k_total)
+y = ops.coefficient_product(z.to(device), *[t.to(device) for t in coef])  # the op registered through torch.library
+reference = z.double() @ ops.reference_coefficients(*coef, k_total)
+assert float((y.double().cpu() - reference).norm() / reference.norm()) < 1e-5
+if device == "cuda":
+    packed = gpu_layout.repack(*[t.to(device) for t in coef])
+    y = ops.packed_coefficient_product(z.to(device), packed)
+    assert float((y.double().cpu() - reference).norm() / reference.norm()) < 1e-3
+assert "vllm" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("ok")
+"""
+
+
+def test_gpu_side_modules_run_without_vllm():
+    """The GPU machines have torch, triton and transformers but no vLLM: ops (with its custom op),
+    gpu_layout and the transformers integration must import and run there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", NO_VLLM], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-2000:] + run.stderr[-3000:]
