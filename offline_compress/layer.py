@@ -6,8 +6,8 @@ A pure function of (weight, Gram, ratio, settings); the checkpoint layout comes 
 Structure search (CoSpaDi's default): at the layer's byte budget, each candidate k/s gets a short
 trial of dictionary learning; the one with the lowest whitened error continues to the full
 iteration count. The dense case s = k (SVD-LLM's structure, from the SVD the dictionary starts from
-anyway) is always evaluated after quantization too, and kept if it is better, so a module is never
-worse than SVD-LLM at the same bytes.
+anyway) is evaluated after quantization too, and kept if it is better, so a module is never worse
+than SVD-LLM at the same bytes — wherever its rank (at most min(in, out)) can spend the budget.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from offline_compress.whitening import unwhiten, whiten, whitening_factor
 METHODS = ("cospadi", "svd-llm")
 DEFAULT_K_OVER_S = (1.5, 2.0)  # k/s = 3 never won on SmolLM2 (benchmarks/results/NOTES.md item 12)
 SVD_STRUCTURE = "svd"  # name of the s = k candidate in reports
+BUDGET_USED = 0.99  # a candidate structure must store at least this share of the layer's byte budget
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,18 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
     svd_shape = layer_shape(in_features, out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
     svd_state = _svd_candidate(left, sigma, vh, svd_shape.k)
     del sigma, vh
+    # s = k is a candidate only where it can spend the budget: its rank stops at min(in, out), and a
+    # structure that leaves bytes unused would make the checkpoint smaller than asked (a shared
+    # gate/up group at CR 0.2 on SmolLM2 took full-rank SVD and ended at CR 0.223, not 0.2).
+    budget = (1.0 - ratio) * fmt.dense_bf16_bytes(in_features, out_features)
+    compare_svd = settings.searches and fmt.stored_bytes(svd_shape, settings.value_dtype) >= BUDGET_USED * budget
 
     if settings.method == "svd-llm":  # the baseline as published: no balancing, no refit
         structure, shape, (atoms, coef, mask) = SVD_STRUCTURE, svd_shape, svd_state
         unquantized = relative_error(target, atoms, coef)
         stored, _ = quantize(coef, mask, settings.value_dtype)
     elif settings.method == "cospadi":
-        if settings.searches:  # s = k as a candidate too, scored after quantization below
+        if compare_svd:  # s = k as a candidate too, scored after quantization below
             svd_unquantized = relative_error(target, *svd_state[:2])
             svd_atoms, svd_stored, svd_dequantized = quantize_and_refit(target, *svd_state, settings.value_dtype)
             candidates[SVD_STRUCTURE] = relative_error(target, svd_atoms, svd_dequantized)
@@ -151,7 +157,7 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
         atoms, stored, dequantized = quantize_and_refit(target, *state, settings.value_dtype,
                                                         rounds=settings.refit_rounds)
         del state
-        if settings.searches:  # keep whichever structure is better after quantization
+        if compare_svd:  # keep whichever structure is better after quantization
             candidates[structure] = relative_error(target, atoms, dequantized)
             if candidates[SVD_STRUCTURE] < candidates[structure]:
                 structure, shape, atoms, stored = SVD_STRUCTURE, svd_shape, svd_atoms, svd_stored
