@@ -15,6 +15,7 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   cospadi-int8-g2@CR  dictionaries of q/k/v/gate/up shared by 2 consecutive layers (--group-size 2)
   cospadi-int8-sens@CR  per-module ratios by sensitivity, same total bytes (--allocation sensitivity)
   cospadi-int8-g2-sens@CR  both
+  cospadi-int8-1shot@CR, cospadi-int8-g2-1shot@CR  per-layer and grouped, both calibrated --one-shot
 
     python benchmarks/quality.py                          # SmolLM2-135M, CR 0.2 0.3 0.4
     python benchmarks/quality.py --model /models/Llama-3.2-1B --device cuda --ratios 0.3
@@ -49,6 +50,10 @@ VARIANTS: dict[str, dict] = {
     # per-module ratios from the whitened spectra, same total bytes
     "cospadi-int8-sens": {"method": "cospadi", "value_dtype": "int8", "allocation": "sensitivity"},
     "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity"},
+    # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
+    # activations), so a group's second layer sees the same inputs in both
+    "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False},
+    "cospadi-int8-g2-1shot": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "sequential": False},
 }
 
 
@@ -155,14 +160,17 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                      f"{r['perplexity']:.2f} | {delta} | {err} | {secs} |")
     sharing = []
     for ratio in meta["ratios"]:
-        base = results.get(row_id("cospadi-int8", ratio))
-        for variant, what in (("cospadi-int8-g2", "grouped (G = 2)"), ("cospadi-int8-sens", "sensitivity allocation"),
-                              ("cospadi-int8-g2-sens", "grouped + sensitivity")):
-            row = results.get(row_id(variant, ratio))
+        for variant, what, reference in (
+                ("cospadi-int8-g2", "grouped (G = 2)", "cospadi-int8"),
+                ("cospadi-int8-sens", "sensitivity allocation", "cospadi-int8"),
+                ("cospadi-int8-g2-sens", "grouped + sensitivity", "cospadi-int8"),
+                ("cospadi-int8-g2-1shot", "grouped (G = 2), one-shot", "cospadi-int8-1shot")):
+            row, base = results.get(row_id(variant, ratio)), results.get(row_id(reference, ratio))
             if base and row:
                 change = row["perplexity"] / base["perplexity"] - 1
                 cost = row["compress_seconds"] / base["compress_seconds"]
-                sharing.append(f"- CR {ratio}: {what} {row['perplexity']:.2f} vs per-layer uniform {base['perplexity']:.2f} "
+                against = "per-layer uniform" + (", one-shot" if reference.endswith("1shot") else "")
+                sharing.append(f"- CR {ratio}: {what} {row['perplexity']:.2f} vs {against} {base['perplexity']:.2f} "
                                f"({change * 100:+.1f} %) → **{'lower' if change < 0 else 'NOT lower'}**; compression "
                                f"time {cost:.2f}× (layer CR {row['compression_ratio_actual']:.4f} vs "
                                f"{base['compression_ratio_actual']:.4f})")

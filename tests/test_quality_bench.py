@@ -36,7 +36,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     model = tiny_models["llama"]
     out, work = tmp_path / "results", tmp_path / "work"
     rows = ["dense", "rtn-int8", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-g2@0.3",
-            "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3"]
+            "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3", "cospadi-int8-1shot@0.3", "cospadi-int8-g2-1shot@0.3"]
     common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
     run_quality(*common, "--iterations", "1", "--rows", *rows)
     result = json.loads((out / "quality-tiny.json").read_text())
@@ -61,6 +61,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
     assert got["cospadi-int8-g2@0.3"]["options"]["group_size"] == 2
     assert got["cospadi-int8-sens@0.3"]["options"]["allocation"] == "sensitivity"
+    assert got["cospadi-int8-g2-1shot@0.3"]["options"]["sequential"] is False
 
     # Perplexity: the dense row equals HF's own loss; compressed rows are finite and differ from it (a random model need not get worse).
     assert math.isclose(got["dense"]["perplexity"], hf_perplexity(model), rel_tol=1e-4)
