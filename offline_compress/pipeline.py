@@ -347,84 +347,86 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     shapes: dict[str, fmt.LayerShape] = {}
     part_files: list[Path] = []
     bar = tqdm(total=len(layers), desc="compressing layers", unit="layer", file=sys.stderr)
-    for group in groups:
-        part_file = partial / f"layer-{group[0]:05d}.safetensors"
-        compressed = [index for index in group if index in layer_ids]
-        resumed = bool(compressed) and part_file.is_file()
-        last = group[-1] == len(layers) - 1
-        group_inputs, group_outputs = inputs.hidden, None
-        group_tensors: dict[str, dict[str, torch.Tensor]] = {}
-        group_stats: dict[str, dict] = {}
-        if resumed:
-            group_tensors, group_stats = _load_partial_layer(part_file)
-            bar.update(len(group))
-        else:
-            members: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}  # shared target → its layers
-            for index in group:
-                layer = layers[index]
-                materialize(layer, f"model.layers.{index}", source, device, torch.float32)
-                targets = list(options.targets) if index in compressed else []
-                outputs = None
-                if targets:
-                    grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
-                    for name in targets:
-                        prefix = f"model.layers.{index}.{name}"
-                        weight, gram = layer.get_submodule(name).weight.detach(), grams[gram_key(name)]
-                        if name in shared:  # learned once every layer of the group is calibrated
-                            members.setdefault(name, []).append((prefix, weight, gram))
-                            continue
-                        result = _compress(prefix, device, settings, compress_linear, weight, gram,
-                                           _ratio(ratios, prefix, options.ratio), settings)
+    try:  # the bar is closed before an error reaches the caller (its last line must be the error)
+        for group in groups:
+            part_file = partial / f"layer-{group[0]:05d}.safetensors"
+            compressed = [index for index in group if index in layer_ids]
+            resumed = bool(compressed) and part_file.is_file()
+            last = group[-1] == len(layers) - 1
+            group_inputs, group_outputs = inputs.hidden, None
+            group_tensors: dict[str, dict[str, torch.Tensor]] = {}
+            group_stats: dict[str, dict] = {}
+            if resumed:
+                group_tensors, group_stats = _load_partial_layer(part_file)
+                bar.update(len(group))
+            else:
+                members: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}  # shared target → its layers
+                for index in group:
+                    layer = layers[index]
+                    materialize(layer, f"model.layers.{index}", source, device, torch.float32)
+                    targets = list(options.targets) if index in compressed else []
+                    outputs = None
+                    if targets:
+                        grams, outputs = run_layer(layer, inputs, device, targets, collect_outputs=not options.sequential)
+                        for name in targets:
+                            prefix = f"model.layers.{index}.{name}"
+                            weight, gram = layer.get_submodule(name).weight.detach(), grams[gram_key(name)]
+                            if name in shared:  # learned once every layer of the group is calibrated
+                                members.setdefault(name, []).append((prefix, weight, gram))
+                                continue
+                            result = _compress(prefix, device, settings, compress_linear, weight, gram,
+                                               _ratio(ratios, prefix, options.ratio), settings)
+                            group_tensors[prefix] = result.tensors
+                            group_stats[prefix] = _module_stats(result, options.value_dtype)
+                            del result
+                            return_free_memory()
+                        del grams
+                    if index != group[-1]:  # the group's next layer calibrates on this one's outputs
+                        if options.sequential or outputs is None:
+                            if options.sequential:
+                                _swap_in(layer, index, group_tensors, group_stats, device)
+                            _, outputs = run_layer(layer, inputs, device)
+                        inputs.hidden = outputs
+                    group_outputs = outputs
+                    bar.update(1)
+                for items in members.values():
+                    owner = items[0][0]
+                    results = _compress(owner, device, settings, compress_shared, [w for _, w, _ in items],
+                                        [g for _, _, g in items], _ratio(ratios, owner, options.ratio), settings)
+                    for (prefix, _, _), result in zip(items, results, strict=True):
                         group_tensors[prefix] = result.tensors
-                        group_stats[prefix] = _module_stats(result, options.value_dtype)
-                        del result
-                        return_free_memory()
-                    del grams
-                if index != group[-1]:  # the group's next layer calibrates on this one's outputs
-                    if options.sequential or outputs is None:
-                        if options.sequential:
-                            _swap_in(layer, index, group_tensors, group_stats, device)
-                        _, outputs = run_layer(layer, inputs, device)
-                    inputs.hidden = outputs
-                group_outputs = outputs
-                bar.update(1)
-            for items in members.values():
-                owner = items[0][0]
-                results = _compress(owner, device, settings, compress_shared, [w for _, w, _ in items],
-                                    [g for _, _, g in items], _ratio(ratios, owner, options.ratio), settings)
-                for (prefix, _, _), result in zip(items, results, strict=True):
-                    group_tensors[prefix] = result.tensors
-                    group_stats[prefix] = _module_stats(result, options.value_dtype, owner if prefix != owner else None)
-                del results
-                return_free_memory()
-            del members
+                        group_stats[prefix] = _module_stats(result, options.value_dtype, owner if prefix != owner else None)
+                    del results
+                    return_free_memory()
+                del members
+                if group_stats:
+                    _save_partial_layer(part_file, group_tensors, group_stats)
             if group_stats:
-                _save_partial_layer(part_file, group_tensors, group_stats)
-        if group_stats:
-            part_files.append(part_file)
-        module_stats.update(group_stats)
-        shapes.update(_shapes(group_stats))
-        if not last and (options.sequential or group_outputs is None):
-            # What the group really outputs feeds the next one: with sequential calibration, the
-            # compressed layers (shared dictionaries included, which exist only now) run again from
-            # the group's inputs; one-shot (after a resume), the original layers.
-            inputs.hidden = group_inputs
+                part_files.append(part_file)
+            module_stats.update(group_stats)
+            shapes.update(_shapes(group_stats))
+            if not last and (options.sequential or group_outputs is None):
+                # What the group really outputs feeds the next one: with sequential calibration, the
+                # compressed layers (shared dictionaries included, which exist only now) run again from
+                # the group's inputs; one-shot (after a resume), the original layers.
+                inputs.hidden = group_inputs
+                for index in group:
+                    if resumed:
+                        materialize(layers[index], f"model.layers.{index}", source, device, torch.float32)
+                    if options.sequential:
+                        _swap_in(layers[index], index, group_tensors, group_stats, device)
+                    _, inputs.hidden = run_layer(layers[index], inputs, device)
+            elif not last:
+                inputs.hidden = group_outputs
+            del group_tensors
             for index in group:
-                if resumed:
-                    materialize(layers[index], f"model.layers.{index}", source, device, torch.float32)
-                if options.sequential:
-                    _swap_in(layers[index], index, group_tensors, group_stats, device)
-                _, inputs.hidden = run_layer(layers[index], inputs, device)
-        elif not last:
-            inputs.hidden = group_outputs
-        del group_tensors
-        for index in group:
-            release(layers[index])
-        return_free_memory()
-        if module_stats:
-            errors = [s["whitened_rel_error"] for s in module_stats.values()]
-            bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
-    bar.close()
+                release(layers[index])
+            return_free_memory()
+            if module_stats:
+                errors = [s["whitened_rel_error"] for s in module_stats.values()]
+                bar.set_postfix(mean_err=f"{sum(errors) / len(errors):.3f}")
+    finally:
+        bar.close()
     del inputs
     return_free_memory()
 
