@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cospadi_vllm import format as fmt
+from offline_compress.layer import whitened_target
 
 SPREAD = 0.25  # unit ratios in [target − SPREAD, target + SPREAD] ∩ [MIN_RATIO, MAX_RATIO]
 MIN_RATIO, MAX_RATIO = 0.02, 0.9
@@ -47,8 +48,7 @@ class UnitSpectrum:
 
 def spectrum(key: str, weight: torch.Tensor, factor: torch.Tensor) -> UnitSpectrum:
     """weight [out, in] (stacked over a group's members), factor L [in, in] of its (mean) Gram."""
-    whitened = factor.T @ weight.T.to(factor.device, torch.float64)  # Ã [in, out]
-    sigma = torch.linalg.svdvals(whitened)
+    sigma = torch.linalg.svdvals(whitened_target(weight, factor, torch.float64))  # of Ã [in, out]
     return UnitSpectrum(key, weight.shape[1], weight.shape[0], (sigma * sigma).cpu())
 
 

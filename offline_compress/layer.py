@@ -186,6 +186,13 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
 
 
 
+def shared_problem(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a shared dictionary is learned on: (stacked weight [Σ out_i, in], mean Gram [in, in]).
+
+    See ``compress_shared`` for why the mean of the layers' Grams."""
+    return torch.cat(weights, 0), torch.stack(grams).mean(0)
+
+
 def compress_shared(
     weights: list[torch.Tensor], grams: list[torch.Tensor], ratio: float, settings: LayerSettings
 ) -> list[CompressedLinear]:
@@ -201,7 +208,7 @@ def compress_shared(
     for the group. Coefficients come back per layer; only the first layer's result holds the
     dictionary tensor. ``whitened_rel_error`` of each layer is measured under its own Gram.
     """
-    group = compress_linear(torch.cat(weights, 0), torch.stack(grams).mean(0), ratio, settings)
+    group = compress_linear(*shared_problem(weights, grams), ratio, settings)
     approx_t = fmt.reconstruct_weight_t(group.tensors, group.shape.k).to(grams[0].device)
     results, row = [], 0
     for index, (weight, gram) in enumerate(zip(weights, grams, strict=True)):

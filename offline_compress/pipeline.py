@@ -31,7 +31,14 @@ from offline_compress.calibration import (
     run_layer,
 )
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
-from offline_compress.layer import DEFAULT_K_OVER_S, METHODS, LayerSettings, compress_linear, compress_shared
+from offline_compress.layer import (
+    DEFAULT_K_OVER_S,
+    METHODS,
+    LayerSettings,
+    compress_linear,
+    compress_shared,
+    shared_problem,
+)
 from offline_compress.loading import SafetensorsSource, release, return_free_memory, skeleton_model
 from offline_compress.whitening import whitening_factor
 
@@ -541,8 +548,8 @@ def sensitivity_ratios(layers, groups: list[list[int]], layer_ids: list[int], sh
                 members.setdefault(key, []).append((prefix, weight, grams[gram_key(name)]))
             release(layer)
         for items in members.values():
-            factor, _ = whitening_factor(torch.stack([g for _, _, g in items]).mean(0))
-            spectra.append(allocation.spectrum(items[0][0], torch.cat([w for _, w, _ in items]), factor))
+            weight, gram = shared_problem([w for _, w, _ in items], [g for _, _, g in items])
+            spectra.append(allocation.spectrum(items[0][0], weight, whitening_factor(gram)[0]))
         del members
         return_free_memory()
     inputs.hidden = hidden
