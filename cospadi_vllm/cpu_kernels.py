@@ -7,8 +7,11 @@ under ``~/.cache/cospadi-vllm/cpu-kernels/<cpu-flags-hash>/``, so a home directo
 different CPUs never loads a binary built for another one.
 
 Ops (namespace ``torch.ops.cospadi_cpu``):
-- ``coef_product(z, mask, values, scales, offsets, table, kind, portable)`` → y [M, N] float32
-  from z [M, K] float32 (or bfloat16 where the CPU has AVX-512 BF16); C read as stored.
+- ``coef_product(z, mask, values, scales, offsets, table, kind, portable)`` → y [M, N] in z's dtype
+  from z [M, K] float32 (or bfloat16 where the CPU has AVX-512 BF16); C read as stored. bfloat16 Z
+  with int8 values (AVX-512 VNNI + VBMI2): Z rounded per row to int16 (max |z| ↦ 32767; a relative
+  error ≤ 2⁻¹⁶ of the row's largest entry, below bf16's own 2⁻⁹ for every entry ≥ 1/128 of it),
+  products and sums exact in int32.
 - ``expand_coefficients(mask, values, scales, offsets, table, kind, row_start, out)`` writes rows of C
   densely into ``out`` [rows, width] (float32 / bfloat16) — prefill tiles for torch's GEMM.
 """
@@ -111,11 +114,17 @@ def has_bf16_kernel() -> bool:
     return _feature("has_bf16_kernel")
 
 
+def has_int16_kernel() -> bool:
+    """Whether bfloat16 Z with int8 values takes the int16 path (AVX-512 VNNI + VBMI2)."""
+    return _feature("has_int16_kernel")
+
+
 def main() -> int:
     """Build now (``make setup`` calls this), print what was built."""
     load()
     kind = "AVX-512" if has_vector_kernel() else "portable (scalar bit walk)"
     kind += " + BF16 dot products" if has_bf16_kernel() else ""
+    kind += " + int16 dot products for int8 values" if has_int16_kernel() else ""
     print(f"[setup] CoSpaDi CPU kernels built in {build_directory()}: {kind}; value dtypes "
           f"{', '.join(fmt.VALUE_DTYPES)}")
     return 0

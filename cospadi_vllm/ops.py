@@ -24,8 +24,10 @@ from cospadi_vllm.gpu_layout import PackedCoefficients, repack
 # CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
 # (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
 CPU_DIRECT_MAX_ROWS = 32
-# Output rows of C expanded per GEMM on the prefill path.
-CPU_TILE_ROWS = 256
+# Prefill: C is expanded to a dense bf16/float32 tile of at most this many bytes per GEMM (a whole
+# shard for SmolLM2; 1–2k output rows for 8B shapes). One GEMM per shard instead of one per 256 rows:
+# SmolLM2 gate_up at M = 64, 589 → 395 µs (benchmarks/results/NOTES.md). Freed after the call.
+CPU_TILE_BYTES = 8 << 20
 
 _VALUE_DECODING: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
 
@@ -69,8 +71,8 @@ def coefficient_product_cpu(
         if not (z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()):
             z = z.float()
         y = torch.ops.cospadi_cpu.coef_product(z.contiguous(), coef_mask, coef_values, coef_scales, atom_offsets,
-                                               table, kind, portable)
-        return y if out_dtype == torch.float32 else y.to(out_dtype)
+                                               table, kind, portable, out_dtype == torch.float32)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
     # Prefill: bf16 activations multiply bf16 tiles (what the dense bf16 model does), others float32.
     tile_dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
     z = z.to(tile_dtype)
@@ -80,8 +82,9 @@ def coefficient_product_cpu(
     for offset, count in zip(offsets.tolist(), counts.tolist(), strict=True):  # one shard at a time
         width = min(words * fmt.BITS_PER_WORD, k_total - offset)
         z_shard = z[:, offset : offset + width]
-        for row in range(start, start + count, CPU_TILE_ROWS):
-            rows = min(CPU_TILE_ROWS, start + count - row)
+        tile_rows = max(1, CPU_TILE_BYTES // (width * z.element_size()))
+        for row in range(start, start + count, tile_rows):
+            rows = min(tile_rows, start + count - row)
             tile = torch.empty((rows, width), dtype=tile_dtype)
             torch.ops.cospadi_cpu.expand_coefficients(
                 coef_mask, coef_values, coef_scales, atom_offsets, table, kind, row, tile, portable

@@ -39,6 +39,13 @@ def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_feature
     return dictionary, coef, k_offset
 
 
+def int16_error_bound(z: torch.Tensor, dense_c: torch.Tensor) -> torch.Tensor:
+    """|y - z·C| allowed for the int16 path: each Z entry moves by at most half a step of its row's
+    grid (max |z| / 32767), times Σ_t |C[t, j]|; plus float32 rounding of the chunk sums."""
+    step = z.double().abs().amax(1, keepdim=True) / 32767
+    return step / 2 * dense_c.abs().sum(0, keepdim=True) + 1e-6 * (z.double().abs() @ dense_c.abs())
+
+
 @pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
 @pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 300])
 def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
@@ -58,7 +65,9 @@ def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
 @pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
 def test_cpu_bf16_z_products_exact_sums_float32(value_dtype):
     """bf16 Z (vdpbf16ps kernel, one and two columns at a time): bf16 values and Z are exact, so only
-    float32 summation separates it from the float64 product of the same numbers."""
+    float32 summation separates it from the float64 product of the same numbers. int8 values on the
+    int16 path: within the bound of rounding Z to int16 (int16_error_bound)."""
+    int16_path = value_dtype == "int8" and cpu_kernels.has_int16_kernel()  # Z rounded to int16 there
     g = torch.Generator().manual_seed(len(value_dtype))
     _, coef, k_total = merged_layer(value_dtype, g)
     reference_c = reference_coefficients(*coef, k_total)
@@ -66,7 +75,49 @@ def test_cpu_bf16_z_products_exact_sums_float32(value_dtype):
         z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
         y = coefficient_product_cpu(z, *coef, torch.float32)
         reference = z.double() @ reference_c
-        assert float((y.double() - reference).norm() / reference.norm()) < 1e-6, rows
+        if int16_path:
+            assert ((y.double() - reference).abs() <= int16_error_bound(z, reference_c)).all(), rows
+        else:
+            assert float((y.double() - reference).norm() / reference.norm()) < 1e-6, rows
+
+
+@pytest.mark.parametrize(
+    "shards",
+    [SHARDS, [(8200, 6, 4100), (300, 5, 100)]],  # 8200 atoms = 257 words: past the 255-word int32 chunk
+    ids=["merged-3-shards", "long-rows"],
+)
+def test_cpu_int16_path_within_its_quantization_bound(shards):
+    """int8 values × bf16 Z on the int16 path (AVX-512 VNNI + VBMI2): within the bound set by rounding
+    Z to int16 per row, for rows of very different scales; bf16 output = the float output rounded."""
+    if not cpu_kernels.has_int16_kernel():
+        pytest.skip("this CPU has no AVX-512 VNNI + VBMI2: bf16 Z takes the float kernels")
+    g = torch.Generator().manual_seed(len(shards))
+    _, coef, k_total = merged_layer("int8", g, shards=shards, in_features=8)
+    dense_c = reference_coefficients(*coef, k_total)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17, 32):
+        row_scale = 10.0 ** torch.empty(rows, 1).uniform_(-3, 3, generator=g)
+        z = (torch.randn(rows, k_total, generator=g) * row_scale).to(torch.bfloat16)
+        z[0, 3] *= 300  # an outlier: the row's grid is set by it
+        y = coefficient_product_cpu(z, *coef, torch.float32)
+        reference = z.double() @ dense_c
+        assert y.dtype == torch.float32
+        excess = (y.double() - reference).abs() - int16_error_bound(z, dense_c)
+        assert float(excess.max()) <= 0, (rows, float(excess.max()))
+        y_bf16 = coefficient_product_cpu(z, *coef, torch.bfloat16)
+        assert y_bf16.dtype == torch.bfloat16 and torch.equal(y_bf16, y.to(torch.bfloat16)), rows
+
+
+def test_cpu_int16_path_propagates_non_finite_rows():
+    """A Z row holding inf or NaN gives NaN outputs in that row only, as a float GEMM would."""
+    if not cpu_kernels.has_int16_kernel():
+        pytest.skip("this CPU has no AVX-512 VNNI + VBMI2")
+    g = torch.Generator().manual_seed(9)
+    _, coef, k_total = merged_layer("int8", g)
+    z = torch.randn(4, k_total, generator=g).to(torch.bfloat16)
+    z[1, 5], z[2, 0] = float("inf"), float("nan")
+    y = coefficient_product_cpu(z, *coef, torch.float32)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.isfinite(y[[0, 3]]).all()
 
 
 def test_cpu_path_bf16_activations_within_bf16_rounding():
@@ -89,6 +140,22 @@ def test_registered_op_float32_equals_float64_reference():
     y = coefficient_product(dictionary_product(x, dictionary), *coef)
     assert gemm_backend(x.device) == "cpu" and y.dtype == torch.float32
     assert float((y.double() - reference).norm() / reference.norm()) < 1e-6
+
+
+def test_cpu_kernel_reads_only_the_stored_int8_values():
+    """int8 (bf16 Z: the int16 path where built): values past each row's popcount never reach a lane —
+    filling the padding with 127 changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    _, (mask, values, scales, offsets), k_total = merged_layer("int8", g)
+    z = torch.randn(4, k_total, generator=g).to(torch.bfloat16)
+    clean = coefficient_product_cpu(z, mask, values, scales, offsets, torch.float32)
+    counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
+    poisoned = values.clone()
+    for row, count in enumerate(counts.tolist()):
+        poisoned[row, count:] = 127
+    assert not torch.equal(poisoned, values)
+    y = coefficient_product_cpu(z, mask, poisoned, scales, offsets, torch.float32)
+    assert torch.equal(y, clean)
 
 
 def test_cpu_kernel_reads_only_the_stored_values():
@@ -131,8 +198,7 @@ def test_mask_check_rejects_bits_beyond_k_and_wrong_counts():
 
 
 def test_vector_kernel_built_on_avx512_machines():
-    flags = open("/proc/cpuinfo").read()
-    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq")):
-        assert cpu_kernels.has_vector_kernel()
-    else:
-        assert not cpu_kernels.has_vector_kernel()
+    flags = open("/proc/cpuinfo").read().split()
+    vector = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq"))
+    assert cpu_kernels.has_vector_kernel() == vector
+    assert cpu_kernels.has_int16_kernel() == (vector and all(f in flags for f in ("avx512_vnni", "avx512_vbmi2")))

@@ -6,9 +6,12 @@
 //   coef_scales [N]    float32 per-output scale
 // and y[m, j] = scale_j * sum_t value(j, t) * z[m, atom(j, t)].
 //
-// coef_product          decode (few rows): walks the mask 16 bits at a time; on AVX-512 a byte shuffle
-//                       puts the row's next values in the lanes of their set bits, so one masked FMA
-//                       covers 16 atoms and C is read once, as stored.
+// coef_product          decode (few rows), C read once, as stored. int8 values with bfloat16 Z (what
+//                       a bf16 model serves) on AVX-512 VNNI + VBMI2: Z is scaled per row to int16,
+//                       one vpexpandb places a mask word's 32 values in their atom lanes and one
+//                       vpdpwssd per row multiplies them exactly in int32; output in bf16. Other
+//                       value dtypes / float32 Z: a float lane placement (popcount ranks + permute)
+//                       and one FMA (float32) or vdpbf16ps (bf16 Z) per 16 / 32 atoms.
 // expand_coefficients   prefill: writes a tile of output rows of C densely ([rows, width], row-major)
 //                       so that the product with many rows of Z runs on torch's GEMM.
 //
@@ -21,9 +24,12 @@
 
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VPOPCNTDQ__)
 #define COSPADI_AVX512 1
@@ -35,6 +41,11 @@
 #define COSPADI_AVX512_BF16 1
 #else
 #define COSPADI_AVX512_BF16 0
+#endif
+#if COSPADI_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512VBMI2__)
+#define COSPADI_AVX512_INT16 1
+#else
+#define COSPADI_AVX512_INT16 0
 #endif
 
 namespace {
@@ -72,6 +83,7 @@ struct Coefficients {
   int64_t words;
   int64_t values_row_bytes;
   int kind;
+  int64_t n;  // outputs (rows of the mask)
 };
 
 // Calls visit(atom, value) for output j's non-zeros, atom relative to its shard, in atom order
@@ -226,6 +238,174 @@ constexpr auto kBf16Kernels = bf16_kernels<1>(std::make_integer_sequence<int, kR
 constexpr int kPairMaxRows = 8;
 constexpr auto kBf16PairKernels = bf16_kernels<2>(std::make_integer_sequence<int, kPairMaxRows>{});
 #endif
+
+#if COSPADI_AVX512_INT16
+// int8 values × int16 Z (each row of Z scaled to ±32767 by quantize_rows): a mask word's 32 values
+// reach their atom lanes with one vpexpandb (register form) and one sign extension, against ~14
+// vector ops for the float lane placement above, and one vpdpwssd per word and row multiplies 32
+// atoms exactly in int32 — no float conversion of C at all.
+// Overflow: a lane takes 2 products of at most 128 · 32767 per word, so 255 words fit in int32; longer
+// rows are summed in chunks of 255 words into float32.
+constexpr int64_t kInt16ChunkWords = 255;
+// Register blocking: up to 8 rows of Z × 2 columns of C = 16 int32 accumulators, 2 expanded value
+// vectors, one Z vector. Chosen on SmolLM2's gate_up with C coming from DRAM, as in serving (30
+// layers rotated, 2 threads; benchmarks/results/NOTES.md item 27): 8 × 2 98–110 µs at M = 8 and
+// 40–45 µs at M = 1; 4 × 4, the fastest with C in cache, took 187 / 133 µs there.
+constexpr int kInt16Rows = 8;
+constexpr int kInt16Cols = 2;
+
+// The 32 int8 values of one mask word in their atom lanes (zero where the bit is clear), as int8 or
+// sign-extended to int16; advances *values. Tail: the column's values lie within 32 bytes of the
+// tensor's end, where a plain 32-byte load could run past the allocation — a masked load, in its own
+// instantiation so that every other column's loop has no branch.
+template <bool Tail>
+__attribute__((always_inline)) inline __m256i word_values_int8(uint32_t bits, const uint8_t** values) {
+  const int n = __builtin_popcount(bits);
+  const __m256i raw = Tail ? _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1ull << n) - 1), *values)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(*values));
+  *values += n;
+  return _mm256_maskz_expand_epi8(bits, raw);
+}
+
+template <bool Tail>
+__attribute__((always_inline)) inline __m512i word_values_int16(uint32_t bits, const uint8_t** values) {
+  return _mm512_cvtepi8_epi16(word_values_int8<Tail>(bits, values));
+}
+
+template <typename Out>
+inline void store(Out* y, int64_t i, float v) {
+  y[i] = static_cast<Out>(v);  // c10::BFloat16 rounds to nearest even
+}
+
+// Words [w0, w1) of columns mask[0..P) (at most kInt16ChunkWords) against rows 0..R-1 of zw (Z from the
+// columns' shard offset on): adds the R × P sums to total.
+template <int R, int P, bool Tail>
+inline void dot_words(const uint32_t* const* mask, const uint8_t** values, const int16_t* zw,
+                                         int64_t ldq, int64_t w0, int64_t w1, float* total) {
+  __m512i acc[P][R];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_si512();
+  const uint8_t* v_ptr[P];
+  for (int p = 0; p < P; ++p) v_ptr[p] = values[p];
+  for (int64_t w = w0; w < w1; ++w) {
+    __m512i v[P];
+    for (int p = 0; p < P; ++p) v[p] = word_values_int16<Tail>(mask[p][w], &v_ptr[p]);
+    for (int r = 0; r < R; ++r) {
+      // Z rows are zero-padded past the last shard's last word (coef_product_int16).
+      __m512i zr = _mm512_loadu_si512(zw + r * ldq + w * 32);
+      // Keep Z in a register: GCC otherwise folds it into each dot as a memory operand, loading it
+      // P times (0.39 → 0.31 ns per row and column-word with C in cache).
+      __asm__("" : "+v"(zr));
+      for (int p = 0; p < P; ++p) acc[p][r] = _mm512_dpwssd_epi32(acc[p][r], v[p], zr);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    values[p] = v_ptr[p];
+    for (int r = 0; r < R; ++r) total[p * R + r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[p][r]));
+  }
+}
+
+// Columns j .. j+P-1 (one shard, `words` mask words each), rows m0 .. m0+R-1 of the quantized Z.
+template <int R, int P, bool Tail, typename Out>
+void columns_avx512_int16(const Coefficients& c, int64_t j, int64_t words, const int16_t* zq, int64_t ldq,
+                          const float* zscale, int64_t m0, Out* y, int64_t ldy) {
+  const uint32_t* mask[P];
+  const uint8_t* values[P];
+  float total[P * R] = {};
+  for (int p = 0; p < P; ++p) {
+    mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
+    values[p] = c.values + (j + p) * c.values_row_bytes;
+  }
+  for (int64_t w0 = 0; w0 < words; w0 += kInt16ChunkWords)
+    dot_words<R, P, Tail>(mask, values, zq + m0 * ldq + c.offsets[j], ldq, w0, std::min(words, w0 + kInt16ChunkWords),
+                          total);
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) store(y, (m0 + r) * ldy + j + p, total[p * R + r] * zscale[m0 + r] * c.scales[j + p]);
+}
+
+template <typename Out>
+using Int16Kernel = void (*)(const Coefficients&, int64_t, int64_t, const int16_t*, int64_t, const float*, int64_t, Out*,
+                             int64_t);
+template <typename Out, int P, bool Tail, int... R>
+constexpr auto int16_kernels(std::integer_sequence<int, R...>) {
+  return std::array<Int16Kernel<Out>, sizeof...(R)>{&columns_avx512_int16<R + 1, P, Tail, Out>...};
+}
+template <typename Out>
+struct Int16Kernels {
+  static constexpr auto block = int16_kernels<Out, kInt16Cols, false>(std::make_integer_sequence<int, kInt16Rows>{});
+  static constexpr auto single = int16_kernels<Out, 1, false>(std::make_integer_sequence<int, kInt16Rows>{});
+  static constexpr auto tail = int16_kernels<Out, 1, true>(std::make_integer_sequence<int, kInt16Rows>{});
+};
+
+// Z [M, K] → int16 [M, ldq] (zero after column K), scaled per row to ±32767;
+// scale[m] = max |z[m, :]| / 32767 (1 for an all-zero row, NaN for a row holding inf or NaN).
+template <typename In>
+void quantize_rows(const In* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const In* row = z + r * ldz;
+      float peak = 0.f;
+      bool finite = true;
+      for (int64_t t = 0; t < k; ++t) {
+        const float a = std::abs(static_cast<float>(row[t]));
+        peak = std::max(peak, a);
+        finite &= std::isfinite(a);  // std::max drops a NaN
+      }
+      if (!finite) {  // inf / NaN in Z: the row's outputs become NaN, as a float GEMM's would
+        scale[r] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(zq + r * ldq, zq + (r + 1) * ldq, int16_t(0));
+        continue;
+      }
+      scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
+      const float inv = peak > 0.f ? 32767.f / peak : 0.f;
+      int16_t* out = zq + r * ldq;
+      for (int64_t t = 0; t < k; ++t) out[t] = static_cast<int16_t>(std::nearbyint(static_cast<float>(row[t]) * inv));
+      std::fill(out + k, out + ldq, int16_t(0));
+    }
+  });
+}
+
+// y [M, N] in Z's dtype: the int16 path of coef_product (int8 values, bfloat16 Z).
+template <typename Out>
+void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
+  const int64_t m = z.size(0), k = z.size(1), n = c.n;
+  // Each column walks only its own shard's words (merged shards pad their masks to the longest
+  // shard: for SmolLM2's qkv, k and v would walk 9 words for 4). Shards are runs of equal offsets,
+  // in increasing order; a shard ends where the next begins (the last at k).
+  std::vector<int32_t> column_words(n);
+  int64_t shard_end = k;
+  for (int64_t j = n; j-- > 0;) {
+    if (j + 1 < n && c.offsets[j + 1] != c.offsets[j]) shard_end = c.offsets[j + 1];
+    TORCH_CHECK(c.offsets[j] <= shard_end, "atom_offsets must be non-decreasing");
+    column_words[j] = static_cast<int32_t>(std::min<int64_t>(c.words, (shard_end - c.offsets[j] + 31) / 32));
+  }
+  // Every column reads its words of Z whole from its shard's offset: the padded row covers that,
+  // and the padding is zero.
+  const int64_t ldq = std::max<int64_t>(k, c.offsets[n - 1] + 32 * column_words[n - 1]);
+  at::Tensor zq = at::empty({m, ldq}, z.options().dtype(at::kShort));
+  at::Tensor zscale = at::empty({m}, z.options().dtype(at::kFloat));
+  int16_t* q = zq.data_ptr<int16_t>();
+  float* sc = zscale.data_ptr<float>();
+  quantize_rows(reinterpret_cast<const c10::BFloat16*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    // Columns outer, row blocks inner: a column's values come from DRAM once per call and are
+    // reused from L1 by every row block.
+    for (int64_t j = begin; j < end;) {
+      const int64_t words = column_words[j];
+      // Columns whose 32-byte value loads could pass the end of the tensor (the last one or two).
+      const auto near_end = [&](int64_t col) { return c.values + (col + 1) * c.values_row_bytes + 32 > c.values_end; };
+      const bool block = j + kInt16Cols <= end && c.offsets[j + kInt16Cols - 1] == c.offsets[j] &&
+                         !near_end(j + kInt16Cols - 1);
+      for (int64_t m0 = 0; m0 < m; m0 += kInt16Rows) {
+        const int64_t rows = std::min<int64_t>(kInt16Rows, m - m0);
+        (block ? Int16Kernels<Out>::block : near_end(j) ? Int16Kernels<Out>::tail : Int16Kernels<Out>::single)[rows - 1](
+            c, j, words, q, ldq, sc, m0, y, n);
+      }
+      j += block ? kInt16Cols : 1;
+    }
+  });
+}
+#endif
 #endif
 
 Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, const at::Tensor& coef_scales,
@@ -250,18 +430,29 @@ Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, co
                       value_kind == kTable ? value_table.data_ptr<float>() : nullptr,
                       coef_mask.size(1),
                       coef_values.stride(0) * coef_values.element_size(),
-                      static_cast<int>(value_kind)};
+                      static_cast<int>(value_kind),
+                      coef_mask.size(0)};
 }
 
 at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const at::Tensor& coef_values,
                         const at::Tensor& coef_scales, const at::Tensor& atom_offsets, const at::Tensor& value_table,
-                        int64_t value_kind, bool portable) {
+                        int64_t value_kind, bool portable, bool float_out) {
   TORCH_CHECK(z.dim() == 2 && z.stride(1) == 1, "z must be [M, K] with contiguous rows");
   const bool bf16 = z.scalar_type() == at::kBFloat16;
   TORCH_CHECK(z.scalar_type() == at::kFloat || (bf16 && COSPADI_AVX512_BF16 && !portable),
               "z must be float32 (bfloat16 only with the AVX-512 BF16 kernel)");
   const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
   const int64_t m = z.size(0), n = coef_mask.size(0), ldz = z.stride(0);
+#if COSPADI_AVX512_INT16
+  if (bf16 && value_kind == kInt8) {
+    at::Tensor out = at::empty({m, n}, z.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+    if (float_out)
+      coef_product_int16(c, z, out.data_ptr<float>());
+    else
+      coef_product_int16(c, z, reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>()));
+    return out;
+  }
+#endif
   at::Tensor y = at::empty({m, n}, z.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const bool vector = COSPADI_AVX512 && !portable;
@@ -292,7 +483,7 @@ at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const 
       }
     }
   });
-  return y;
+  return float_out ? y : y.to(z.scalar_type());
 }
 
 template <typename T>
@@ -364,16 +555,18 @@ void expand_coefficients(const at::Tensor& coef_mask, const at::Tensor& coef_val
 
 bool has_vector_kernel() { return COSPADI_AVX512; }
 bool has_bf16_kernel() { return COSPADI_AVX512_BF16; }
+bool has_int16_kernel() { return COSPADI_AVX512_INT16; }
 
 }  // namespace
 
 TORCH_LIBRARY(cospadi_cpu, m) {
   m.def("coef_product(Tensor z, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
-        "Tensor value_table, int value_kind, bool portable) -> Tensor");
+        "Tensor value_table, int value_kind, bool portable, bool float_out) -> Tensor");
   m.def("expand_coefficients(Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
         "Tensor value_table, int value_kind, int row_start, Tensor(a!) out, bool portable) -> ()");
   m.def("has_vector_kernel() -> bool", &has_vector_kernel);
   m.def("has_bf16_kernel() -> bool", &has_bf16_kernel);
+  m.def("has_int16_kernel() -> bool", &has_int16_kernel);
 }
 
 TORCH_LIBRARY_IMPL(cospadi_cpu, CPU, m) {
