@@ -337,32 +337,40 @@ struct Int16Kernels {
   static constexpr auto tail = int16_kernels<Out, 1, true>(std::make_integer_sequence<int, kInt16Rows>{});
 };
 
-// Z [M, K] → int16 [M, ldq] (zero after column K), scaled per row to ±32767;
+// bfloat16 Z [M, K] → int16 [M, ldq] (zero after column K), scaled per row to ±32767;
 // scale[m] = max |z[m, :]| / 32767 (1 for an all-zero row, NaN for a row holding inf or NaN).
-template <typename In>
-void quantize_rows(const In* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const In* row = z + r * ldz;
-      float peak = 0.f;
-      bool finite = true;
-      for (int64_t t = 0; t < k; ++t) {
-        const float a = std::abs(static_cast<float>(row[t]));
-        peak = std::max(peak, a);
-        finite &= std::isfinite(a);  // std::max drops a NaN
-      }
-      if (!finite) {  // inf / NaN in Z: the row's outputs become NaN, as a float GEMM's would
-        scale[r] = std::numeric_limits<float>::quiet_NaN();
-        std::fill(zq + r * ldq, zq + (r + 1) * ldq, int16_t(0));
-        continue;
-      }
-      scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
-      const float inv = peak > 0.f ? 32767.f / peak : 0.f;
-      int16_t* out = zq + r * ldq;
-      for (int64_t t = 0; t < k; ++t) out[t] = static_cast<int16_t>(std::nearbyint(static_cast<float>(row[t]) * inv));
-      std::fill(out + k, out + ldq, int16_t(0));
+// Serial and vectorised (M·K is small next to the product): a parallel region of its own costs more
+// than the work in vLLM's thread setup. |bf16| bit patterns order like the magnitudes, so the peak is
+// an unsigned 16-bit max; rounding is to nearest even (the default MXCSR mode).
+void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
+  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), exponent = _mm512_set1_epi16(0x7F80);
+  for (int64_t r = 0; r < m; ++r) {
+    const uint16_t* row = z + r * ldz;
+    __m512i peak_bits = _mm512_setzero_si512();
+    __mmask32 non_finite = 0;
+    for (int64_t t = 0; t < k; t += 32) {
+      const __mmask32 in = k - t >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (k - t)) - 1);
+      const __m512i h = _mm512_maskz_loadu_epi16(in, row + t);
+      peak_bits = _mm512_max_epu16(peak_bits, _mm512_and_si512(h, magnitude));
+      non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, exponent), exponent);
     }
-  });
+    int16_t* out = zq + r * ldq;
+    if (non_finite) {  // inf / NaN in Z: the row's outputs become NaN, as a float GEMM's would
+      scale[r] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(out, out + ldq, int16_t(0));
+      continue;
+    }
+    const float peak = bf16_bits_to_float(static_cast<uint16_t>(_mm512_reduce_max_epu32(_mm512_cvtepu16_epi32(
+        _mm256_max_epu16(_mm512_castsi512_si256(peak_bits), _mm512_extracti64x4_epi64(peak_bits, 1))))));
+    scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(peak > 0.f ? 32767.f / peak : 0.f);
+    for (int64_t t = 0; t < k; t += 16) {
+      const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, row + t)), 16));
+      _mm256_mask_storeu_epi16(out + t, in, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+    }
+    std::fill(out + k, out + ldq, int16_t(0));
+  }
 }
 
 // y [M, N] in Z's dtype: the int16 path of coef_product (int8 values, bfloat16 Z).
@@ -386,7 +394,7 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
   at::Tensor zscale = at::empty({m}, z.options().dtype(at::kFloat));
   int16_t* q = zq.data_ptr<int16_t>();
   float* sc = zscale.data_ptr<float>();
-  quantize_rows(reinterpret_cast<const c10::BFloat16*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
+  quantize_rows(reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     // Columns outer, row blocks inner: a column's values come from DRAM once per call and are
     // reused from L1 by every row block.
