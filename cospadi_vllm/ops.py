@@ -24,6 +24,10 @@ from cospadi_vllm.gpu_layout import PackedCoefficients, repack
 # CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
 # (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
 CPU_DIRECT_MAX_ROWS = 32
+# The same for int8 values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): it beats the
+# expanded tiles up to ~150 rows on SmolLM2's layers (NOTES.md item 28), i.e. for decode batches and
+# for prefill chunks of one prompt; whole-prompt prefills above it use the tiles and torch's GEMM.
+CPU_INT16_MAX_ROWS = 160
 # Prefill: C is expanded to a dense bf16/float32 tile of at most this many bytes per GEMM (a whole
 # shard for SmolLM2; 1–2k output rows for 8B shapes). One GEMM per shard instead of one per 256 rows:
 # SmolLM2 gate_up at M = 64, 589 → 395 µs (benchmarks/results/NOTES.md). Freed after the call.
@@ -53,6 +57,12 @@ def _value_decoding(dtype: torch.dtype) -> tuple[int, torch.Tensor]:
     return _VALUE_DECODING[dtype]
 
 
+def int16_path(z_dtype: torch.dtype, value_dtype: torch.dtype) -> bool:
+    """Whether Z·C takes the int16 kernel (int8 values × bfloat16 Z on AVX-512 VNNI + VBMI2: int16
+    dot products, C expanded in registers or once per chunk of rows) up to ``CPU_INT16_MAX_ROWS``."""
+    return z_dtype == torch.bfloat16 and value_dtype == torch.int8 and cpu_kernels.has_int16_kernel()
+
+
 def coefficient_product_cpu(
     z: torch.Tensor,
     coef_mask: torch.Tensor,
@@ -67,7 +77,8 @@ def coefficient_product_cpu(
     kind, table = _value_decoding(coef_values.dtype)
     m, k_total = z.shape
     n, words = coef_mask.shape
-    if m <= direct_max_rows:
+    int16 = not portable and int16_path(z.dtype, coef_values.dtype)
+    if m <= (max(direct_max_rows, CPU_INT16_MAX_ROWS) if int16 else direct_max_rows):
         if not (z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()):
             z = z.float()
         y = torch.ops.cospadi_cpu.coef_product(z.contiguous(), coef_mask, coef_values, coef_scales, atom_offsets,

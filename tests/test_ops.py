@@ -94,7 +94,7 @@ def test_cpu_int16_path_within_its_quantization_bound(shards):
     g = torch.Generator().manual_seed(len(shards))
     _, coef, k_total = merged_layer("int8", g, shards=shards, in_features=8)
     dense_c = reference_coefficients(*coef, k_total)
-    for rows in (1, 2, 3, 4, 5, 8, 9, 17, 32):
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17, 32, 97, 150):  # 97, 150: the many-row kernel, past a 96-row chunk
         row_scale = 10.0 ** torch.empty(rows, 1).uniform_(-3, 3, generator=g)
         z = (torch.randn(rows, k_total, generator=g) * row_scale).to(torch.bfloat16)
         z[0, 3] *= 300  # an outlier: the row's grid is set by it
@@ -147,15 +147,16 @@ def test_cpu_kernel_reads_only_the_stored_int8_values():
     filling the padding with 127 changes nothing."""
     g = torch.Generator().manual_seed(4)
     _, (mask, values, scales, offsets), k_total = merged_layer("int8", g)
-    z = torch.randn(4, k_total, generator=g).to(torch.bfloat16)
-    clean = coefficient_product_cpu(z, mask, values, scales, offsets, torch.float32)
     counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
     poisoned = values.clone()
     for row, count in enumerate(counts.tolist()):
         poisoned[row, count:] = 127
     assert not torch.equal(poisoned, values)
-    y = coefficient_product_cpu(z, mask, poisoned, scales, offsets, torch.float32)
-    assert torch.equal(y, clean)
+    for rows in (4, 40):  # values expanded in registers (decode) and into a buffer (many rows)
+        z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
+        clean = coefficient_product_cpu(z, mask, values, scales, offsets, torch.float32)
+        y = coefficient_product_cpu(z, mask, poisoned, scales, offsets, torch.float32)
+        assert torch.equal(y, clean), rows
 
 
 def test_cpu_kernel_reads_only_the_stored_values():

@@ -254,6 +254,15 @@ constexpr int64_t kInt16ChunkWords = 255;
 constexpr int kInt16Rows = 8;
 constexpr int kInt16Cols = 2;
 
+// acc + the int16 pair products of a and b (vpdpwssd). With the intrinsic, GCC 12 copies every
+// accumulator to a fresh register and back on each call and spills at 16+ accumulators (the 6 × 4
+// block ran at a third of its rate); the asm, and the loops over the accumulator arrays unrolled by
+// pragma before scalar replacement, keep each accumulator in one register.
+__attribute__((always_inline)) inline __m512i dot_accumulate(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
 // The 32 int8 values of one mask word in their atom lanes (zero where the bit is clear), as int8 or
 // sign-extended to int16; advances *values. Tail: the column's values lie within 32 bytes of the
 // tensor's end, where a plain 32-byte load could run past the allocation — a masked load, in its own
@@ -277,30 +286,48 @@ inline void store(Out* y, int64_t i, float v) {
   y[i] = static_cast<Out>(v);  // c10::BFloat16 rounds to nearest even
 }
 
+// Four outputs at once: float32, or bfloat16 rounded as c10::BFloat16 does (nearest even; NaN → 0x7FC0).
+inline void store4(float* y, __m128 v) { _mm_storeu_ps(y, v); }
+inline void store4(c10::BFloat16* y, __m128 v) {
+  const __m128i bits = _mm_castps_si128(v);
+  const __m128i odd = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
+  __m128i rounded = _mm_srli_epi32(_mm_add_epi32(bits, _mm_add_epi32(odd, _mm_set1_epi32(0x7FFF))), 16);
+  rounded = _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7FC0), _mm_castps_si128(_mm_cmpunord_ps(v, v)));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(y), _mm_packus_epi32(rounded, rounded));
+}
+
 // Words [w0, w1) of columns mask[0..P) (at most kInt16ChunkWords) against rows 0..R-1 of zw (Z from the
 // columns' shard offset on): adds the R × P sums to total.
 template <int R, int P, bool Tail>
 inline void dot_words(const uint32_t* const* mask, const uint8_t** values, const int16_t* zw,
                                          int64_t ldq, int64_t w0, int64_t w1, float* total) {
   __m512i acc[P][R];
+  #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_si512();
   const uint8_t* v_ptr[P];
+  #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) v_ptr[p] = values[p];
   for (int64_t w = w0; w < w1; ++w) {
     __m512i v[P];
+    #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) v[p] = word_values_int16<Tail>(mask[p][w], &v_ptr[p]);
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       // Z rows are zero-padded past the last shard's last word (coef_product_int16).
       __m512i zr = _mm512_loadu_si512(zw + r * ldq + w * 32);
       // Keep Z in a register: GCC otherwise folds it into each dot as a memory operand, loading it
       // P times (0.39 → 0.31 ns per row and column-word with C in cache).
       __asm__("" : "+v"(zr));
-      for (int p = 0; p < P; ++p) acc[p][r] = _mm512_dpwssd_epi32(acc[p][r], v[p], zr);
+      #pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) acc[p][r] = dot_accumulate(acc[p][r], v[p], zr);
     }
   }
+  #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) {
     values[p] = v_ptr[p];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) total[p * R + r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[p][r]));
   }
 }
@@ -373,6 +400,98 @@ void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t
   }
 }
 
+// Four float32 sums at once: lane i of the result = the sum of all 16 lanes of v[i]. A shuffle tree
+// (13 vector ops for 4 sums) instead of four separate horizontal reductions (~8 ops each); with
+// ~17 mask words per column on SmolLM2's gate_up the reductions were a third of the blocked kernel.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a02 b02 a13 b13
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128-bit block
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// Many rows of Z (M > kInt16Rows: prefill and large decode batches). Each column's words are expanded
+// to int16 lanes once per chunk of kInt16ChunkRows rows, into a buffer in L1, and reused by every block
+// of kBlockRows rows; kBlockCols columns of one shard share each load of Z. Register blocking: 6 rows ×
+// 4 columns = 24 int32 accumulators + 4 value vectors + 1 Z vector.
+constexpr int kBlockRows = 6;
+constexpr int kBlockCols = 4;
+constexpr int64_t kInt16ChunkRows = 96;  // Z rows per pass over a thread's columns (≤ 200 KB: stays in L2)
+
+// The int16 lanes of column col's first `words` mask words into lanes [words × 32].
+template <bool Tail>
+void expand_column_int16(const Coefficients& c, int64_t col, int64_t words, int16_t* lanes) {
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + col * c.words);
+  const uint8_t* values = c.values + col * c.values_row_bytes;
+  for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512(lanes + w * 32, word_values_int16<Tail>(mask[w], &values));
+}
+
+// Rows m0 .. m0+R-1 × P columns whose expanded lanes are lanes[p * words * 32 ...]: adds the sums to
+// total[r] (lane p of total[r] = row r, column p; P = 1 uses lane 0).
+template <int R, int P>
+inline void block_from_lanes(const int16_t* lanes, int64_t words, const int16_t* zw, int64_t ldq, __m128* total) {
+  for (int64_t w0 = 0; w0 < words; w0 += kInt16ChunkWords) {
+    const int64_t w1 = std::min(words, w0 + kInt16ChunkWords);
+    __m512i acc[P][R];
+    #pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_si512();
+    for (int64_t w = w0; w < w1; ++w) {
+      __m512i v[P];
+      #pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) v[p] = _mm512_loadu_si512(lanes + (p * words + w) * 32);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        __m512i zr = _mm512_loadu_si512(zw + r * ldq + w * 32);
+        __asm__("" : "+v"(zr));  // one load of Z per row and word, not one per column (see dot_words)
+        #pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) acc[p][r] = dot_accumulate(acc[p][r], v[p], zr);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      if constexpr (P == 4) {
+        total[r] = _mm_add_ps(total[r], sum4(_mm512_cvtepi32_ps(acc[0][r]), _mm512_cvtepi32_ps(acc[1][r]),
+                                             _mm512_cvtepi32_ps(acc[2][r]), _mm512_cvtepi32_ps(acc[3][r])));
+      } else {
+        total[r] = _mm_add_ss(total[r], _mm_set_ss(_mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[0][r]))));
+      }
+    }
+  }
+}
+
+// Rows m0 .. m0+R-1, columns j .. j+P-1 from their expanded lanes; writes y.
+template <int R, int P, typename Out>
+void block_int16(const Coefficients& c, int64_t j, int64_t words, const int16_t* lanes, const int16_t* zq, int64_t ldq,
+                 const float* zscale, int64_t m0, Out* y, int64_t ldy) {
+  __m128 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm_setzero_ps();
+  block_from_lanes<R, P>(lanes, words, zq + m0 * ldq + c.offsets[j], ldq, total);
+  if constexpr (P == 4) {
+    const __m128 column_scale = _mm_loadu_ps(c.scales + j);
+    for (int r = 0; r < R; ++r)
+      store4(y + (m0 + r) * ldy + j, _mm_mul_ps(_mm_mul_ps(total[r], _mm_set1_ps(zscale[m0 + r])), column_scale));
+  } else {
+    for (int r = 0; r < R; ++r) store(y, (m0 + r) * ldy + j, _mm_cvtss_f32(total[r]) * zscale[m0 + r] * c.scales[j]);
+  }
+}
+
+template <typename Out>
+using BlockKernel = void (*)(const Coefficients&, int64_t, int64_t, const int16_t*, const int16_t*, int64_t, const float*,
+                             int64_t, Out*, int64_t);
+template <typename Out, int P, int... R>
+constexpr auto block_kernels(std::integer_sequence<int, R...>) {
+  return std::array<BlockKernel<Out>, sizeof...(R)>{&block_int16<R + 1, P, Out>...};
+}
+template <typename Out>
+struct BlockKernels {
+  static constexpr auto wide = block_kernels<Out, kBlockCols>(std::make_integer_sequence<int, kBlockRows>{});
+  static constexpr auto single = block_kernels<Out, 1>(std::make_integer_sequence<int, kBlockRows>{});
+};
+
 // y [M, N] in Z's dtype: the int16 path of coef_product (int8 values, bfloat16 Z).
 template <typename Out>
 void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
@@ -395,21 +514,41 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
   int16_t* q = zq.data_ptr<int16_t>();
   float* sc = zscale.data_ptr<float>();
   quantize_rows(reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    // Columns outer, row blocks inner: a column's values come from DRAM once per call and are
-    // reused from L1 by every row block.
-    for (int64_t j = begin; j < end;) {
-      const int64_t words = column_words[j];
-      // Columns whose 32-byte value loads could pass the end of the tensor (the last one or two).
-      const auto near_end = [&](int64_t col) { return c.values + (col + 1) * c.values_row_bytes + 32 > c.values_end; };
-      const bool block = j + kInt16Cols <= end && c.offsets[j + kInt16Cols - 1] == c.offsets[j] &&
-                         !near_end(j + kInt16Cols - 1);
-      for (int64_t m0 = 0; m0 < m; m0 += kInt16Rows) {
-        const int64_t rows = std::min<int64_t>(kInt16Rows, m - m0);
-        (block ? Int16Kernels<Out>::block : near_end(j) ? Int16Kernels<Out>::tail : Int16Kernels<Out>::single)[rows - 1](
-            c, j, words, q, ldq, sc, m0, y, n);
+  // Columns whose 32-byte value loads could pass the end of the tensor (the last one or two).
+  const auto near_end = [&](int64_t col) { return c.values + (col + 1) * c.values_row_bytes + 32 > c.values_end; };
+  if (m <= kInt16Rows) {
+    // Decode: one pass, C read once from memory; each word expanded in registers as it is used.
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end;) {
+        const bool block = j + kInt16Cols <= end && c.offsets[j + kInt16Cols - 1] == c.offsets[j] &&
+                           !near_end(j + kInt16Cols - 1);
+        (block ? Int16Kernels<Out>::block : near_end(j) ? Int16Kernels<Out>::tail : Int16Kernels<Out>::single)[m - 1](
+            c, j, column_words[j], q, ldq, sc, 0, y, n);
+        j += block ? kInt16Cols : 1;
       }
-      j += block ? kInt16Cols : 1;
+    });
+    return;
+  }
+  int64_t max_words = 0;
+  for (int64_t j = 0; j < n; ++j) max_words = std::max<int64_t>(max_words, column_words[j]);
+  at::parallel_for(0, n, kBlockCols * 4, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> lanes(kBlockCols * max_words * 32);
+    for (int64_t r0 = 0; r0 < m; r0 += kInt16ChunkRows) {
+      const int64_t r1 = std::min(m, r0 + kInt16ChunkRows);
+      for (int64_t j = begin; j < end;) {
+        const int64_t words = column_words[j];
+        const bool wide = j + kBlockCols <= end && c.offsets[j + kBlockCols - 1] == c.offsets[j];
+        const int64_t cols = wide ? kBlockCols : 1;
+        for (int64_t p = 0; p < cols; ++p)
+          (near_end(j + p) ? expand_column_int16<true> : expand_column_int16<false>)(c, j + p, words,
+                                                                                     lanes.data() + p * words * 32);
+        for (int64_t m0 = r0; m0 < r1; m0 += kBlockRows) {
+          const int64_t rows = std::min<int64_t>(kBlockRows, r1 - m0);
+          (wide ? BlockKernels<Out>::wide : BlockKernels<Out>::single)[rows - 1](c, j, words, lanes.data(), q, ldq, sc,
+                                                                                 m0, y, n);
+        }
+        j += cols;
+      }
     }
   });
 }
