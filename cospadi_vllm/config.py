@@ -31,6 +31,7 @@ from cospadi_vllm import cpu_kernels, gpu_layout
 from cospadi_vllm import format as fmt
 from cospadi_vllm.ops import (
     coefficient_product,
+    cpu_direct_max_rows,
     dictionary_product,
     gemm_backend,
     packed_coefficient_product,
@@ -349,6 +350,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.cospadi_shards = shards
         layer.cospadi_params_dtype = params_dtype
         layer.cospadi_dictionary_mm = None  # set on CPU by pack_dictionary_for_cpu
+        layer.cospadi_cpu_call = None  # (value kind, value table, direct_max_rows) of the C++ op, on CPU
         layer.cospadi_packed_dictionary_bytes = 0
         layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
         layer.cospadi_dictionary_shape = (input_size_per_partition, atoms_offset)
@@ -383,6 +385,11 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             cpu_kernels.load()  # build / load the C++ kernels now, not inside the first forward
             if owner is None:
                 pack_dictionary_for_cpu(layer, dtype)
+            # apply() calls the C++ op directly: the custom-op wrapper's Python was ~15 µs per call,
+            # 10–25 % of a SmolLM2 layer at decode (benchmarks/results/NOTES.md item 29).
+            values_dtype = layer.coef_values.dtype
+            layer.cospadi_cpu_call = (*cpu_kernels.value_decoding(values_dtype),
+                                      cpu_direct_max_rows(dtype, values_dtype))
         else:
             pack_coefficients_for_gpu(layer)
         if owner is None:
@@ -416,6 +423,10 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             z = tensor_model_parallel_all_reduce(z)
         if layer.cospadi_packed is not None:
             out = packed_coefficient_product(z, layer.cospadi_packed)
+        elif layer.cospadi_cpu_call is not None:
+            kind, table, direct_max_rows = layer.cospadi_cpu_call
+            out = torch.ops.cospadi_cpu.coef_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales,
+                                                     layer.atom_offsets, table, kind, False, False, direct_max_rows)
         else:
             out = coefficient_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets)
         if layer.cospadi_split == ROW:

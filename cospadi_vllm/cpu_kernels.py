@@ -7,13 +7,13 @@ under ``~/.cache/cospadi-vllm/cpu-kernels/<cpu-flags-hash>/``, so a home directo
 different CPUs never loads a binary built for another one.
 
 Ops (namespace ``torch.ops.cospadi_cpu``):
-- ``coef_product(z, mask, values, scales, offsets, table, kind, portable)`` → y [M, N] in z's dtype
-  from z [M, K] float32 (or bfloat16 where the CPU has AVX-512 BF16); C read as stored. bfloat16 Z
-  with int8 values (AVX-512 VNNI + VBMI2): Z rounded per row to int16 (max |z| ↦ 32767; a relative
-  error ≤ 2⁻¹⁶ of the row's largest entry, below bf16's own 2⁻⁹ for every entry ≥ 1/128 of it),
-  products and sums exact in int32.
-- ``expand_coefficients(mask, values, scales, offsets, table, kind, row_start, out)`` writes rows of C
-  densely into ``out`` [rows, width] (float32 / bfloat16) — prefill tiles for torch's GEMM.
+- ``coef_product(z, mask, values, scales, offsets, table, kind, portable, float_out, direct_max_rows)``
+  → y [M, N] (float32 if ``float_out``, else z's dtype) for any M. Up to ``direct_max_rows`` rows of
+  Z the direct kernels read C as stored; above it, tiles of C are expanded densely (≤ 8 MiB) and
+  multiplied by torch's GEMM. bfloat16 Z with int8 values (AVX-512 VNNI + VBMI2) takes the int16
+  kernel: Z rounded per row to int16 (max |z| ↦ 32767; a relative error ≤ 2⁻¹⁶ of the row's largest
+  entry, below bf16's own 2⁻⁹ for every entry ≥ 1/128 of it), products and sums exact in int32.
+  A fake kernel is registered, so torch.compile treats the op as opaque.
 """
 
 from __future__ import annotations
@@ -77,7 +77,17 @@ def load() -> None:
                 f"could not build the CoSpaDi CPU kernels ({SOURCE}) with the system C++ compiler: {err}. "
                 "Install g++ (Debian: apt install g++) and run `make setup` again."
             ) from err
+        _register_fake()
         _loaded = True
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing: the op is opaque to it (no Python runs inside)."""
+
+    @torch.library.register_fake("cospadi_cpu::coef_product")
+    def _coef_product_fake(z, coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind,
+                           portable, float_out, direct_max_rows):
+        return z.new_empty((z.shape[0], coef_mask.shape[0]), dtype=torch.float32 if float_out else z.dtype)
 
 
 def value_kind(dtype: torch.dtype) -> int:
@@ -95,6 +105,18 @@ def value_table(dtype: torch.dtype) -> torch.Tensor:
     if dtype.itemsize != 1 or dtype == torch.int8:
         return torch.empty(0)
     return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
+_DECODING: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+
+
+def value_decoding(dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(value_kind, value_table) arguments of ``coef_product`` for values of ``dtype``; the first call
+    also loads the kernels."""
+    if dtype not in _DECODING:
+        load()
+        _DECODING[dtype] = (value_kind(dtype), value_table(dtype))
+    return _DECODING[dtype]
 
 
 def _feature(name: str) -> bool:

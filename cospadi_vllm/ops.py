@@ -3,7 +3,7 @@
 - ``dictionary_product``: Z = X·D, a dense GEMM (torch / cuBLAS / oneDNN). D stays in its stored
   bfloat16; float32 activations multiply a transient float32 copy.
 - ``coefficient_product``: Y = Z·C with C read as stored (mask + values + scales). On GPUs the Triton
-  kernel (``triton_kernels``); on CPU the C++ kernels (``cpu_kernels``): a direct sparse product for
+  kernel (``triton_kernels``); on CPU one C++ op (``cpu_kernels``): a direct sparse product for
   decode-sized M, and for prefill-sized M dense tiles of C expanded on the fly (a few MB, freed after
   the call) multiplied by torch's GEMM. No layer keeps a dense copy of C.
 
@@ -21,20 +21,14 @@ from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
 from cospadi_vllm.gpu_layout import PackedCoefficients, repack
 
-# CPU: up to this many rows of Z the direct sparse kernel wins; above it, expanded tiles + GEMM
-# (measured on the 2-core AVX-512 machine, benchmarks/results/NOTES.md).
+# CPU: up to this many rows of Z the direct sparse kernels win; above it, tiles of C expanded to
+# bf16/float32 (≤ 8 MiB, freed after the call) and multiplied by torch's GEMM. Both inside one C++
+# op (cpu_kernels); measured on the 2-core AVX-512 machine (benchmarks/results/NOTES.md).
 CPU_DIRECT_MAX_ROWS = 32
 # The same for int8 values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): it beats the
 # expanded tiles up to ~150 rows on SmolLM2's layers (NOTES.md item 28), i.e. for decode batches and
-# for prefill chunks of one prompt; whole-prompt prefills above it use the tiles and torch's GEMM.
+# for prefill chunks of one prompt; whole-prompt prefills above it use the tiles.
 CPU_INT16_MAX_ROWS = 160
-# Prefill: C is expanded to a dense bf16/float32 tile of at most this many bytes per GEMM (a whole
-# shard for SmolLM2; 1–2k output rows for 8B shapes). One GEMM per shard instead of one per 256 rows:
-# SmolLM2 gate_up at M = 64, 589 → 395 µs (benchmarks/results/NOTES.md). Freed after the call.
-CPU_TILE_BYTES = 8 << 20
-
-_VALUE_DECODING: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
-
 
 def dictionary_product(x: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D [in, k] → Z [M, k] in x's dtype."""
@@ -49,18 +43,15 @@ def gemm_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
-def _value_decoding(dtype: torch.dtype) -> tuple[int, torch.Tensor]:
-    """(value_kind, table) for the C++ ops; the first call per dtype also loads the kernels."""
-    if dtype not in _VALUE_DECODING:
-        cpu_kernels.load()
-        _VALUE_DECODING[dtype] = (cpu_kernels.value_kind(dtype), cpu_kernels.value_table(dtype))
-    return _VALUE_DECODING[dtype]
-
-
 def int16_path(z_dtype: torch.dtype, value_dtype: torch.dtype) -> bool:
     """Whether Z·C takes the int16 kernel (int8 values × bfloat16 Z on AVX-512 VNNI + VBMI2: int16
     dot products, C expanded in registers or once per chunk of rows) up to ``CPU_INT16_MAX_ROWS``."""
     return z_dtype == torch.bfloat16 and value_dtype == torch.int8 and cpu_kernels.has_int16_kernel()
+
+
+def cpu_direct_max_rows(z_dtype: torch.dtype, value_dtype: torch.dtype) -> int:
+    """Rows of Z up to which the C++ op uses its direct kernels (above: expanded tiles + GEMM)."""
+    return CPU_INT16_MAX_ROWS if int16_path(z_dtype, value_dtype) else CPU_DIRECT_MAX_ROWS
 
 
 def coefficient_product_cpu(
@@ -70,39 +61,17 @@ def coefficient_product_cpu(
     coef_scales: torch.Tensor,
     atom_offsets: torch.Tensor,
     out_dtype: torch.dtype,
-    direct_max_rows: int = CPU_DIRECT_MAX_ROWS,
+    direct_max_rows: int | None = None,
     portable: bool = False,
 ) -> torch.Tensor:
-    """z [M, K] · C → [M, N] on CPU. ``portable`` forces the scalar kernel (tests compare both)."""
-    kind, table = _value_decoding(coef_values.dtype)
-    m, k_total = z.shape
-    n, words = coef_mask.shape
-    int16 = not portable and int16_path(z.dtype, coef_values.dtype)
-    if m <= (max(direct_max_rows, CPU_INT16_MAX_ROWS) if int16 else direct_max_rows):
-        if not (z.dtype == torch.bfloat16 and not portable and cpu_kernels.has_bf16_kernel()):
-            z = z.float()
-        y = torch.ops.cospadi_cpu.coef_product(z.contiguous(), coef_mask, coef_values, coef_scales, atom_offsets,
-                                               table, kind, portable, out_dtype == torch.float32)
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-    # Prefill: bf16 activations multiply bf16 tiles (what the dense bf16 model does), others float32.
-    tile_dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
-    z = z.to(tile_dtype)
-    y = torch.empty((m, n), dtype=out_dtype)
-    offsets, counts = torch.unique_consecutive(atom_offsets, return_counts=True)
-    start = 0
-    for offset, count in zip(offsets.tolist(), counts.tolist(), strict=True):  # one shard at a time
-        width = min(words * fmt.BITS_PER_WORD, k_total - offset)
-        z_shard = z[:, offset : offset + width]
-        tile_rows = max(1, CPU_TILE_BYTES // (width * z.element_size()))
-        for row in range(start, start + count, tile_rows):
-            rows = min(tile_rows, start + count - row)
-            tile = torch.empty((rows, width), dtype=tile_dtype)
-            torch.ops.cospadi_cpu.expand_coefficients(
-                coef_mask, coef_values, coef_scales, atom_offsets, table, kind, row, tile, portable
-            )
-            y[:, row : row + rows] = z_shard @ tile.t()
-        start += count
-    return y
+    """z [M, K] · C → [M, N] on CPU, one C++ op call. ``direct_max_rows`` and ``portable`` (the scalar
+    kernels) let tests force each path."""
+    kind, table = cpu_kernels.value_decoding(coef_values.dtype)
+    if direct_max_rows is None:
+        direct_max_rows = CPU_DIRECT_MAX_ROWS if portable else cpu_direct_max_rows(z.dtype, coef_values.dtype)
+    y = torch.ops.cospadi_cpu.coef_product(z, coef_mask, coef_values, coef_scales, atom_offsets, table, kind,
+                                           portable, out_dtype == torch.float32, direct_max_rows)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def coefficient_product_impl(

@@ -203,3 +203,19 @@ def test_vector_kernel_built_on_avx512_machines():
     vector = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq"))
     assert cpu_kernels.has_vector_kernel() == vector
     assert cpu_kernels.has_int16_kernel() == (vector and all(f in flags for f in ("avx512_vnni", "avx512_vbmi2")))
+
+
+def test_cpu_op_is_opaque_to_torch_compile():
+    """vLLM's CPU layers call the C++ op directly; its fake kernel lets torch.compile trace it as one
+    opaque node (fullgraph, dynamic M) with results equal to eager on both sides of the crossover."""
+    g = torch.Generator().manual_seed(12)
+    _, coef, k_total = merged_layer("int8", g)
+    kind, table = cpu_kernels.value_decoding(torch.int8)
+
+    def product(z):
+        return torch.ops.cospadi_cpu.coef_product(z, *coef, table, kind, False, False, 32) * 2
+
+    compiled = torch.compile(product, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (3, 64):
+        z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
+        assert torch.equal(compiled(z), product(z)), rows

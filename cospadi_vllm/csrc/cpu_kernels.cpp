@@ -6,14 +6,15 @@
 //   coef_scales [N]    float32 per-output scale
 // and y[m, j] = scale_j * sum_t value(j, t) * z[m, atom(j, t)].
 //
-// coef_product          decode (few rows), C read once, as stored. int8 values with bfloat16 Z (what
-//                       a bf16 model serves) on AVX-512 VNNI + VBMI2: Z is scaled per row to int16,
-//                       one vpexpandb places a mask word's 32 values in their atom lanes and one
-//                       vpdpwssd per row multiplies them exactly in int32; output in bf16. Other
-//                       value dtypes / float32 Z: a float lane placement (popcount ranks + permute)
-//                       and one FMA (float32) or vdpbf16ps (bf16 Z) per 16 / 32 atoms.
-// expand_coefficients   prefill: writes a tile of output rows of C densely ([rows, width], row-major)
-//                       so that the product with many rows of Z runs on torch's GEMM.
+// coef_product, one op for every M:
+//   direct kernels (up to direct_max_rows rows of Z), C read as stored. int8 values with bfloat16 Z
+//     (what a bf16 model serves) on AVX-512 VNNI + VBMI2: Z is scaled per row to int16, one vpexpandb
+//     places a mask word's 32 values in their atom lanes and vpdpwssd multiplies them exactly in
+//     int32 — in registers as they are used (≤ 8 rows), or once per chunk of 96 rows into an L1
+//     buffer shared by 6-row × 4-column register blocks (more rows). Other value dtypes / float32 Z:
+//     a float lane placement (popcount ranks + permute) and one FMA (float32) or vdpbf16ps (bf16 Z)
+//     per 16 / 32 atoms.
+//   expanded tiles (more rows): tiles of output rows of C written densely, multiplied by torch's GEMM.
 //
 // Values are decoded by kind: 0 = int8 (integer convert), 1 = 1-byte code through a 256-entry float
 // table (float8_e4m3fn), 2 = bfloat16 (bit shift). Mask bits at positions >= k are zero (checked at
@@ -286,21 +287,51 @@ inline void store(Out* y, int64_t i, float v) {
   y[i] = static_cast<Out>(v);  // c10::BFloat16 rounds to nearest even
 }
 
-// Four outputs at once: float32, or bfloat16 rounded as c10::BFloat16 does (nearest even; NaN → 0x7FC0).
-inline void store4(float* y, __m128 v) { _mm_storeu_ps(y, v); }
-inline void store4(c10::BFloat16* y, __m128 v) {
+// Four float32 lanes as bfloat16 bits (low 64 bits), rounded as c10::BFloat16 does (nearest even;
+// NaN → 0x7FC0).
+inline __m128i bf16x4(__m128 v) {
   const __m128i bits = _mm_castps_si128(v);
   const __m128i odd = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
   __m128i rounded = _mm_srli_epi32(_mm_add_epi32(bits, _mm_add_epi32(odd, _mm_set1_epi32(0x7FFF))), 16);
   rounded = _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7FC0), _mm_castps_si128(_mm_cmpunord_ps(v, v)));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(y), _mm_packus_epi32(rounded, rounded));
+  return _mm_packus_epi32(rounded, rounded);
+}
+
+// Four outputs in a row.
+inline void store4(float* y, __m128 v) { _mm_storeu_ps(y, v); }
+inline void store4(c10::BFloat16* y, __m128 v) { _mm_storel_epi64(reinterpret_cast<__m128i*>(y), bf16x4(v)); }
+
+// Lanes 0-1 to y0, lanes 2-3 to y1 (two outputs of two rows).
+inline void store2x2(float* y0, float* y1, __m128 v) {
+  _mm_storel_pi(reinterpret_cast<__m64*>(y0), v);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(y1), v);
+}
+inline void store2x2(c10::BFloat16* y0, c10::BFloat16* y1, __m128 v) {
+  const __m128i b = bf16x4(v);
+  const uint32_t lo = static_cast<uint32_t>(_mm_cvtsi128_si32(b)), hi = static_cast<uint32_t>(_mm_extract_epi32(b, 1));
+  std::memcpy(y0, &lo, sizeof lo);
+  std::memcpy(y1, &hi, sizeof hi);
+}
+
+// Four float32 sums at once: lane i of the result = the sum of all 16 lanes of v[i]. A shuffle tree
+// (13 vector ops for 4 sums) instead of four separate horizontal reductions (~8 ops each); with
+// ~17 mask words per column on SmolLM2's gate_up the reductions were a third of the blocked kernel.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a02 b02 a13 b13
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128-bit block
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
 // Words [w0, w1) of columns mask[0..P) (at most kInt16ChunkWords) against rows 0..R-1 of zw (Z from the
-// columns' shard offset on): adds the R × P sums to total.
+// columns' shard offset on): adds the R × P sums to total, four per vector — P = 2: total[r / 2] =
+// (row r, column 0), (r, 1), (r + 1, 0), (r + 1, 1); P = 1: total[r / 4] = rows r .. r + 3.
 template <int R, int P, bool Tail>
 inline void dot_words(const uint32_t* const* mask, const uint8_t** values, const int16_t* zw,
-                                         int64_t ldq, int64_t w0, int64_t w1, float* total) {
+                      int64_t ldq, int64_t w0, int64_t w1, __m128* total) {
+  static_assert(P == 1 || P == 2);
   __m512i acc[P][R];
   #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
@@ -325,10 +356,17 @@ inline void dot_words(const uint32_t* const* mask, const uint8_t** values, const
     }
   }
   #pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-    values[p] = v_ptr[p];
+  for (int p = 0; p < P; ++p) values[p] = v_ptr[p];
+  // Row r of column p as float32 (zero past the last row).
+  const auto lanes = [&](int p, int r) { return r < R ? _mm512_cvtepi32_ps(acc[p][r]) : _mm512_setzero_ps(); };
+  if constexpr (P == 2) {
     #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) total[p * R + r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[p][r]));
+    for (int r = 0; r < R; r += 2)
+      total[r / 2] = _mm_add_ps(total[r / 2], sum4(lanes(0, r), lanes(1, r), lanes(0, r + 1), lanes(1, r + 1)));
+  } else {
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; r += 4)
+      total[r / 4] = _mm_add_ps(total[r / 4], sum4(lanes(0, r), lanes(0, r + 1), lanes(0, r + 2), lanes(0, r + 3)));
   }
 }
 
@@ -338,7 +376,9 @@ void columns_avx512_int16(const Coefficients& c, int64_t j, int64_t words, const
                           const float* zscale, int64_t m0, Out* y, int64_t ldy) {
   const uint32_t* mask[P];
   const uint8_t* values[P];
-  float total[P * R] = {};
+  constexpr int kTotals = P == 2 ? (R + 1) / 2 : (R + 3) / 4;
+  __m128 total[kTotals];
+  for (int i = 0; i < kTotals; ++i) total[i] = _mm_setzero_ps();
   for (int p = 0; p < P; ++p) {
     mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
     values[p] = c.values + (j + p) * c.values_row_bytes;
@@ -346,8 +386,30 @@ void columns_avx512_int16(const Coefficients& c, int64_t j, int64_t words, const
   for (int64_t w0 = 0; w0 < words; w0 += kInt16ChunkWords)
     dot_words<R, P, Tail>(mask, values, zq + m0 * ldq + c.offsets[j], ldq, w0, std::min(words, w0 + kInt16ChunkWords),
                           total);
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < R; ++r) store(y, (m0 + r) * ldy + j + p, total[p * R + r] * zscale[m0 + r] * c.scales[j + p]);
+  // The same float32 operations, in the same order, as the many-row kernel: (sum · row scale) · column scale.
+  if constexpr (P == 2) {
+    const __m128 column_scale = _mm_set_ps(c.scales[j + 1], c.scales[j], c.scales[j + 1], c.scales[j]);
+    for (int r = 0; r < R; r += 2) {
+      const float next = r + 1 < R ? zscale[m0 + r + 1] : 0.f;
+      const __m128 v = _mm_mul_ps(_mm_mul_ps(total[r / 2], _mm_set_ps(next, next, zscale[m0 + r], zscale[m0 + r])),
+                                  column_scale);
+      if (r + 1 < R) {
+        store2x2(y + (m0 + r) * ldy + j, y + (m0 + r + 1) * ldy + j, v);
+      } else {
+        alignas(16) float out[4];
+        _mm_store_ps(out, v);
+        store(y, (m0 + r) * ldy + j, out[0]);
+        store(y, (m0 + r) * ldy + j + 1, out[1]);
+      }
+    }
+  } else {
+    for (int r = 0; r < R; r += 4) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, total[r / 4]);
+      for (int i = 0; i < 4 && r + i < R; ++i)
+        store(y, (m0 + r + i) * ldy + j, sums[i] * zscale[m0 + r + i] * c.scales[j]);
+    }
+  }
 }
 
 template <typename Out>
@@ -398,18 +460,6 @@ void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t
     }
     std::fill(out + k, out + ldq, int16_t(0));
   }
-}
-
-// Four float32 sums at once: lane i of the result = the sum of all 16 lanes of v[i]. A shuffle tree
-// (13 vector ops for 4 sums) instead of four separate horizontal reductions (~8 ops each); with
-// ~17 mask words per column on SmolLM2's gate_up the reductions were a third of the blocked kernel.
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a02 b02 a13 b13
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128-bit block
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
 // Many rows of Z (M > kInt16Rows: prefill and large decode batches). Each column's words are expanded
@@ -581,15 +631,11 @@ Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, co
                       coef_mask.size(0)};
 }
 
-at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const at::Tensor& coef_values,
-                        const at::Tensor& coef_scales, const at::Tensor& atom_offsets, const at::Tensor& value_table,
-                        int64_t value_kind, bool portable, bool float_out) {
-  TORCH_CHECK(z.dim() == 2 && z.stride(1) == 1, "z must be [M, K] with contiguous rows");
+// The direct kernels (C read as stored, once per call); z float32, or bfloat16 with the BF16 kernel.
+at::Tensor coef_product_direct(const Coefficients& c, const at::Tensor& z, int64_t value_kind, bool portable,
+                               bool float_out) {
   const bool bf16 = z.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(z.scalar_type() == at::kFloat || (bf16 && COSPADI_AVX512_BF16 && !portable),
-              "z must be float32 (bfloat16 only with the AVX-512 BF16 kernel)");
-  const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
-  const int64_t m = z.size(0), n = coef_mask.size(0), ldz = z.stride(0);
+  const int64_t m = z.size(0), n = c.n, ldz = z.stride(0);
 #if COSPADI_AVX512_INT16
   if (bf16 && value_kind == kInt8) {
     at::Tensor out = at::empty({m, n}, z.options().dtype(float_out ? at::kFloat : at::kBFloat16));
@@ -630,7 +676,7 @@ at::Tensor coef_product(const at::Tensor& z, const at::Tensor& coef_mask, const 
       }
     }
   });
-  return float_out ? y : y.to(z.scalar_type());
+  return y;
 }
 
 template <typename T>
@@ -684,20 +730,55 @@ void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t
   });
 }
 
-// out [rows, width] (float32 or bfloat16): rows row_start.. of C, shard-relative atoms 0..width.
-void expand_coefficients(const at::Tensor& coef_mask, const at::Tensor& coef_values, const at::Tensor& coef_scales,
-                         const at::Tensor& atom_offsets, const at::Tensor& value_table, int64_t value_kind,
-                         int64_t row_start, at::Tensor out, bool portable) {
-  const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "out must be a contiguous [rows, width] tensor");
-  const int64_t rows = out.size(0), width = out.size(1);
-  TORCH_CHECK(row_start >= 0 && row_start + rows <= coef_mask.size(0), "rows out of range");
-  if (out.scalar_type() == at::kFloat) {
-    expand_rows<float>(c, row_start, rows, width, out.data_ptr<float>(), portable);
-  } else {
-    TORCH_CHECK(out.scalar_type() == at::kBFloat16, "out must be float32 or bfloat16");
-    expand_rows<c10::BFloat16>(c, row_start, rows, width, out.data_ptr<c10::BFloat16>(), portable);
+// Prefill-sized M: per shard, tiles of C expanded densely (at most kTileBytes; a whole SmolLM2 shard, 1–2k
+// output rows of an 8B layer) and multiplied by torch's GEMM straight into their columns of y.
+// bfloat16 Z multiplies bfloat16 tiles (what a dense bf16 model does), other dtypes float32 tiles.
+constexpr int64_t kTileBytes = 8 << 20;
+
+at::Tensor coef_product_expanded(const Coefficients& c, const at::Tensor& z_in, bool portable) {
+  const at::ScalarType tile_type = z_in.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor z = z_in.to(tile_type);
+  const int64_t m = z.size(0), k_total = z.size(1), n = c.n;
+  at::Tensor y = at::empty({m, n}, z.options());
+  for (int64_t start = 0, end; start < n; start = end) {  // one shard (a run of equal offsets) at a time
+    for (end = start; end < n && c.offsets[end] == c.offsets[start];) ++end;
+    const int64_t offset = c.offsets[start], width = std::min<int64_t>(c.words * 32, k_total - offset);
+    const at::Tensor z_shard = z.narrow(1, offset, width);
+    const int64_t tile_rows = std::max<int64_t>(1, kTileBytes / (width * z.element_size()));
+    for (int64_t row = start; row < end; row += tile_rows) {
+      const int64_t rows = std::min(tile_rows, end - row);
+      at::Tensor tile = at::empty({rows, width}, z.options());
+      if (tile_type == at::kFloat)
+        expand_rows<float>(c, row, rows, width, tile.data_ptr<float>(), portable);
+      else
+        expand_rows<c10::BFloat16>(c, row, rows, width, tile.data_ptr<c10::BFloat16>(), portable);
+      at::Tensor y_columns = y.narrow(1, row, rows);
+      at::mm_out(y_columns, z_shard, tile.t());
+    }
   }
+  return y;
+}
+
+// y [M, N] = z [M, K] · C, float32 if float_out else in z's dtype. Up to direct_max_rows rows of Z the
+// direct kernels, above it expanded tiles + GEMM (the caller passes the crossover measured for the
+// kernel that serves its dtypes: cospadi_vllm/ops.py).
+at::Tensor coef_product(const at::Tensor& z_in, const at::Tensor& coef_mask, const at::Tensor& coef_values,
+                        const at::Tensor& coef_scales, const at::Tensor& atom_offsets, const at::Tensor& value_table,
+                        int64_t value_kind, bool portable, bool float_out, int64_t direct_max_rows) {
+  TORCH_CHECK(z_in.dim() == 2 && z_in.size(1) > 0, "z must be [M, K]");
+  const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
+  const at::ScalarType out_type = float_out ? at::kFloat : z_in.scalar_type();
+  if (z_in.size(0) == 0) return at::empty({0, c.n}, z_in.options().dtype(out_type));
+  at::Tensor y;
+  if (z_in.size(0) <= direct_max_rows) {
+    // bfloat16 Z goes to the kernels as it is where the CPU has AVX-512 BF16; anything else as float32.
+    const bool keep_bf16 = z_in.scalar_type() == at::kBFloat16 && COSPADI_AVX512_BF16 && !portable;
+    y = coef_product_direct(c, z_in.to(keep_bf16 ? at::kBFloat16 : at::kFloat).contiguous(), value_kind, portable,
+                            float_out);
+  } else {
+    y = coef_product_expanded(c, z_in, portable);
+  }
+  return y.scalar_type() == out_type ? y : y.to(out_type);
 }
 
 bool has_vector_kernel() { return COSPADI_AVX512; }
@@ -708,9 +789,7 @@ bool has_int16_kernel() { return COSPADI_AVX512_INT16; }
 
 TORCH_LIBRARY(cospadi_cpu, m) {
   m.def("coef_product(Tensor z, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
-        "Tensor value_table, int value_kind, bool portable, bool float_out) -> Tensor");
-  m.def("expand_coefficients(Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
-        "Tensor value_table, int value_kind, int row_start, Tensor(a!) out, bool portable) -> ()");
+        "Tensor value_table, int value_kind, bool portable, bool float_out, int direct_max_rows) -> Tensor");
   m.def("has_vector_kernel() -> bool", &has_vector_kernel);
   m.def("has_bf16_kernel() -> bool", &has_bf16_kernel);
   m.def("has_int16_kernel() -> bool", &has_int16_kernel);
@@ -718,5 +797,4 @@ TORCH_LIBRARY(cospadi_cpu, m) {
 
 TORCH_LIBRARY_IMPL(cospadi_cpu, CPU, m) {
   m.impl("coef_product", &coef_product);
-  m.impl("expand_coefficients", &expand_coefficients);
 }
