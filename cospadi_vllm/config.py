@@ -238,23 +238,14 @@ def split_mode(layer: torch.nn.Module, input_size_per_partition: int, input_size
     return COLUMN if isinstance(layer, ColumnParallelLinear) else REPLICATED
 
 
-def pack_dictionary_for_cpu(layer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """On CPU with bf16 activations, hand D to vLLM's oneDNN GEMM, as vLLM does for dense weights.
-
-    x·D through a prepacked oneDNN handle is 2–3× faster than ``torch.matmul`` at decode sizes
-    (benchmarks/results/NOTES.md). The handle holds D once in oneDNN's blocked layout (same bytes,
-    checked by RSS); the parameter is emptied like vLLM empties packed dense weights, and its size is
-    kept for memory reports.
-    """
-    from vllm import _custom_ops as ops
-
+def transpose_dictionary_for_cpu(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """On CPU with bf16 activations, hold D transposed ([k, in]: each atom's weights contiguous, the same
+    bytes) for the C++ ops: the decode kernel streams it front to back, and torch's GEMM reads the
+    transposed view for prefill (benchmarks/results/NOTES.md item 30)."""
     dictionary = layer.dictionary.data
-    if dtype != torch.bfloat16 or dictionary.dtype != torch.bfloat16 or not ops._supports_onednn:
-        return
-    handler = ops.create_onednn_mm(dictionary, 32)  # [in, k]: x [M, in] → Z [M, k]
-    layer.cospadi_dictionary_mm = lambda flat: ops.onednn_mm(handler, flat, None)
-    layer.cospadi_packed_dictionary_bytes = dictionary.numel() * dictionary.element_size()
-    layer.dictionary = torch.nn.Parameter(torch.empty(0, dtype=dictionary.dtype), requires_grad=False)
+    if dtype == torch.bfloat16 and dictionary.dtype == torch.bfloat16:
+        layer.dictionary = torch.nn.Parameter(dictionary.t().contiguous(), requires_grad=False)
+        layer.cospadi_dictionary_transposed = True
 
 
 def pack_coefficients_for_gpu(layer: torch.nn.Module) -> None:
@@ -349,9 +340,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.cospadi_split = split
         layer.cospadi_shards = shards
         layer.cospadi_params_dtype = params_dtype
-        layer.cospadi_dictionary_mm = None  # set on CPU by pack_dictionary_for_cpu
-        layer.cospadi_cpu_call = None  # (value kind, value table, direct_max_rows) of the C++ op, on CPU
-        layer.cospadi_packed_dictionary_bytes = 0
+        layer.cospadi_dictionary_transposed = False  # D held as [k, in] (CPU, bf16): see transpose_dictionary_for_cpu
+        layer.cospadi_cpu_call = None  # (value kind, value table, direct_max_rows) of the C++ ops, on CPU
         layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
         layer.cospadi_dictionary_shape = (input_size_per_partition, atoms_offset)
 
@@ -384,8 +374,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         if gemm_backend(layer.coef_mask.device) == "cpu":
             cpu_kernels.load()  # build / load the C++ kernels now, not inside the first forward
             if owner is None:
-                pack_dictionary_for_cpu(layer, dtype)
-            # apply() calls the C++ op directly: the custom-op wrapper's Python was ~15 µs per call,
+                transpose_dictionary_for_cpu(layer, dtype)
+            # apply() calls the C++ ops directly: the custom-op wrapper's Python was ~15 µs per call,
             # 10–25 % of a SmolLM2 layer at decode (benchmarks/results/NOTES.md item 29).
             values_dtype = layer.coef_values.dtype
             layer.cospadi_cpu_call = (*cpu_kernels.value_decoding(values_dtype),
@@ -397,8 +387,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         register_custom_op()
 
     def _use_owner_dictionary(self, layer: torch.nn.Module, owner: str) -> None:
-        """Point ``layer`` at the (already processed) dictionary of layer ``owner``: one tensor, and on
-        CPU one oneDNN handle, for the whole group. vLLM processes layers in model order, and a group's
+        """Point ``layer`` at the (already processed) dictionary of layer ``owner``: one tensor for the
+        whole group. vLLM processes layers in model order, and a group's
         dictionary is stored by its first layer."""
         source = self.quant_config.dictionary_layers.get(owner)
         if source is None:
@@ -408,13 +398,17 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             raise fmt.FormatError(f"{self.prefix} uses the dictionary of {owner}, whose shape "
                                   f"{source.cospadi_dictionary_shape} differs from {layer.cospadi_dictionary_shape}")
         layer.dictionary = source.dictionary
-        layer.cospadi_dictionary_mm = source.cospadi_dictionary_mm
-        layer.cospadi_packed_dictionary_bytes = 0  # counted once, at the owner
+        layer.cospadi_dictionary_transposed = source.cospadi_dictionary_transposed
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if layer.cospadi_dictionary_mm is not None:
-            z = layer.cospadi_dictionary_mm(flat)
+        if layer.cospadi_dictionary_transposed:
+            kind, table, direct_max_rows = layer.cospadi_cpu_call
+            if layer.cospadi_split == REPLICATED:  # the whole layer in one C++ call
+                out = torch.ops.cospadi_cpu.linear(flat, layer.dictionary, layer.coef_mask, layer.coef_values,
+                                                   layer.coef_scales, layer.atom_offsets, table, kind, direct_max_rows)
+                return self._finish(layer, out, x, bias)
+            z = torch.ops.cospadi_cpu.dictionary_product(flat, layer.dictionary)
         else:
             z = dictionary_product(flat, layer.dictionary)
         if layer.cospadi_split == COLUMN:  # each rank has its share of the atoms: gather all k
@@ -436,6 +430,10 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             full = out.new_zeros((out.shape[0], total))
             full[:, start:end] = out
             out = full
+        return self._finish(layer, out, x, bias)
+
+    @staticmethod
+    def _finish(layer: torch.nn.Module, out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -13,7 +13,14 @@ Ops (namespace ``torch.ops.cospadi_cpu``):
   multiplied by torch's GEMM. bfloat16 Z with int8 values (AVX-512 VNNI + VBMI2) takes the int16
   kernel: Z rounded per row to int16 (max |z| ↦ 32767; a relative error ≤ 2⁻¹⁶ of the row's largest
   entry, below bf16's own 2⁻⁹ for every entry ≥ 1/128 of it), products and sums exact in int32.
-  A fake kernel is registered, so torch.compile treats the op as opaque.
+- ``dictionary_product(x, dictionary_t)`` → Z = x·D [M, K] in x's dtype, D given transposed
+  (``dictionary_t`` [K, in]): for up to 8 rows of bfloat16 x an AVX-512 BF16 kernel streaming D once
+  (one vdpbf16ps per 32 inputs, atom and row), otherwise torch's GEMM on the transposed view.
+- ``linear(x, dictionary_t, mask, values, scales, offsets, table, kind, direct_max_rows)`` → y = (x·D)·C
+  in one call. Few rows with int8 values: Z stays float32 between the products and is rounded once,
+  to int16 (the two-op path rounds it to bfloat16 first); otherwise ``dictionary_product`` +
+  ``coef_product``.
+Fake kernels are registered, so torch.compile treats the ops as opaque.
 """
 
 from __future__ import annotations
@@ -82,12 +89,21 @@ def load() -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile's tracing: the op is opaque to it (no Python runs inside)."""
+    """Shapes for torch.compile's tracing: the ops are opaque to it (no Python runs inside)."""
 
     @torch.library.register_fake("cospadi_cpu::coef_product")
     def _coef_product_fake(z, coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind,
                            portable, float_out, direct_max_rows):
         return z.new_empty((z.shape[0], coef_mask.shape[0]), dtype=torch.float32 if float_out else z.dtype)
+
+    @torch.library.register_fake("cospadi_cpu::dictionary_product")
+    def _dictionary_product_fake(x, dictionary_t):
+        return x.new_empty((x.shape[0], dictionary_t.shape[0]))
+
+    @torch.library.register_fake("cospadi_cpu::linear")
+    def _linear_fake(x, dictionary_t, coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind,
+                     direct_max_rows):
+        return x.new_empty((x.shape[0], coef_mask.shape[0]))
 
 
 def value_kind(dtype: torch.dtype) -> int:

@@ -3,9 +3,9 @@
 For each model it starts vLLM's offline engine in a fresh process (enforce-eager, small KV cache),
 counts every parameter and buffer byte of the loaded model on every TP rank, and reads vLLM's own
 "Model loading took … GiB" line (GPU runner only). On CPU, vLLM hands dense linear weights to
-oneDNN / its packed GEMM and leaves ``.weight`` empty, and the plugin does the same with bf16
-dictionaries; those tensors are counted from their shapes (rows × columns × dtype bytes, what the
-packed copy holds) and reported separately so the total stays honest.
+oneDNN / its packed GEMM and leaves ``.weight`` empty; those are counted from their shapes
+(rows × columns × dtype bytes, what the packed copy holds) and reported separately so the total
+stays honest. CoSpaDi layers keep every tensor they use as parameters and buffers.
 
     cospadi-vllm memory ./smollm2 ./smollm2-cospadi --dtype bfloat16 [--tp 2] [--json out.json]
 """
@@ -49,9 +49,6 @@ def count_weight_bytes(model) -> dict:
         result["parameters_and_buffers"] += held
         method = getattr(module, "quant_method", None)
         if isinstance(method, CoSpaDiLinearMethod):
-            packed = module.cospadi_packed_dictionary_bytes  # D handed to vLLM's oneDNN GEMM (CPU)
-            result["packed_from_shapes"] += packed
-            held += packed
             result["cospadi_linear"] += held
             stored = sum(
                 fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name,
@@ -60,9 +57,8 @@ def count_weight_bytes(model) -> dict:
             )
             result["cospadi_layers"][name] = {
                 "held_bytes": held, "stored_bytes_tp1": stored,
-                # layers of a shared-dictionary group hold the very same tensor (and CPU GEMM handle)
+                # layers of a shared-dictionary group hold the very same tensor
                 "dictionary_data_ptr": module.dictionary.data_ptr(), "dictionary_numel": module.dictionary.numel(),
-                "dictionary_gemm_id": id(module.cospadi_dictionary_mm) if module.cospadi_dictionary_mm else None,
             }
         elif isinstance(module, LinearBase):
             weight = getattr(module, "weight", None)

@@ -206,16 +206,66 @@ def test_vector_kernel_built_on_avx512_machines():
 
 
 def test_cpu_op_is_opaque_to_torch_compile():
-    """vLLM's CPU layers call the C++ op directly; its fake kernel lets torch.compile trace it as one
+    """vLLM's CPU layers call the C++ ops directly; their fake kernels let torch.compile trace each as one
     opaque node (fullgraph, dynamic M) with results equal to eager on both sides of the crossover."""
     g = torch.Generator().manual_seed(12)
-    _, coef, k_total = merged_layer("int8", g)
+    dictionary, coef, k_total = merged_layer("int8", g)
+    dictionary_t = dictionary.t().contiguous()
     kind, table = cpu_kernels.value_decoding(torch.int8)
 
     def product(z):
         return torch.ops.cospadi_cpu.coef_product(z, *coef, table, kind, False, False, 32) * 2
 
+    def layer(x):
+        return torch.ops.cospadi_cpu.linear(x, dictionary_t, *coef, table, kind, 32) + 1
+
     compiled = torch.compile(product, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled_layer = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
     for rows in (3, 64):
         z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
         assert torch.equal(compiled(z), product(z)), rows
+        x = torch.randn(rows, dictionary_t.shape[1], generator=g).to(torch.bfloat16)
+        assert torch.equal(compiled_layer(x), layer(x)), rows
+
+
+def test_cpu_dictionary_product_matches_float64():
+    """x·D with D held transposed ([k, in]): the own kernel (≤ 8 rows) and torch's GEMM (more rows)
+    against float64, within bf16 rounding of Z; inputs not a multiple of 32 (masked last step), odd k."""
+    g = torch.Generator().manual_seed(13)
+    for in_features, k in ((48, 37), (70, 64), (576, 31)):
+        dictionary = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
+        dictionary_t = dictionary.t().contiguous()
+        for rows in (1, 3, 8, 9, 40):
+            x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+            z = torch.ops.cospadi_cpu.dictionary_product(x, dictionary_t)
+            reference = x.double() @ dictionary.double()
+            assert z.shape == (rows, k) and z.dtype == torch.bfloat16
+            # bf16 output: half an ulp (2⁻⁸ relative) plus float32 summation
+            bound = reference.abs() * 2.0**-8 + 1e-5 * (x.double().abs() @ dictionary.double().abs())
+            assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows)
+
+
+@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+def test_cpu_linear_matches_float64(value_dtype):
+    """The fused layer op y = (x·D)·C. int8 values, ≤ 8 rows: Z kept float32 and rounded once to int16 —
+    within that rounding and the bf16 output's; every other case equals dictionary_product then
+    coef_product exactly."""
+    g = torch.Generator().manual_seed(14 + len(value_dtype))
+    dictionary, coef, k_total = merged_layer(value_dtype, g)
+    dictionary_t = dictionary.t().contiguous()
+    dense_c = reference_coefficients(*coef, k_total)
+    kind, table = cpu_kernels.value_decoding(coef[1].dtype)
+    fused_rows = value_dtype == "int8" and cpu_kernels.has_int16_kernel()
+    for rows in (1, 2, 5, 8, 9, 40, 300):
+        x = torch.randn(rows, dictionary.shape[0], generator=g).to(torch.bfloat16)
+        y = torch.ops.cospadi_cpu.linear(x, dictionary_t, *coef, table, kind, 160)
+        assert y.shape == (rows, coef[0].shape[0]) and y.dtype == torch.bfloat16
+        z = torch.ops.cospadi_cpu.dictionary_product(x, dictionary_t)
+        two_stage = torch.ops.cospadi_cpu.coef_product(z, *coef, table, kind, False, False, 160)
+        if fused_rows and rows <= 8:
+            z64 = x.double() @ dictionary.double()
+            reference = z64 @ dense_c
+            bound = int16_error_bound(z64, dense_c) * 1.01 + reference.abs() * 2.0**-8 + 1e-5 * (z64.abs() @ dense_c.abs())
+            assert ((y.double() - reference).abs() <= bound).all(), rows
+        else:
+            assert torch.equal(y, two_stage), rows

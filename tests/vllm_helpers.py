@@ -18,11 +18,12 @@ PROMPTS = [
 ]
 
 
-def run_vllm(model_dir: Path, prompts=PROMPTS, tp: int = 1, max_tokens: int = 8, timeout: int = 900) -> dict:
+def run_vllm(model_dir: Path, prompts=PROMPTS, tp: int = 1, max_tokens: int = 8, timeout: int = 900,
+             dtype: str = "float32") -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.vllm_runner", str(model_dir), "--prompts-json", json.dumps(prompts),
-         "--tp", str(tp), "--max-tokens", str(max_tokens)],
+         "--tp", str(tp), "--max-tokens", str(max_tokens), "--dtype", dtype],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
     )
     lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]

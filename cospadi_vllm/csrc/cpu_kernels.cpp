@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cmath>
@@ -462,6 +463,36 @@ void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t
   }
 }
 
+// The same from float32 Z (the fused layer op's x·D, never rounded to bf16).
+void quantize_rows(const float* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = z + r * ldz;
+    __m512 peak_v = _mm512_setzero_ps();
+    __mmask16 non_finite = 0;
+    for (int64_t t = 0; t < k; t += 16) {
+      const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(in, row + t);
+      peak_v = _mm512_max_ps(peak_v, _mm512_abs_ps(v));
+      non_finite |= _mm512_fpclass_ps_mask(v, 0x01 | 0x80 | 0x08 | 0x10);  // QNaN, SNaN, +inf, -inf
+    }
+    int16_t* out = zq + r * ldq;
+    if (non_finite) {
+      scale[r] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(out, out + ldq, int16_t(0));
+      continue;
+    }
+    const float peak = _mm512_reduce_max_ps(peak_v);
+    scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(peak > 0.f ? 32767.f / peak : 0.f);
+    for (int64_t t = 0; t < k; t += 16) {
+      const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(in, row + t);
+      _mm256_mask_storeu_epi16(out + t, in, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+    }
+    std::fill(out + k, out + ldq, int16_t(0));
+  }
+}
+
 // Many rows of Z (M > kInt16Rows: prefill and large decode batches). Each column's words are expanded
 // to int16 lanes once per chunk of kInt16ChunkRows rows, into a buffer in L1, and reused by every block
 // of kBlockRows rows; kBlockCols columns of one shard share each load of Z. Register blocking: 6 rows ×
@@ -553,7 +584,7 @@ inline void prefetch_columns(const Coefficients& c, int64_t col, int64_t count) 
   for (int64_t b = 0; b < count * c.values_row_bytes; b += 64) _mm_prefetch(values + b, _MM_HINT_T0);
 }
 
-// y [M, N] in Z's dtype: the int16 path of coef_product (int8 values, bfloat16 Z).
+// y [M, N]: the int16 path of coef_product (int8 values; Z bfloat16, or float32 from the fused op).
 template <typename Out>
 void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
   const int64_t m = z.size(0), k = z.size(1), n = c.n;
@@ -574,7 +605,10 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
   at::Tensor zscale = at::empty({m}, z.options().dtype(at::kFloat));
   int16_t* q = zq.data_ptr<int16_t>();
   float* sc = zscale.data_ptr<float>();
-  quantize_rows(reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
+  if (z.scalar_type() == at::kFloat)
+    quantize_rows(z.data_ptr<float>(), m, k, z.stride(0), q, ldq, sc);
+  else
+    quantize_rows(reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
   // Columns whose 32-byte value loads could pass the end of the tensor (the last one or two).
   const auto near_end = [&](int64_t col) { return c.values + (col + 1) * c.values_row_bytes + 32 > c.values_end; };
   if (m <= kInt16Rows) {
@@ -614,6 +648,100 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
     }
   });
 }
+
+#if COSPADI_AVX512_BF16
+#define COSPADI_OWN_DICTIONARY_PRODUCT 1
+// x·D for decode-sized M, D stored transposed (dictionary_t [K, in]: each atom's weights contiguous, so
+// the kernel streams D once, front to back). Dot-product form like the int16 kernel: 2 atoms × up to 8
+// rows of x, one vdpbf16ps per 32 inputs, atom and row (products exact, sums float32). vLLM's oneDNN
+// GEMM took 1.3–2× the DRAM time of D at M = 8 on SmolLM2's layers (NOTES.md item 30).
+constexpr int kDictionaryRows = 8;  // rows of x up to which the own kernel serves (above: torch's GEMM)
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kDictionaryL1Bytes = 16 << 10;  // rows of x per pass over an atom: at most this much
+
+__attribute__((always_inline)) inline __m512 dot_accumulate_bf16(__m512 acc, __m512i a, __m512i b) {
+  __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));  // see dot_accumulate
+  return acc;
+}
+
+// z[r, t + p] (float32) for rows r < R of x and atoms t + p, p < P (P = 2, or 1 for an odd last atom).
+template <int R, int P>
+void atoms_product(const uint16_t* x, int64_t ldx, const uint16_t* dt, int64_t in, int64_t t, float* z, int64_t ldz) {
+  __m512 acc[P][R];
+  #pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
+  const uint16_t* d[P];
+  for (int p = 0; p < P; ++p) d[p] = dt + (t + p) * in;
+  // Plain loads for whole steps of 32 inputs, masked loads only for the last partial step.
+  const auto step = [&](int64_t i, __mmask32 live, bool whole) {
+    __m512i dv[P];
+    #pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      // Each atom's row is only `in` values long: the hardware prefetcher did not follow the short rows
+      // (from DRAM 2× oneDNN's time, equal to it in cache), so fetch the rows kPrefetchAtoms ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(d[p] + i) + kPrefetchBytes, _MM_HINT_T0);
+      dv[p] = whole ? _mm512_loadu_si512(d[p] + i) : _mm512_maskz_loadu_epi16(live, d[p] + i);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      __m512i xr = whole ? _mm512_loadu_si512(x + r * ldx + i) : _mm512_maskz_loadu_epi16(live, x + r * ldx + i);
+      __asm__("" : "+v"(xr));
+      #pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) acc[p][r] = dot_accumulate_bf16(acc[p][r], dv[p], xr);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) step(i, ~__mmask32(0), true);
+  if (i < in) step(i, static_cast<__mmask32>((1u << (in - i)) - 1), false);
+  const auto lanes = [&](int p, int r) { return r < R ? acc[p][r] : _mm512_setzero_ps(); };
+  if constexpr (P == 2) {
+    for (int r = 0; r < R; r += 2) {
+      const __m128 v = sum4(lanes(0, r), lanes(1, r), lanes(0, r + 1), lanes(1, r + 1));
+      if (r + 1 < R) {
+        store2x2(z + r * ldz + t, z + (r + 1) * ldz + t, v);
+      } else {
+        _mm_storel_pi(reinterpret_cast<__m64*>(z + r * ldz + t), v);
+      }
+    }
+  } else {
+    for (int r = 0; r < R; r += 4) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, sum4(lanes(0, r), lanes(0, r + 1), lanes(0, r + 2), lanes(0, r + 3)));
+      for (int q = 0; q < 4 && r + q < R; ++q) z[(r + q) * ldz + t] = sums[q];
+    }
+  }
+}
+
+using AtomsKernel = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
+template <int P, int... R>
+constexpr auto atoms_kernels(std::integer_sequence<int, R...>) {
+  return std::array<AtomsKernel, sizeof...(R)>{&atoms_product<R + 1, P>...};
+}
+constexpr auto kAtomPairKernels = atoms_kernels<2>(std::make_integer_sequence<int, kDictionaryRows>{});
+constexpr auto kAtomKernels = atoms_kernels<1>(std::make_integer_sequence<int, kDictionaryRows>{});
+
+// z [M, K] float32 = x [M, in] (bfloat16) · D, D given as dictionary_t [K, in] (bfloat16), M ≤ kDictionaryRows.
+at::Tensor dictionary_product_small(const at::Tensor& x, const at::Tensor& dictionary_t) {
+  const int64_t m = x.size(0), in = x.size(1), k = dictionary_t.size(0);
+  at::Tensor z = at::empty({m, k}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
+  float* zp = z.data_ptr<float>();
+  // One atom at a time: D is then read as one sequential stream (two atoms per pass, i.e. two
+  // interleaved streams, ran at half the DRAM rate). Rows of x in blocks that stay in L1 next to the
+  // atom's row of D (down_proj: 8 rows × 1536 inputs = 24 KB did not).
+  const int64_t ldx = x.stride(0);
+  const int64_t rows_per_block = std::clamp<int64_t>(kDictionaryL1Bytes / (in * 2), 1, kDictionaryRows);
+  at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
+        kAtomKernels[std::min(rows_per_block, m - r0) - 1](xp + r0 * ldx, ldx, dp, in, t, zp + r0 * k, k);
+  });
+  return z;
+}
+#endif
 #endif
 #endif
 
@@ -793,6 +921,54 @@ at::Tensor coef_product(const at::Tensor& z_in, const at::Tensor& coef_mask, con
   return y.scalar_type() == out_type ? y : y.to(out_type);
 }
 
+void check_dictionary(const at::Tensor& x, const at::Tensor& dictionary_t) {
+  TORCH_CHECK(x.dim() == 2 && dictionary_t.dim() == 2 && x.size(1) == dictionary_t.size(1),
+              "x [M, in] and dictionary_t [K, in] must agree on in");
+  TORCH_CHECK(dictionary_t.is_contiguous(), "dictionary_t must be contiguous");
+}
+
+// Own kernel for this x·D: bfloat16 x and D, few rows, AVX-512 BF16.
+bool own_dictionary_kernel(const at::Tensor& x, const at::Tensor& dictionary_t) {
+#ifdef COSPADI_OWN_DICTIONARY_PRODUCT
+  return x.size(0) >= 1 && x.size(0) <= kDictionaryRows && x.scalar_type() == at::kBFloat16 &&
+         dictionary_t.scalar_type() == at::kBFloat16;
+#else
+  return false;
+#endif
+}
+
+// Z [M, K] = x [M, in] · D in x's dtype, D given transposed (dictionary_t [K, in]): the own kernel for
+// few rows, torch's GEMM on the transposed view otherwise.
+at::Tensor dictionary_product(const at::Tensor& x_in, const at::Tensor& dictionary_t) {
+  check_dictionary(x_in, dictionary_t);
+  const at::Tensor x = x_in.contiguous();
+#ifdef COSPADI_OWN_DICTIONARY_PRODUCT
+  if (own_dictionary_kernel(x, dictionary_t)) return dictionary_product_small(x, dictionary_t).to(x.scalar_type());
+#endif
+  return at::mm(x, dictionary_t.t().to(x.scalar_type()));
+}
+
+// y = (x·D)·C in one call (what a layer with its whole dictionary serves). For few rows with int8
+// values, Z stays float32 between the two products and is rounded once, to int16 (no bfloat16 step);
+// otherwise dictionary_product, then coef_product.
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& dictionary_t, const at::Tensor& coef_mask,
+                  const at::Tensor& coef_values, const at::Tensor& coef_scales, const at::Tensor& atom_offsets,
+                  const at::Tensor& value_table, int64_t value_kind, int64_t direct_max_rows) {
+  check_dictionary(x_in, dictionary_t);
+#if defined(COSPADI_OWN_DICTIONARY_PRODUCT) && COSPADI_AVX512_INT16
+  const at::Tensor x = x_in.contiguous();
+  if (value_kind == kInt8 && own_dictionary_kernel(x, dictionary_t)) {
+    const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
+    const at::Tensor z = dictionary_product_small(x, dictionary_t);
+    at::Tensor y = at::empty({x.size(0), c.n}, x.options());
+    coef_product_int16(c, z, reinterpret_cast<c10::BFloat16*>(y.data_ptr<at::BFloat16>()));
+    return y;
+  }
+#endif
+  return coef_product(dictionary_product(x_in, dictionary_t), coef_mask, coef_values, coef_scales, atom_offsets,
+                      value_table, value_kind, false, false, direct_max_rows);
+}
+
 bool has_vector_kernel() { return COSPADI_AVX512; }
 bool has_bf16_kernel() { return COSPADI_AVX512_BF16; }
 bool has_int16_kernel() { return COSPADI_AVX512_INT16; }
@@ -802,6 +978,9 @@ bool has_int16_kernel() { return COSPADI_AVX512_INT16; }
 TORCH_LIBRARY(cospadi_cpu, m) {
   m.def("coef_product(Tensor z, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, Tensor atom_offsets, "
         "Tensor value_table, int value_kind, bool portable, bool float_out, int direct_max_rows) -> Tensor");
+  m.def("dictionary_product(Tensor x, Tensor dictionary_t) -> Tensor");
+  m.def("linear(Tensor x, Tensor dictionary_t, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, "
+        "Tensor atom_offsets, Tensor value_table, int value_kind, int direct_max_rows) -> Tensor");
   m.def("has_vector_kernel() -> bool", &has_vector_kernel);
   m.def("has_bf16_kernel() -> bool", &has_bf16_kernel);
   m.def("has_int16_kernel() -> bool", &has_int16_kernel);
@@ -809,4 +988,6 @@ TORCH_LIBRARY(cospadi_cpu, m) {
 
 TORCH_LIBRARY_IMPL(cospadi_cpu, CPU, m) {
   m.impl("coef_product", &coef_product);
+  m.impl("dictionary_product", &dictionary_product);
+  m.impl("linear", &linear);
 }
