@@ -882,7 +882,10 @@ at::Tensor coef_product_expanded(const Coefficients& c, const at::Tensor& z_in, 
   at::Tensor y = at::empty({m, n}, z.options());
   for (int64_t start = 0, end; start < n; start = end) {  // one shard (a run of equal offsets) at a time
     for (end = start; end < n && c.offsets[end] == c.offsets[start];) ++end;
-    const int64_t offset = c.offsets[start], width = std::min<int64_t>(c.words * 32, k_total - offset);
+    // The shard's own atoms: up to the next shard's first atom (merged masks are padded to the longest
+    // shard's words; SmolLM2's qkv multiplied 236 columns of Z for k_proj's 118 atoms).
+    const int64_t offset = c.offsets[start], shard_end = end < n ? c.offsets[end] : k_total;
+    const int64_t width = std::min<int64_t>(c.words * 32, shard_end - offset);
     const at::Tensor z_shard = z.narrow(1, offset, width);
     const int64_t tile_rows = std::max<int64_t>(1, kTileBytes / (width * z.element_size()));
     for (int64_t row = start; row < end; row += tile_rows) {
