@@ -4,13 +4,14 @@ For each Llama linear shape, compression ratio and batch M it times, on random d
   dense          x · W                    (bf16 torch.matmul on GPU; vLLM's oneDNN handle on CPU)
   svd-llm        (x · U) · V               (bf16, rank r = CR·in·out/(in+out): same bytes as CR·dense)
   cospadi-triton (x · D) · C, C compressed  (cospadi_vllm.triton_kernels on C repacked once, as served; CUDA)
-  cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: cospadi_vllm.ops, C++ kernels)
+  cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: one C++ call, cospadi_cpu::linear)
 and reports time, bytes moved (each operand read once, output written once), the floor
 max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) with both ceilings measured in the same run,
 time ÷ floor, and speed-up over dense.
 
     python benchmarks/kernel_bench.py                 # full grid on CUDA, reduced grid on CPU
     python benchmarks/kernel_bench.py --models llama3.2-1b --ratios 0.3 --m 1 16
+    python benchmarks/kernel_bench.py --threads 1     # CPU: one thread, as vLLM serves on a 2-core machine
 
 On CUDA every case is timed as vLLM's decode runs it: one CUDA graph holding one call per weight copy
 (copies rotated until they overflow L2, so weights come from HBM), replayed after warm-up, timed with
@@ -36,8 +37,9 @@ from pathlib import Path
 
 import torch
 
+from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import coefficient_product_impl
+from cospadi_vllm.ops import cpu_direct_max_rows
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -185,6 +187,12 @@ def random_cospadi(in_features: int, shard_outs: tuple[int, ...], shapes: list[f
     }
 
 
+def cpu_operands(layer_tensors: dict) -> dict:
+    """The layer as the plugin holds it on CPU (bf16 activations): D transposed to [k, in]."""
+    dictionary = layer_tensors.pop("dictionary")
+    return {**layer_tensors, "dictionary_t": dictionary.t().contiguous()}
+
+
 _ONEDNN_HANDLES: dict[int, tuple[torch.Tensor, object]] = {}  # id(weight) → (weight kept alive, handle)
 
 
@@ -239,7 +247,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(torch.bfloat16).to(device)},
         "svd-llm": svd_operands,
         "cospadi-triton": triton_operands,
-        "cospadi-cpu": lambda: random_cospadi(in_f, shard_outs, shapes, device),
+        "cospadi-cpu": lambda: cpu_operands(random_cospadi(in_f, shard_outs, shapes, device)),
     }
     matmul = cpu_matmul if device.type == "cpu" else (lambda x, w: x @ w)
 
@@ -256,8 +264,11 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     run = {
         "dense": lambda x, o: matmul(x, o["w"]),
         "svd-llm": svd_llm,
-        "cospadi-cpu": lambda x, o: coefficient_product_impl(
-            matmul(x, o["dictionary"]), o["coef_mask"], o["coef_values"], o["coef_scales"], o["atom_offsets"]),
+        # what the plugin serves on CPU with bf16 activations: one C++ call, D held transposed
+        "cospadi-cpu": lambda x, o: torch.ops.cospadi_cpu.linear(
+            x, o["dictionary_t"], o["coef_mask"], o["coef_values"], o["coef_scales"], o["atom_offsets"],
+            *reversed(cpu_kernels.value_decoding(o["coef_values"].dtype)),  # (table, kind)
+            cpu_direct_max_rows(x.dtype, o["coef_values"].dtype)),
     }
     if "cospadi-triton" in impls:
         from cospadi_vllm.triton_kernels import packed_coef_product
@@ -322,8 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, help="default: 0.2 0.3 0.4 on CUDA, 0.3 on CPU")
     parser.add_argument("--m", nargs="+", type=int, help="batch rows; default 1 4 16 64 512 2048 on CUDA, 1 8 64 512 on CPU")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: dense svd-llm and cospadi-triton on CUDA, cospadi-cpu on CPU")
+    parser.add_argument("--threads", type=int, help="CPU threads (vLLM's CPU worker on a 2-core machine gets 1: "
+                        "one core is reserved for its engine process)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "cospadi-cpu" in (args.impls or ["cospadi-cpu"]) and args.device != "cuda":
+        cpu_kernels.load()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -357,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                   "come from HBM) ÷ copies, CUDA events; ceilings by triton.testing.do_bench" if gpu else
                   "median of wall-clock repeats, weights rotated over up to 16 copies (≥256 MB where that fits) "
                   "so they come from DRAM as in decode (CPU)",
-        "note": "" if gpu else "CPU run: the Triton kernel is not timed here (no GPU). Every bf16 GEMM (dense, both "
-                "SVD-LLM factors, CoSpaDi's x·D) runs through a prepacked oneDNN handle, as vLLM's CPU backend "
-                "serves them; cospadi-cpu's Z·C is the C++ kernel (decode up to M = 32, expanded tiles + GEMM above).",
+        "note": "" if gpu else "CPU run: the Triton kernel is not timed here (no GPU). Dense and both SVD-LLM "
+                "factors run through prepacked oneDNN handles, as vLLM's CPU backend serves bf16 weights; "
+                "cospadi-cpu is the plugin's one C++ call (x·D by its own kernel up to 8 rows, torch's GEMM above; "
+                "Z·C by the int16 kernel up to 96 rows, expanded tiles + GEMM above).",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kernels-{meta['device']}"

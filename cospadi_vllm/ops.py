@@ -25,10 +25,10 @@ from cospadi_vllm.gpu_layout import PackedCoefficients, repack
 # bf16/float32 (≤ 8 MiB, freed after the call) and multiplied by torch's GEMM. Both inside one C++
 # op (cpu_kernels); measured on the 2-core AVX-512 machine (benchmarks/results/NOTES.md).
 CPU_DIRECT_MAX_ROWS = 32
-# The same for int8 values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): it beats the
-# expanded tiles up to ~150 rows on SmolLM2's layers (NOTES.md item 28), i.e. for decode batches and
-# for prefill chunks of one prompt; whole-prompt prefills above it use the tiles.
-CPU_INT16_MAX_ROWS = 160
+# The same for int8 values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): on SmolLM2's
+# layers it beats the expanded tiles up to ~150 rows with 2 threads and up to ~64–100 rows with one
+# (what vLLM's CPU worker gets on a 2-core machine; NOTES.md item 28).
+CPU_INT16_MAX_ROWS = 96
 
 def dictionary_product(x: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D [in, k] → Z [M, k] in x's dtype."""

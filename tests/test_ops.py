@@ -94,16 +94,17 @@ def test_cpu_int16_path_within_its_quantization_bound(shards):
     g = torch.Generator().manual_seed(len(shards))
     _, coef, k_total = merged_layer("int8", g, shards=shards, in_features=8)
     dense_c = reference_coefficients(*coef, k_total)
+    int16 = 10**9  # direct_max_rows: the int16 kernel for every M here, whatever the serving crossover
     for rows in (1, 2, 3, 4, 5, 8, 9, 17, 32, 97, 150):  # 97, 150: the many-row kernel, past a 96-row chunk
         row_scale = 10.0 ** torch.empty(rows, 1).uniform_(-3, 3, generator=g)
         z = (torch.randn(rows, k_total, generator=g) * row_scale).to(torch.bfloat16)
         z[0, 3] *= 300  # an outlier: the row's grid is set by it
-        y = coefficient_product_cpu(z, *coef, torch.float32)
+        y = coefficient_product_cpu(z, *coef, torch.float32, direct_max_rows=int16)
         reference = z.double() @ dense_c
         assert y.dtype == torch.float32
         excess = (y.double() - reference).abs() - int16_error_bound(z, dense_c)
         assert float(excess.max()) <= 0, (rows, float(excess.max()))
-        y_bf16 = coefficient_product_cpu(z, *coef, torch.bfloat16)
+        y_bf16 = coefficient_product_cpu(z, *coef, torch.bfloat16, direct_max_rows=int16)
         assert y_bf16.dtype == torch.bfloat16 and torch.equal(y_bf16, y.to(torch.bfloat16)), rows
 
 

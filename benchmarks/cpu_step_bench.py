@@ -1,0 +1,162 @@
+"""CPU decode/prefill step benchmark: every linear layer of a model, in model order, dense vs CoSpaDi.
+
+For a dense HF model and its CoSpaDi checkpoint, it builds each decoder layer's merged qkv, o,
+gate_up and down layers the way vLLM's CPU backend serves them with bf16 activations:
+  dense    x · W through a prepacked oneDNN handle (vLLM's CPU dispatch for bf16 weights)
+  cospadi  one call of the plugin's C++ op cospadi_cpu::linear, D held transposed, C as stored
+and times all layers of one forward step in model order (weights come from DRAM, as in serving),
+dense and CoSpaDi alternating, for several batch sizes M (M = 8: decode at concurrency 8; M = 1024:
+the prefill of 8 prompts of 128 tokens). Attention, norms, sampling and the lm_head are not part of it
+(they are the same for both models).
+
+    python benchmarks/cpu_step_bench.py --checkpoint ./smollm2-cospadi          # dense = SmolLM2 from assets
+    python benchmarks/cpu_step_bench.py --model DIR --checkpoint DIR --m 1 8 --threads 1
+
+Default --threads 1: vLLM's CPU worker on this 2-core machine runs on one core (the other is
+reserved for its engine process). Writes benchmarks/results/cpu-step-<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cospadi_vllm import cpu_kernels
+from cospadi_vllm import format as fmt
+from cospadi_vllm.ops import cpu_direct_max_rows
+from offline_compress import assets
+
+RESULTS = Path(__file__).parent / "results"
+GROUPS = {  # vLLM's merged layers of a Llama / Qwen decoder layer, in execution order
+    "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "o": ("self_attn", ("o_proj",)),
+    "gate_up": ("mlp", ("gate_proj", "up_proj")),
+    "down": ("mlp", ("down_proj",)),
+}
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def dense_layer(weights: dict, prefixes: list[str]):
+    from vllm import _custom_ops as ops
+
+    w = torch.cat([weights[p + ".weight"] for p in prefixes]).to(torch.bfloat16)  # [out, in]
+    return ops.create_onednn_mm(w.t(), 32)
+
+
+def cospadi_layer(tensors: dict, prefixes: list[str]) -> tuple:
+    """The merged layer as the plugin holds it on CPU: D side by side and transposed, masks and values
+    padded per row, shard offsets."""
+    words = max(tensors[p + "." + fmt.COEF_MASK].shape[1] for p in prefixes)
+    s_max = max(tensors[p + "." + fmt.COEF_VALUES].shape[1] for p in prefixes)
+    masks, values, scales, offsets, dictionaries, offset = [], [], [], [], [], 0
+    for p in prefixes:
+        mask, vals = tensors[p + "." + fmt.COEF_MASK], tensors[p + "." + fmt.COEF_VALUES]
+        dictionary = tensors[p + "." + fmt.DICTIONARY]
+        masks.append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
+        values.append(torch.nn.functional.pad(vals, (0, s_max - vals.shape[1])))
+        scales.append(tensors[p + "." + fmt.COEF_SCALES].float())
+        offsets.append(torch.full((mask.shape[0],), offset, dtype=torch.int32))
+        dictionaries.append(dictionary)
+        offset += dictionary.shape[1]
+    dictionary_t = torch.cat(dictionaries, 1).to(torch.bfloat16).t().contiguous()
+    return (dictionary_t, torch.cat(masks).contiguous(), torch.cat(values).contiguous(), torch.cat(scales),
+            torch.cat(offsets))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="dense HF model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="CoSpaDi checkpoint of that model")
+    parser.add_argument("--name", help="name in the result files (default: smollm2 or the model directory name)")
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 8, 136, 1024], help="rows of x per call")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per model and M (best and median kept)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    model_dir, name = assets.model_dir_and_name(args.model, args.name)
+    torch.set_num_threads(args.threads)
+    cpu_kernels.load()
+
+    weights, tensors = read_tensors(model_dir), read_tensors(args.checkpoint)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    values_dtype = fmt.VALUE_DTYPES[config["quantization_config"]["value_dtype"]]
+    kind, table = cpu_kernels.value_decoding(values_dtype)
+    direct_max_rows = cpu_direct_max_rows(torch.bfloat16, values_dtype)
+    layers = range(config["num_hidden_layers"])
+    names = {g: [[f"model.layers.{i}.{sub}.{m}" for m in mods] for i in layers] for g, (sub, mods) in GROUPS.items()}
+    for per_layer in names.values():
+        missing = [p for p in per_layer[0] if p + "." + fmt.COEF_MASK not in tensors]
+        if missing:
+            raise SystemExit(f"error: {args.checkpoint} does not compress {missing[0]} (this benchmark needs every "
+                             f"q/k/v/o/gate/up/down layer compressed)")
+    dense = {g: [dense_layer(weights, p) for p in per_layer] for g, per_layer in names.items()}
+    cospadi = {g: [cospadi_layer(tensors, p) for p in per_layer] for g, per_layer in names.items()}
+    in_features = {g: cospadi[g][0][0].shape[1] for g in GROUPS}
+    del weights, tensors
+
+    from vllm import _custom_ops as ops
+
+    def dense_step(xs):
+        for i in layers:
+            for g in GROUPS:
+                ops.onednn_mm(dense[g][i], xs[g], None)
+
+    def cospadi_step(xs):
+        for i in layers:
+            for g in GROUPS:
+                dictionary_t, mask, values, scales, offsets = cospadi[g][i]
+                torch.ops.cospadi_cpu.linear(xs[g], dictionary_t, mask, values, scales, offsets, table, kind,
+                                             direct_max_rows)
+
+    rows = []
+    for m in args.m:
+        xs = {g: torch.randn(m, in_features[g]).to(torch.bfloat16) for g in GROUPS}
+        times = {"dense": [], "cospadi": []}
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for label, step in (("dense", dense_step), ("cospadi", cospadi_step)):
+                start = time.perf_counter()
+                step(xs)
+                if repeat:
+                    times[label].append((time.perf_counter() - start) * 1e3)
+        best = {k: min(v) for k, v in times.items()}
+        median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        rows.append({"m": m, "dense_ms_best": best["dense"], "cospadi_ms_best": best["cospadi"],
+                     "dense_ms_median": median["dense"], "cospadi_ms_median": median["cospadi"],
+                     "ratio_best": best["cospadi"] / best["dense"], "ratio_median": median["cospadi"] / median["dense"]})
+        print(f"M={m:5d}: dense {best['dense']:8.2f} ms, CoSpaDi {best['cospadi']:8.2f} ms (best of {args.repeats}); "
+              f"CoSpaDi / dense time {rows[-1]['ratio_best']:.2f} (medians {rows[-1]['ratio_median']:.2f})", flush=True)
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    md = [f"# CPU step benchmark — {name}", "",
+          f"All {len(layers)} decoder layers' qkv, o, gate_up and down in model order, bf16 activations, "
+          f"{machine}; dense through vLLM's prepacked oneDNN handles, CoSpaDi through the plugin's "
+          f"`cospadi_cpu::linear` (checkpoint `{args.checkpoint.name}`). Times per step; dense and CoSpaDi "
+          f"alternate, best and median of {args.repeats}.", "",
+          "| M | dense (ms) | CoSpaDi (ms) | CoSpaDi / dense (best) | (median) |", "|---|---|---|---|---|"]
+    md += [f"| {r['m']} | {r['dense_ms_best']:.2f} | {r['cospadi_ms_best']:.2f} | {r['ratio_best']:.2f} | "
+           f"{r['ratio_median']:.2f} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cpu-step-{name}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "checkpoint": str(args.checkpoint),
+                                                     "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
