@@ -652,9 +652,10 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
 #if COSPADI_AVX512_BF16
 #define COSPADI_OWN_DICTIONARY_PRODUCT 1
 // x·D for decode-sized M, D stored transposed (dictionary_t [K, in]: each atom's weights contiguous, so
-// the kernel streams D once, front to back). Dot-product form like the int16 kernel: 2 atoms × up to 8
-// rows of x, one vdpbf16ps per 32 inputs, atom and row (products exact, sums float32). vLLM's oneDNN
-// GEMM took 1.3–2× the DRAM time of D at M = 8 on SmolLM2's layers (NOTES.md item 30).
+// the kernel streams D once, front to back). Dot-product form like the int16 kernel: one atom × up to 8
+// rows of x per pass (two atoms per pass read D as two interleaved streams, at half the DRAM rate), one
+// vdpbf16ps per 32 inputs and row (products exact, sums float32). vLLM's oneDNN GEMM took 1.3–2× the
+// DRAM time of D at M = 8 on SmolLM2's layers (NOTES.md item 30).
 constexpr int kDictionaryRows = 8;  // rows of x up to which the own kernel serves (above: torch's GEMM)
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kDictionaryL1Bytes = 16 << 10;  // rows of x per pass over an atom: at most this much
@@ -664,63 +665,42 @@ __attribute__((always_inline)) inline __m512 dot_accumulate_bf16(__m512 acc, __m
   return acc;
 }
 
-// z[r, t + p] (float32) for rows r < R of x and atoms t + p, p < P (P = 2, or 1 for an odd last atom).
-template <int R, int P>
-void atoms_product(const uint16_t* x, int64_t ldx, const uint16_t* dt, int64_t in, int64_t t, float* z, int64_t ldz) {
-  __m512 acc[P][R];
+// z[r, t] (float32) for rows r < R of x and atom t: one vdpbf16ps per 32 inputs and row.
+template <int R>
+void atom_product(const uint16_t* x, int64_t ldx, const uint16_t* dt, int64_t in, int64_t t, float* z, int64_t ldz) {
+  __m512 acc[R];
   #pragma GCC unroll 16
-  for (int p = 0; p < P; ++p)
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
-  const uint16_t* d[P];
-  for (int p = 0; p < P; ++p) d[p] = dt + (t + p) * in;
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint16_t* d = dt + t * in;
   // Plain loads for whole steps of 32 inputs, masked loads only for the last partial step.
   const auto step = [&](int64_t i, __mmask32 live, bool whole) {
-    __m512i dv[P];
-    #pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) {
-      // Each atom's row is only `in` values long: the hardware prefetcher did not follow the short rows
-      // (from DRAM 2× oneDNN's time, equal to it in cache), so fetch the rows kPrefetchAtoms ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(d[p] + i) + kPrefetchBytes, _MM_HINT_T0);
-      dv[p] = whole ? _mm512_loadu_si512(d[p] + i) : _mm512_maskz_loadu_epi16(live, d[p] + i);
-    }
+    // Each atom's row is only `in` values long: the hardware prefetcher did not follow the short rows
+    // well (from DRAM 2× oneDNN's time, equal to it in cache), so fetch kPrefetchBytes ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(d + i) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512i dv = whole ? _mm512_loadu_si512(d + i) : _mm512_maskz_loadu_epi16(live, d + i);
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      __m512i xr = whole ? _mm512_loadu_si512(x + r * ldx + i) : _mm512_maskz_loadu_epi16(live, x + r * ldx + i);
-      __asm__("" : "+v"(xr));
-      #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[p][r] = dot_accumulate_bf16(acc[p][r], dv[p], xr);
+      const __m512i xr = whole ? _mm512_loadu_si512(x + r * ldx + i) : _mm512_maskz_loadu_epi16(live, x + r * ldx + i);
+      acc[r] = dot_accumulate_bf16(acc[r], dv, xr);
     }
   };
   int64_t i = 0;
   for (; i + 32 <= in; i += 32) step(i, ~__mmask32(0), true);
   if (i < in) step(i, static_cast<__mmask32>((1u << (in - i)) - 1), false);
-  const auto lanes = [&](int p, int r) { return r < R ? acc[p][r] : _mm512_setzero_ps(); };
-  if constexpr (P == 2) {
-    for (int r = 0; r < R; r += 2) {
-      const __m128 v = sum4(lanes(0, r), lanes(1, r), lanes(0, r + 1), lanes(1, r + 1));
-      if (r + 1 < R) {
-        store2x2(z + r * ldz + t, z + (r + 1) * ldz + t, v);
-      } else {
-        _mm_storel_pi(reinterpret_cast<__m64*>(z + r * ldz + t), v);
-      }
-    }
-  } else {
-    for (int r = 0; r < R; r += 4) {
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, sum4(lanes(0, r), lanes(0, r + 1), lanes(0, r + 2), lanes(0, r + 3)));
-      for (int q = 0; q < 4 && r + q < R; ++q) z[(r + q) * ldz + t] = sums[q];
-    }
+  for (int r = 0; r < R; r += 4) {
+    const auto lanes = [&](int q) { return r + q < R ? acc[r + q] : _mm512_setzero_ps(); };
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, sum4(lanes(0), lanes(1), lanes(2), lanes(3)));
+    for (int q = 0; q < 4 && r + q < R; ++q) z[(r + q) * ldz + t] = sums[q];
   }
 }
 
-using AtomsKernel = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
-template <int P, int... R>
-constexpr auto atoms_kernels(std::integer_sequence<int, R...>) {
-  return std::array<AtomsKernel, sizeof...(R)>{&atoms_product<R + 1, P>...};
+using AtomKernel = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
+template <int... R>
+constexpr auto atom_kernels(std::integer_sequence<int, R...>) {
+  return std::array<AtomKernel, sizeof...(R)>{&atom_product<R + 1>...};
 }
-constexpr auto kAtomPairKernels = atoms_kernels<2>(std::make_integer_sequence<int, kDictionaryRows>{});
-constexpr auto kAtomKernels = atoms_kernels<1>(std::make_integer_sequence<int, kDictionaryRows>{});
+constexpr auto kAtomKernels = atom_kernels(std::make_integer_sequence<int, kDictionaryRows>{});
 
 // z [M, K] float32 = x [M, in] (bfloat16) · D, D given as dictionary_t [K, in] (bfloat16), M ≤ kDictionaryRows.
 at::Tensor dictionary_product_small(const at::Tensor& x, const at::Tensor& dictionary_t) {
@@ -729,9 +709,8 @@ at::Tensor dictionary_product_small(const at::Tensor& x, const at::Tensor& dicti
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
   float* zp = z.data_ptr<float>();
-  // One atom at a time: D is then read as one sequential stream (two atoms per pass, i.e. two
-  // interleaved streams, ran at half the DRAM rate). Rows of x in blocks that stay in L1 next to the
-  // atom's row of D (down_proj: 8 rows × 1536 inputs = 24 KB did not).
+  // Rows of x in blocks that stay in L1 next to the atom's row of D (down_proj: 8 rows × 1536 inputs =
+  // 24 KB did not).
   const int64_t ldx = x.stride(0);
   const int64_t rows_per_block = std::clamp<int64_t>(kDictionaryL1Bytes / (in * 2), 1, kDictionaryRows);
   at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
