@@ -427,11 +427,30 @@ struct Int16Kernels {
   static constexpr auto tail = int16_kernels<Out, 1, true>(std::make_integer_sequence<int, kInt16Rows>{});
 };
 
-// bfloat16 Z [M, K] → int16 [M, ldq] (zero after column K), scaled per row to ±32767;
-// scale[m] = max |z[m, :]| / 32767 (1 for an all-zero row, NaN for a row holding inf or NaN).
-// Serial and vectorised (M·K is small next to the product): a parallel region of its own costs more
-// than the work in vLLM's thread setup. |bf16| bit patterns order like the magnitudes, so the peak is
-// an unsigned 16-bit max; rounding is to nearest even (the default MXCSR mode).
+// Writes one row of Z as int16 [ldq] (zero after column K), scaled to ±32767 by its peak |z|, and its
+// scale = peak / 32767 (1 for an all-zero row; NaN for a row holding inf or NaN, whose outputs then
+// become NaN, as a float GEMM's would). lanes(t, in) gives Z[t .. t+16) as float32 (masked by in).
+// Rounding is to nearest even (the default MXCSR mode).
+template <typename Lanes>
+inline void write_scaled_row(Lanes lanes, int64_t k, float peak, bool non_finite, int16_t* out, int64_t ldq,
+                             float* scale) {
+  if (non_finite) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    std::fill(out, out + ldq, int16_t(0));
+    return;
+  }
+  *scale = peak > 0.f ? peak / 32767.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(peak > 0.f ? 32767.f / peak : 0.f);
+  for (int64_t t = 0; t < k; t += 16) {
+    const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
+    _mm256_mask_storeu_epi16(out + t, in, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lanes(t, in), inv))));
+  }
+  std::fill(out + k, out + ldq, int16_t(0));
+}
+
+// bfloat16 Z [M, K] → int16 [M, ldq] and scale [M] (write_scaled_row). Serial and vectorised (M·K is
+// small next to the product): a parallel region of its own costs more than the work in vLLM's thread
+// setup. |bf16| bit patterns order like the magnitudes, so the peak is an unsigned 16-bit max.
 void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
   const __m512i magnitude = _mm512_set1_epi16(0x7FFF), exponent = _mm512_set1_epi16(0x7F80);
   for (int64_t r = 0; r < m; ++r) {
@@ -444,22 +463,12 @@ void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t
       peak_bits = _mm512_max_epu16(peak_bits, _mm512_and_si512(h, magnitude));
       non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, exponent), exponent);
     }
-    int16_t* out = zq + r * ldq;
-    if (non_finite) {  // inf / NaN in Z: the row's outputs become NaN, as a float GEMM's would
-      scale[r] = std::numeric_limits<float>::quiet_NaN();
-      std::fill(out, out + ldq, int16_t(0));
-      continue;
-    }
     const float peak = bf16_bits_to_float(static_cast<uint16_t>(_mm512_reduce_max_epu32(_mm512_cvtepu16_epi32(
         _mm256_max_epu16(_mm512_castsi512_si256(peak_bits), _mm512_extracti64x4_epi64(peak_bits, 1))))));
-    scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
-    const __m512 inv = _mm512_set1_ps(peak > 0.f ? 32767.f / peak : 0.f);
-    for (int64_t t = 0; t < k; t += 16) {
-      const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, row + t)), 16));
-      _mm256_mask_storeu_epi16(out + t, in, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
-    }
-    std::fill(out + k, out + ldq, int16_t(0));
+    const auto lanes = [row](int64_t t, __mmask16 in) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, row + t)), 16));
+    };
+    write_scaled_row(lanes, k, peak, non_finite != 0, zq + r * ldq, ldq, scale + r);
   }
 }
 
@@ -467,29 +476,16 @@ void quantize_rows(const uint16_t* z, int64_t m, int64_t k, int64_t ldz, int16_t
 void quantize_rows(const float* z, int64_t m, int64_t k, int64_t ldz, int16_t* zq, int64_t ldq, float* scale) {
   for (int64_t r = 0; r < m; ++r) {
     const float* row = z + r * ldz;
-    __m512 peak_v = _mm512_setzero_ps();
+    const auto lanes = [row](int64_t t, __mmask16 in) { return _mm512_maskz_loadu_ps(in, row + t); };
+    __m512 peak = _mm512_setzero_ps();
     __mmask16 non_finite = 0;
     for (int64_t t = 0; t < k; t += 16) {
       const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(in, row + t);
-      peak_v = _mm512_max_ps(peak_v, _mm512_abs_ps(v));
+      const __m512 v = lanes(t, in);
+      peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
       non_finite |= _mm512_fpclass_ps_mask(v, 0x01 | 0x80 | 0x08 | 0x10);  // QNaN, SNaN, +inf, -inf
     }
-    int16_t* out = zq + r * ldq;
-    if (non_finite) {
-      scale[r] = std::numeric_limits<float>::quiet_NaN();
-      std::fill(out, out + ldq, int16_t(0));
-      continue;
-    }
-    const float peak = _mm512_reduce_max_ps(peak_v);
-    scale[r] = peak > 0.f ? peak / 32767.f : 1.f;
-    const __m512 inv = _mm512_set1_ps(peak > 0.f ? 32767.f / peak : 0.f);
-    for (int64_t t = 0; t < k; t += 16) {
-      const __mmask16 in = k - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (k - t)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(in, row + t);
-      _mm256_mask_storeu_epi16(out + t, in, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
-    }
-    std::fill(out + k, out + ldq, int16_t(0));
+    write_scaled_row(lanes, k, _mm512_reduce_max_ps(peak), non_finite != 0, zq + r * ldq, ldq, scale + r);
   }
 }
 
