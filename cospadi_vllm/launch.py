@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ def running_server(
     """Run ``cmd`` (a serve command listening on 127.0.0.1:port); yield the OpenAI base URL once
     ``/v1/models`` answers. The whole process group is stopped on exit, whatever happened."""
     base_url = f"http://127.0.0.1:{port}/v1"
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, _exit_on_termination():
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                   env={**os.environ, **(env or {})})
         try:
@@ -68,6 +69,29 @@ def running_server(
             yield base_url
         finally:
             stop(server)
+
+
+@contextlib.contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit(128 + signal) while a server runs, so that the finally
+    clauses stop it. The server is in its own session (Ctrl-C in the terminal reaches only this
+    process, which then stops it in order); without this, `kill`, a CI timeout or a closed terminal
+    ended this process at once and left the server running, holding its port and memory."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    # A signal this process ignores (SIGHUP under nohup) stays ignored.
+    previous = {sig: signal.signal(sig, exit_now) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop(server: subprocess.Popen) -> None:

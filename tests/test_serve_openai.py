@@ -1,7 +1,9 @@
 """End to end: the documented serve command on 127.0.0.1, queried with the official openai client."""
 
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,28 @@ def test_serve_answers_openai_completions_and_chat(checkpoint, tmp_path):
     assert completion.choices[0].text == offline["texts"][0]
     assert chat.choices[0].message.content == offline["texts"][1]
     assert len(completion.choices[0].text) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_terminating_the_launcher_stops_its_server(checkpoint, tmp_path, sig):
+    """`kill`, a CI timeout or a closed terminal ends the process that started the server: the server
+    (in its own session, so the signal does not reach it) must stop with it and free its port."""
+    port = free_port()
+    runner = subprocess.Popen([sys.executable, "-m", "tests.serve_runner", str(checkpoint), str(port),
+                               str(tmp_path / "server.log")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server_processes = ["pgrep", "-f", "--", f"--port {port}"]
+    try:
+        assert runner.stdout.readline().strip() == "serving", (tmp_path / "server.log").read_text()[-3000:]
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # it answers
+        runner.send_signal(sig)
+        returncode = runner.wait(timeout=120)
+        left = subprocess.run(server_processes, capture_output=True, text=True).stdout.split()
+        assert left == [], f"server processes still running after the launcher exited: {left}"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert returncode == 128 + sig  # exits as a terminated process, after stopping the server
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--port {port}"])  # nothing left behind if it failed
