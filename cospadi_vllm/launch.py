@@ -82,6 +82,10 @@ def _exit_on_termination() -> Iterator[None]:
         return
 
     def exit_now(signum, frame):
+        # Once: a second signal during the shutdown would interrupt stop() and orphan the server
+        # (stop() is bounded: SIGTERM, then SIGKILL after 60 s).
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     # A signal this process ignores (SIGHUP under nohup) stays ignored.
