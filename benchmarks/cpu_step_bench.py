@@ -59,21 +59,10 @@ def dense_layer(weights: dict, prefixes: list[str]):
 def cospadi_layer(tensors: dict, prefixes: list[str]) -> tuple:
     """The merged layer as the plugin holds it on CPU: D side by side and transposed, masks and values
     padded per row, shard offsets."""
-    words = max(tensors[p + "." + fmt.COEF_MASK].shape[1] for p in prefixes)
-    s_max = max(tensors[p + "." + fmt.COEF_VALUES].shape[1] for p in prefixes)
-    masks, values, scales, offsets, dictionaries, offset = [], [], [], [], [], 0
-    for p in prefixes:
-        mask, vals = tensors[p + "." + fmt.COEF_MASK], tensors[p + "." + fmt.COEF_VALUES]
-        dictionary = tensors[p + "." + fmt.DICTIONARY]
-        masks.append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
-        values.append(torch.nn.functional.pad(vals, (0, s_max - vals.shape[1])))
-        scales.append(tensors[p + "." + fmt.COEF_SCALES].float())
-        offsets.append(torch.full((mask.shape[0],), offset, dtype=torch.int32))
-        dictionaries.append(dictionary)
-        offset += dictionary.shape[1]
-    dictionary_t = torch.cat(dictionaries, 1).to(torch.bfloat16).t().contiguous()
-    return (dictionary_t, torch.cat(masks).contiguous(), torch.cat(values).contiguous(), torch.cat(scales),
-            torch.cat(offsets))
+    suffixes = (fmt.DICTIONARY, *fmt.COEF_SUFFIXES)
+    merged = fmt.merge_shards([{suffix: tensors[f"{p}.{suffix}"] for suffix in suffixes} for p in prefixes])
+    return (merged[fmt.DICTIONARY].to(torch.bfloat16).t().contiguous(), merged[fmt.COEF_MASK],
+            merged[fmt.COEF_VALUES], merged[fmt.COEF_SCALES].float(), merged["atom_offsets"])
 
 
 def main(argv: list[str] | None = None) -> int:

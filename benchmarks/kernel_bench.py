@@ -163,28 +163,14 @@ def random_cospadi(in_features: int, shard_outs: tuple[int, ...], shapes: list[f
                    device: torch.device, value_dtype: str = "int8"):
     """Random dictionary and random column-sparse C (s atoms per output) in the checkpoint format,
     shards merged as the plugin merges q/k/v (dictionaries side by side, mask/values padded per row)."""
-    words = max(fmt.mask_words(shape.k) for shape in shapes)
-    s_max = max(shape.s for shape in shapes)
-    dictionaries, masks, values, scales, offsets, k_offset = [], [], [], [], [], 0
+    shards = []
     for out_features, shape in zip(shard_outs, shapes, strict=True):  # drawn on the device: fast for 8B shapes
         support_idx = torch.rand(out_features, shape.k, device=device).argsort(dim=1)[:, : shape.s]
-        tensors = fmt.encode_coefficients(support_idx, torch.randn(out_features, shape.s, device=device), shape.k,
-                                          value_dtype)
-        dictionaries.append((torch.randn(in_features, shape.k, device=device) / in_features**0.5).to(torch.bfloat16))
-        masks.append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
-        row = torch.zeros(out_features, s_max, dtype=tensors[fmt.COEF_VALUES].dtype, device=device)
-        row[:, : shape.s] = tensors[fmt.COEF_VALUES]
-        values.append(row)
-        scales.append(tensors[fmt.COEF_SCALES])
-        offsets.append(torch.full((out_features,), k_offset, dtype=torch.int32, device=device))
-        k_offset += shape.k
-    return {
-        "dictionary": torch.cat(dictionaries, 1).to(device),
-        "coef_mask": torch.cat(masks).to(device),
-        "coef_values": torch.cat(values).to(device),
-        "coef_scales": torch.cat(scales).to(device),
-        "atom_offsets": torch.cat(offsets).to(device),
-    }
+        shard = fmt.encode_coefficients(support_idx, torch.randn(out_features, shape.s, device=device), shape.k,
+                                        value_dtype)
+        shard[fmt.DICTIONARY] = (torch.randn(in_features, shape.k, device=device) / in_features**0.5).to(torch.bfloat16)
+        shards.append(shard)
+    return fmt.merge_shards(shards)
 
 
 def cpu_operands(layer_tensors: dict) -> dict:

@@ -242,6 +242,28 @@ def encode_coefficients(
     return {COEF_MASK: pack_mask(support), COEF_VALUES: coef_values, COEF_SCALES: coef_scales}
 
 
+def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stored tensors of a fused layer's shards (q/k/v or gate/up, in order; each
+    {DICTIONARY: [in, k_i], COEF_MASK: [out_i, W_i], COEF_VALUES: [out_i, s_i], COEF_SCALES: [out_i]})
+    in the layout the vLLM plugin holds them: dictionaries side by side [in, Σ k_i], masks and values
+    zero-padded per row to the widest shard ([Σ out_i, max W_i], [Σ out_i, max s_i]), scales
+    concatenated, and "atom_offsets" [Σ out_i] int32: each output's first atom in the merged dictionary."""
+    words = max(shard[COEF_MASK].shape[1] for shard in shards)
+    s_max = max(shard[COEF_VALUES].shape[1] for shard in shards)
+    merged: dict[str, list[torch.Tensor]] = {DICTIONARY: [], COEF_MASK: [], COEF_VALUES: [], COEF_SCALES: [],
+                                             "atom_offsets": []}
+    k_offset = 0
+    for shard in shards:
+        mask, values = shard[COEF_MASK], shard[COEF_VALUES]
+        merged[DICTIONARY].append(shard[DICTIONARY])
+        merged[COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
+        merged[COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
+        merged[COEF_SCALES].append(shard[COEF_SCALES])
+        merged["atom_offsets"].append(torch.full((mask.shape[0],), k_offset, dtype=torch.int32, device=mask.device))
+        k_offset += shard[DICTIONARY].shape[1]
+    return {name: torch.cat(parts, 1 if name == DICTIONARY else 0) for name, parts in merged.items()}
+
+
 def decode_coefficients(
     coef_mask: torch.Tensor, coef_values: torch.Tensor, coef_scales: torch.Tensor, k: int
 ) -> torch.Tensor:

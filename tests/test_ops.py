@@ -18,25 +18,15 @@ SHARDS = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples
 
 def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48):
     """A merged 3-shard layer as the plugin holds it: D side by side, mask/values padded per row."""
-    dictionaries, masks, values, scales, offsets = [], [], [], [], []
-    k_offset = 0
-    s_max = max(s for _, _, s in shards)
-    words = max(fmt.mask_words(k) for k, _, _ in shards)
+    stored = []
     for k, out, s in shards:
         idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
-        tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
-        dictionaries.append(torch.randn(in_features, k, generator=g).to(torch.bfloat16))
-        masks.append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
-        stored = tensors[fmt.COEF_VALUES]
-        padded = torch.zeros(out, s_max, dtype=stored.dtype)
-        padded[:, :s] = stored
-        values.append(padded)
-        scales.append(tensors[fmt.COEF_SCALES])
-        offsets.append(torch.full((out,), k_offset, dtype=torch.int32))
-        k_offset += k
-    dictionary = torch.cat(dictionaries, dim=1)
-    coef = [torch.cat(t) for t in (masks, values, scales, offsets)]
-    return dictionary, coef, k_offset
+        shard = fmt.encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
+        shard[fmt.DICTIONARY] = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
+        stored.append(shard)
+    layer = fmt.merge_shards(stored)
+    coef = [layer[name] for name in (fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets")]
+    return layer[fmt.DICTIONARY], coef, layer[fmt.DICTIONARY].shape[1]
 
 
 def int16_error_bound(z: torch.Tensor, dense_c: torch.Tensor) -> torch.Tensor:
