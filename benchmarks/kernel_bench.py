@@ -253,7 +253,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         # what the plugin serves on CPU with bf16 activations: one C++ call, D held transposed
         "cospadi-cpu": lambda x, o: torch.ops.cospadi_cpu.linear(
             x, o["dictionary_t"], o["coef_mask"], o["coef_values"], o["coef_scales"], o["atom_offsets"],
-            *reversed(cpu_kernels.value_decoding(o["coef_values"].dtype)),  # (table, kind)
+            *cpu_kernels.value_decoding(o["coef_values"].dtype),
             cpu_direct_max_rows(x.dtype, o["coef_values"].dtype)),
     }
     if "cospadi-triton" in impls:

@@ -341,7 +341,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.cospadi_shards = shards
         layer.cospadi_params_dtype = params_dtype
         layer.cospadi_dictionary_transposed = False  # D held as [k, in] (CPU, bf16): see transpose_dictionary_for_cpu
-        layer.cospadi_cpu_call = None  # (value kind, value table, direct_max_rows) of the C++ ops, on CPU
+        layer.cospadi_cpu_call = None  # (value table, value kind, direct_max_rows) of the C++ ops, on CPU
         layer.cospadi_out_range = (shards[0].out_start, shards[0].out_start + out_local, output_size)
         layer.cospadi_dictionary_shape = (input_size_per_partition, atoms_offset)
 
@@ -403,7 +403,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if layer.cospadi_dictionary_transposed:
-            kind, table, direct_max_rows = layer.cospadi_cpu_call
+            table, kind, direct_max_rows = layer.cospadi_cpu_call
             if layer.cospadi_split == REPLICATED:  # the whole layer in one C++ call
                 out = torch.ops.cospadi_cpu.linear(flat, layer.dictionary, layer.coef_mask, layer.coef_values,
                                                    layer.coef_scales, layer.atom_offsets, table, kind, direct_max_rows)
@@ -418,7 +418,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         if layer.cospadi_packed is not None:
             out = packed_coefficient_product(z, layer.cospadi_packed)
         elif layer.cospadi_cpu_call is not None:
-            kind, table, direct_max_rows = layer.cospadi_cpu_call
+            table, kind, direct_max_rows = layer.cospadi_cpu_call
             out = torch.ops.cospadi_cpu.coef_product(z, layer.coef_mask, layer.coef_values, layer.coef_scales,
                                                      layer.atom_offsets, table, kind, False, False, direct_max_rows)
         else:

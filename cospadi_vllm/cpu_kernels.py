@@ -123,15 +123,15 @@ def value_table(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
-_DECODING: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+_DECODING: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
 
 
-def value_decoding(dtype: torch.dtype) -> tuple[int, torch.Tensor]:
-    """(value_kind, value_table) arguments of ``coef_product`` for values of ``dtype``; the first call
+def value_decoding(dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(value_table, value_kind) arguments of the ops, in their order, for values of ``dtype``; the first call
     also loads the kernels."""
     if dtype not in _DECODING:
         load()
-        _DECODING[dtype] = (value_kind(dtype), value_table(dtype))
+        _DECODING[dtype] = (value_table(dtype), value_kind(dtype))
     return _DECODING[dtype]
 
 

@@ -66,7 +66,7 @@ def coefficient_product_cpu(
 ) -> torch.Tensor:
     """z [M, K] · C → [M, N] on CPU, one C++ op call. ``direct_max_rows`` and ``portable`` (the scalar
     kernels) let tests force each path."""
-    kind, table = cpu_kernels.value_decoding(coef_values.dtype)
+    table, kind = cpu_kernels.value_decoding(coef_values.dtype)
     if direct_max_rows is None:
         direct_max_rows = CPU_DIRECT_MAX_ROWS if portable else cpu_direct_max_rows(z.dtype, coef_values.dtype)
     y = torch.ops.cospadi_cpu.coef_product(z, coef_mask, coef_values, coef_scales, atom_offsets, table, kind,

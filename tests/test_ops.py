@@ -202,7 +202,7 @@ def test_cpu_op_is_opaque_to_torch_compile():
     g = torch.Generator().manual_seed(12)
     dictionary, coef, k_total = merged_layer("int8", g)
     dictionary_t = dictionary.t().contiguous()
-    kind, table = cpu_kernels.value_decoding(torch.int8)
+    table, kind = cpu_kernels.value_decoding(torch.int8)
 
     def product(z):
         return torch.ops.cospadi_cpu.coef_product(z, *coef, table, kind, False, False, 32) * 2
@@ -245,7 +245,7 @@ def test_cpu_linear_matches_float64(value_dtype):
     dictionary, coef, k_total = merged_layer(value_dtype, g)
     dictionary_t = dictionary.t().contiguous()
     dense_c = reference_coefficients(*coef, k_total)
-    kind, table = cpu_kernels.value_decoding(coef[1].dtype)
+    table, kind = cpu_kernels.value_decoding(coef[1].dtype)
     fused_rows = value_dtype == "int8" and cpu_kernels.has_int16_kernel()
     for rows in (1, 2, 5, 8, 9, 40, 300):
         x = torch.randn(rows, dictionary.shape[0], generator=g).to(torch.bfloat16)
