@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import cpu_direct_max_rows
+from cospadi_vllm.kernels import cpu_library, merge_shards
+from cospadi_vllm.kernels.cpu import direct_max_rows
 from offline_compress import assets
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,7 +60,7 @@ def cospadi_layer(tensors: dict, prefixes: list[str]) -> tuple:
     """The merged layer as the plugin holds it on CPU: D side by side and transposed, masks and values
     padded per row, shard offsets."""
     suffixes = (fmt.DICTIONARY, *fmt.COEF_SUFFIXES)
-    merged = fmt.merge_shards([{suffix: tensors[f"{p}.{suffix}"] for suffix in suffixes} for p in prefixes])
+    merged = merge_shards([{suffix: tensors[f"{p}.{suffix}"] for suffix in suffixes} for p in prefixes])
     return (merged[fmt.DICTIONARY].to(torch.bfloat16).t().contiguous(), merged[fmt.COEF_MASK],
             merged[fmt.COEF_VALUES], merged[fmt.COEF_SCALES].float(), merged["atom_offsets"])
 
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     torch.set_num_threads(args.threads)
-    cpu_kernels.load()
+    cpu_library.load()
 
     weights, tensors = read_tensors(model_dir), read_tensors(args.checkpoint)
     config = json.loads((args.checkpoint / "config.json").read_text())
     values_dtype = fmt.VALUE_DTYPES[config["quantization_config"]["value_dtype"]]
-    table, kind = cpu_kernels.value_decoding(values_dtype)
-    direct_max_rows = cpu_direct_max_rows(torch.bfloat16, values_dtype)
+    table, kind = cpu_library.value_decoding(values_dtype)
+    max_rows = direct_max_rows(torch.bfloat16, values_dtype)
     layers = range(config["num_hidden_layers"])
     names = {g: [[f"model.layers.{i}.{sub}.{m}" for m in mods] for i in layers] for g, (sub, mods) in GROUPS.items()}
     for per_layer in names.values():
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for g in GROUPS:
                 dictionary_t, mask, values, scales, offsets = cospadi[g][i]
                 torch.ops.cospadi_cpu.linear(xs[g], dictionary_t, mask, values, scales, offsets, table, kind,
-                                             direct_max_rows)
+                                             max_rows)
 
     rows = []
     for m in args.m:

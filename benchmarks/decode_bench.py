@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from benchmarks.kernel_bench import device_label  # noqa: E402
 from cospadi_vllm import format as fmt  # noqa: E402
 from cospadi_vllm.hf_quantizer import CoSpaDiLinear  # noqa: E402
+from offline_compress.budget import solve_k_s  # noqa: E402
+from offline_compress.quantization import encode_coefficients  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,10 +87,10 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, smollm2_dir
 
 def random_cospadi_linear(linear: torch.nn.Linear, ratio: float, generator: torch.Generator) -> CoSpaDiLinear:
     """A CoSpaDiLinear of the linear's shape at (k, s) = solve_k_s(CR), random D and C, int8 values."""
-    shape = fmt.solve_k_s(linear.in_features, linear.out_features, ratio, 2.0, "int8")
+    shape = solve_k_s(linear.in_features, linear.out_features, ratio, 2.0, "int8")
     device = linear.weight.device  # drawn on the layer's device: fast for Llama-3-8B shapes
     support = torch.rand(linear.out_features, shape.k, generator=generator, device=device).argsort(dim=1)[:, : shape.s]
-    tensors = fmt.encode_coefficients(
+    tensors = encode_coefficients(
         support, torch.randn(linear.out_features, shape.s, generator=generator, device=device), shape.k, "int8")
     module = CoSpaDiLinear(linear.in_features, linear.out_features, shape.k, shape.s, torch.int8,
                            None if linear.bias is None else linear.bias.dtype, device=device)

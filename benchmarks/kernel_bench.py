@@ -3,7 +3,7 @@
 For each Llama linear shape, compression ratio and batch M it times, on random data:
   dense          x · W                    (bf16 torch.matmul on GPU; vLLM's oneDNN handle on CPU)
   svd-llm        (x · U) · V               (bf16, rank r = CR·in·out/(in+out): same bytes as CR·dense)
-  cospadi-triton (x · D) · C, C compressed  (cospadi_vllm.triton_kernels on C repacked once, as served; CUDA)
+  cospadi-triton (x · D) · C, C compressed  (cospadi_vllm/kernels/triton_gemm.py on C repacked once, as served; CUDA)
   cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: one C++ call, cospadi_cpu::linear)
 and reports time, bytes moved (each operand read once, output written once), the floor
 max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) with both ceilings measured in the same run,
@@ -37,9 +37,11 @@ from pathlib import Path
 
 import torch
 
-from cospadi_vllm import cpu_kernels
 from cospadi_vllm import format as fmt
-from cospadi_vllm.ops import cpu_direct_max_rows
+from cospadi_vllm.kernels import cpu_library, merge_shards
+from cospadi_vllm.kernels.cpu import direct_max_rows
+from offline_compress.budget import solve_k_s
+from offline_compress.quantization import encode_coefficients
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -166,11 +168,11 @@ def random_cospadi(in_features: int, shard_outs: tuple[int, ...], shapes: list[f
     shards = []
     for out_features, shape in zip(shard_outs, shapes, strict=True):  # drawn on the device: fast for 8B shapes
         support_idx = torch.rand(out_features, shape.k, device=device).argsort(dim=1)[:, : shape.s]
-        shard = fmt.encode_coefficients(support_idx, torch.randn(out_features, shape.s, device=device), shape.k,
+        shard = encode_coefficients(support_idx, torch.randn(out_features, shape.s, device=device), shape.k,
                                         value_dtype)
         shard[fmt.DICTIONARY] = (torch.randn(in_features, shape.k, device=device) / in_features**0.5).to(torch.bfloat16)
         shards.append(shard)
-    return fmt.merge_shards(shards)
+    return merge_shards(shards)
 
 
 def cpu_operands(layer_tensors: dict) -> dict:
@@ -202,7 +204,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     _ONEDNN_HANDLES.clear()  # one case's weights at a time
     shard_outs = out_spec if isinstance(out_spec, tuple) else (out_spec,)
     out_f = sum(shard_outs)
-    shapes = [fmt.solve_k_s(in_f, out, ratio, 2.0, "int8") for out in shard_outs]
+    shapes = [solve_k_s(in_f, out, ratio, 2.0, "int8") for out in shard_outs]
     ranks = [int(ratio * in_f * out / (in_f + out)) for out in shard_outs]
     k_total, rank = sum(s.k for s in shapes), sum(ranks)
     cospadi_bytes = sum(fmt.stored_bytes(shape, "int8") for shape in shapes)
@@ -223,7 +225,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
                       for r, out in zip(ranks, shard_outs, strict=True)]}
 
     def triton_operands():
-        from cospadi_vllm.gpu_layout import repack
+        from cospadi_vllm.kernels.gpu_layout import repack
 
         layer_tensors = random_cospadi(in_f, shard_outs, shapes, device)
         coef = [layer_tensors[n] for n in ("coef_mask", "coef_values", "coef_scales", "atom_offsets")]
@@ -253,11 +255,11 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         # what the plugin serves on CPU with bf16 activations: one C++ call, D held transposed
         "cospadi-cpu": lambda x, o: torch.ops.cospadi_cpu.linear(
             x, o["dictionary_t"], o["coef_mask"], o["coef_values"], o["coef_scales"], o["atom_offsets"],
-            *cpu_kernels.value_decoding(o["coef_values"].dtype),
-            cpu_direct_max_rows(x.dtype, o["coef_values"].dtype)),
+            *cpu_library.value_decoding(o["coef_values"].dtype),
+            direct_max_rows(x.dtype, o["coef_values"].dtype)),
     }
     if "cospadi-triton" in impls:
-        from cospadi_vllm.triton_kernels import packed_coef_product
+        from cospadi_vllm.kernels.triton_gemm import packed_coef_product
 
         run["cospadi-triton"] = lambda x, o: packed_coef_product(x @ o["dictionary"], o["packed"])
     rows = []
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if "cospadi-cpu" in (args.impls or ["cospadi-cpu"]) and args.device != "cuda":
-        cpu_kernels.load()
+        cpu_library.load()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

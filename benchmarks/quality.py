@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from offline_compress import assets
-from offline_compress.calibration import DEFAULT_TARGETS
 from offline_compress.evaluate import evaluation_windows, perplexity
-from offline_compress.pipeline import CompressOptions, compress_or_reuse
+from offline_compress.options import DEFAULT_TARGETS, CompressOptions
+from offline_compress.pipeline import compress_or_reuse
 
 RESULTS = Path(__file__).parent / "results"
 # Row name -> compressor options. SVD-LLM is stored like CoSpaDi-int8 with s = k.

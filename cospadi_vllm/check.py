@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 from cospadi_vllm import format as fmt
-
-# vLLM's fused layers (vllm/model_executor/models/llama.py, qwen2.py, qwen3.py).
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+from cospadi_vllm.safetensors_headers import file_problems
 
 
 def module_dims(hf_config: dict, leaf: str) -> tuple[int, int] | None:
@@ -44,20 +42,6 @@ def module_dims(hf_config: dict, leaf: str) -> tuple[int, int] | None:
     return dims.get(leaf)
 
 
-def file_problems(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str]]:
-    """Header of one safetensors file and its problems (unreadable, truncated)."""
-    try:
-        header_len, header = fmt.read_safetensors_header(path)
-        size_bytes = path.stat().st_size
-    except (OSError, fmt.FormatError) as err:
-        return {}, [f"{path.name}: {err}"]
-    end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
-    headers = fmt.header_tensors(header)
-    if 8 + header_len + end > size_bytes:
-        return headers, [f"{path.name}: truncated ({size_bytes} bytes, its header needs {8 + header_len + end})"]
-    return headers, []
-
-
 def check_checkpoint(checkpoint: str | Path, masks: bool = True) -> list[str]:
     """All problems found in ``checkpoint`` (empty list: valid)."""
     checkpoint = Path(checkpoint)
@@ -72,71 +56,95 @@ def check_checkpoint(checkpoint: str | Path, masks: bool = True) -> list[str]:
         qc = fmt.parse_quantization_config(hf_config.get("quantization_config") or {})
     except fmt.FormatError as err:
         return [f"config.json quantization_config: {err}"]
-    value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
-    modules: dict[str, dict[str, int]] = qc["modules"]
-    problems: list[str] = []
+    headers, where, problems = files_problems(checkpoint)
+    if headers is None:
+        return problems
+    problems += module_problems(hf_config, qc, headers)
+    if masks and not problems:
+        problems += mask_problems(qc["modules"], where)
+    return problems
 
-    # Files, index, truncation.
-    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+def files_problems(checkpoint: Path) -> tuple[dict | None, dict[str, Path], list[str]]:
+    """The checkpoint's tensors from its safetensors headers, the file holding each, and the problems of
+    its files: shard index (files it names that are missing, tensors it misplaces), unreadable or
+    truncated files. ``None`` tensors: nothing readable to check further."""
+    headers: dict = {}
     where: dict[str, Path] = {}
+    problems: list[str] = []
     index_path = checkpoint / "model.safetensors.index.json"
     files = sorted(checkpoint.glob("*.safetensors"))
+    weight_map: dict[str, str] | None = None
     if index_path.is_file():
         try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            weight_map = json.loads(index_path.read_text())["weight_map"]
         except (ValueError, KeyError) as err:
-            return problems + [f"{index_path.name}: unreadable ({err})"]
+            return None, where, [f"{index_path.name}: unreadable ({err})"]
         for missing in sorted({f for f in weight_map.values() if not (checkpoint / f).is_file()}):
             problems.append(f"{index_path.name} names {missing}, which does not exist")
         files = sorted({checkpoint / f for f in weight_map.values() if (checkpoint / f).is_file()})
     elif not files:
-        return [f"{checkpoint}: no *.safetensors files"]
+        return None, where, [f"{checkpoint}: no *.safetensors files"]
     for path in files:
         file_headers, file_issues = file_problems(path)
         problems += file_issues
         for name, info in file_headers.items():
             headers[name] = info
             where[name] = path
-    if index_path.is_file():
+    if weight_map is not None:
         for name, file in weight_map.items():
             if (checkpoint / file).is_file() and where.get(name) != checkpoint / file:
                 problems.append(f"tensor {name}: {index_path.name} puts it in {file}, which does not hold it")
         for name, path in where.items():
             if name not in weight_map:
                 problems.append(f"tensor {name} in {path.name} is not in {index_path.name}")
+    return headers, where, problems
 
-    # Compressed modules.
+
+def module_problems(hf_config: dict, qc: dict, headers: dict) -> list[str]:
+    """Every compressed module's tensors against the shapes the model config implies, fused groups
+    compressed together, and no compressed tensors of modules the config does not list."""
+    value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
+    dictionary_dtype = fmt.dictionary_dtype_from_name(qc["dictionary_dtype"])
+    modules: dict[str, dict[str, int]] = qc["modules"]
+    problems: list[str] = []
     for name, spec in modules.items():
-        parent, _, leaf = name.rpartition(".")
-        dims = module_dims(hf_config, leaf)
+        dims = module_dims(hf_config, name.rpartition(".")[2])
         owner = fmt.dictionary_owner(modules, name)
         if dims is None:  # unknown module kind: take the sizes from its own tensors
             dictionary = headers.get(f"{owner}.{fmt.DICTIONARY}")
             scales = headers.get(f"{name}.{fmt.COEF_SCALES}")
             dims = (dictionary[1][0] if dictionary else -1, scales[1][0] if scales else -1)
         shape = fmt.LayerShape(dims[0], dims[1], spec["k"], spec["s"])
-        problems += fmt.layer_header_problems(name, headers, shape, value_dtype, owner,
-                                              fmt.dictionary_users(modules, name))
-        for group in FUSED_GROUPS:
-            if leaf in group:
-                missing = [f"{parent}.{g}" for g in group if f"{parent}.{g}" not in modules]
-                if missing:
-                    problems.append(f"quantization_config.modules has {name} but not {', '.join(missing)}: "
-                                    "vLLM fuses them, so they must be compressed together")
-                elif leaf == group[0]:
-                    owners = [fmt.dictionary_owner(modules, f"{parent}.{g}") for g in group]
-                    owner_parent = owners[0].rpartition(".")[0]
-                    if owners != [f"{owner_parent}.{g}" for g in group]:
-                        problems.append(f"{parent}: {', '.join(group)} use the dictionaries of {owners}; vLLM fuses "
-                                        "them into one layer, so they must share one other layer's dictionaries "
-                                        "together or none")
+        problems += fmt.layer_problems(name, headers, shape, value_dtype, dictionary_dtype, owner,
+                                       fmt.dictionary_users(modules, name))
+        problems += fused_group_problems(modules, name)
     for tensor in headers:
         prefix, _, suffix = tensor.rpartition(".")
         if suffix in fmt.TENSOR_SUFFIXES and prefix not in modules:
             problems.append(f"tensor {tensor} belongs to no module in quantization_config.modules")
-    if masks and not problems:
-        problems += mask_problems(modules, where)
     return problems
+
+
+def fused_group_problems(modules: dict[str, dict], name: str) -> list[str]:
+    """Modules vLLM fuses into one layer (``format.FUSED_MODULES``) must be compressed together, and share
+    one other layer's dictionaries together or none."""
+    parent, _, leaf = name.rpartition(".")
+    group = fmt.fused_group(leaf)
+    if len(group) == 1:
+        return []
+    missing = [f"{parent}.{g}" for g in group if f"{parent}.{g}" not in modules]
+    if missing:
+        return [f"quantization_config.modules has {name} but not {', '.join(missing)}: "
+                "vLLM fuses them, so they must be compressed together"]
+    if leaf != group[0]:
+        return []
+    owners = [fmt.dictionary_owner(modules, f"{parent}.{g}") for g in group]
+    owner_parent = owners[0].rpartition(".")[0]
+    if owners != [f"{owner_parent}.{g}" for g in group]:
+        return [f"{parent}: {', '.join(group)} use the dictionaries of {owners}; vLLM fuses them into one layer, "
+                "so they must share one other layer's dictionaries together or none"]
+    return []
 
 
 def mask_problems(modules: dict[str, dict[str, int]], where: dict[str, Path]) -> list[str]:

@@ -1,26 +1,23 @@
 """CoSpaDi checkpoint format, version 1 — the one source of truth.
 
-Both the offline compressor and the vLLM plugin import this module; nothing else
-defines tensor names, bit packing, value quantization or byte accounting.
+The compressor writes what this module describes and every reader (vLLM plugin, transformers, ``check``,
+the compressor's own reader) validates against it. It imports torch only and has no side effects.
 
 A compressed linear layer ``y = x · W^T`` (W: [out, in]) is stored as ``W^T ≈ D · C``:
 
-| tensor                   | shape              | dtype        |
-| ------------------------ | ------------------ | ------------ |
-| ``<prefix>.dictionary``  | [in, k]            | bfloat16     |
-| ``<prefix>.coef_mask``   | [out, ceil(k/32)]  | int32        |
-| ``<prefix>.coef_values`` | [out, s]           | value_dtype  |
-| ``<prefix>.coef_scales`` | [out]              | float32      |
+| tensor                   | shape              | dtype            |
+| ------------------------ | ------------------ | ---------------- |
+| ``<prefix>.dictionary``  | [in, k]            | dictionary_dtype |
+| ``<prefix>.coef_mask``   | [out, ceil(k/32)]  | int32            |
+| ``<prefix>.coef_values`` | [out, s]           | value_dtype      |
+| ``<prefix>.coef_scales`` | [out]              | float32          |
 | ``<prefix>.bias``        | [out]              | model dtype (optional) |
 
-Bit ``t % 32`` of word ``t // 32`` in row j of ``coef_mask`` is set iff atom t is
-used by output column j; row j of ``coef_values`` holds that column's s non-zeros in
-increasing atom order; ``C[t, j] = coef_values[j, rank of t] * coef_scales[j]``.
-Layers of a group may share one dictionary (CoSpaDi's cross-layer sharing): it is stored once,
-under the first module's prefix, and ``quantization_config.modules[name]["dictionary"]`` names that
-module for every other member (see :func:`dictionary_owner`).
-
-This module depends on torch only (no vLLM, no transformers).
+Bit ``t % 32`` of word ``t // 32`` in row j of ``coef_mask`` is set iff atom t is used by output
+column j; row j of ``coef_values`` holds that column's s non-zeros in increasing atom order;
+``C[t, j] = coef_values[j, rank of t] * coef_scales[j]``. Layers of a group may share one dictionary:
+it is stored once, under the first module's prefix, and ``quantization_config.modules[name]["dictionary"]``
+names that module for every other member (:func:`dictionary_owner`).
 """
 
 from __future__ import annotations
@@ -39,21 +36,52 @@ COEF_VALUES = "coef_values"
 COEF_SCALES = "coef_scales"
 BIAS = "bias"
 TENSOR_SUFFIXES = (DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES)
+DICTIONARY_SUFFIXES = (DICTIONARY,)  # stored once per shared dictionary, by its owner
 COEF_SUFFIXES = (COEF_MASK, COEF_VALUES, COEF_SCALES)
+# What each axis of a layer's tensors runs over; readers that split or merge layers (tensor parallelism,
+# fused q/k/v) place every tensor by these. PACKED: one output's mask words or values (never split).
+IN, ATOMS, OUT, PACKED = "in", "atoms", "out", "packed"
+TENSOR_AXES: dict[str, tuple[str, ...]] = {
+    DICTIONARY: (IN, ATOMS), COEF_MASK: (OUT, PACKED), COEF_VALUES: (OUT, PACKED), COEF_SCALES: (OUT,),
+}
 # Key of a module's quantization_config entry naming the module whose stored dictionary it uses.
 SHARED_DICTIONARY_KEY = "dictionary"
 
-DICTIONARY_DTYPE = torch.bfloat16
 MASK_DTYPE = torch.int32
 SCALES_DTYPE = torch.float32
 
-VALUE_DTYPES: dict[str, torch.dtype] = {
-    "int8": torch.int8,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "bfloat16": torch.bfloat16,
+
+@dataclass(frozen=True)
+class StorageType:
+    """One entry of a dtype table: the stored torch dtype, its largest magnitude used for scales (None:
+    stored unscaled), and whether this build reads it (a name can be reserved before it is served)."""
+
+    dtype: torch.dtype
+    max_abs: float | None = None
+    supported: bool = True
+
+
+# coef_values: one scale per output column (coef_scales).
+VALUE_TYPES: dict[str, StorageType] = {
+    "int8": StorageType(torch.int8, 127.0),
+    "float8_e4m3fn": StorageType(torch.float8_e4m3fn, 448.0),
+    "bfloat16": StorageType(torch.bfloat16),
 }
-# Largest representable magnitude used when choosing a per-column scale.
-_VALUE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+# dictionary: int8 (one scale per atom) is reserved for the stacking work and not served yet.
+DICTIONARY_TYPES: dict[str, StorageType] = {
+    "bfloat16": StorageType(torch.bfloat16),
+    "int8": StorageType(torch.int8, 127.0, supported=False),
+}
+VALUE_DTYPES: dict[str, torch.dtype] = {name: t.dtype for name, t in VALUE_TYPES.items()}
+DEFAULT_VALUE_DTYPE = "int8"
+DEFAULT_DICTIONARY_DTYPE = "bfloat16"
+
+# Checkpoint modules vLLM fuses into one layer (Llama / Qwen2 / Qwen3 / Mistral), by fused layer name,
+# in shard order. The members read the same input, so the compressor calibrates them on one Gram.
+FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
 class FormatError(Exception):
@@ -63,10 +91,26 @@ class FormatError(Exception):
     ValueError into a multi-line ValidationError; this one reaches the caller as it is."""
 
 
+def _storage_type(table: dict[str, StorageType], field: str, name: str) -> torch.dtype:
+    if name not in table:
+        raise FormatError(f"{field} {name!r} is not one of {sorted(table)}")
+    if not table[name].supported:
+        served = sorted(n for n, t in table.items() if t.supported)
+        raise FormatError(f"{field} {name!r} is not supported yet (this build serves {', '.join(served)})")
+    return table[name].dtype
+
+
 def value_dtype_from_name(name: str) -> torch.dtype:
-    if name not in VALUE_DTYPES:
-        raise FormatError(f"value_dtype {name!r} is not one of {sorted(VALUE_DTYPES)}")
-    return VALUE_DTYPES[name]
+    return _storage_type(VALUE_TYPES, "value_dtype", name)
+
+
+def dictionary_dtype_from_name(name: str) -> torch.dtype:
+    return _storage_type(DICTIONARY_TYPES, "dictionary_dtype", name)
+
+
+def fused_group(leaf: str) -> tuple[str, ...]:
+    """The checkpoint modules fused with ``leaf`` (e.g. q_proj → q/k/v), ``(leaf,)`` if none."""
+    return next((group for group in FUSED_MODULES.values() if leaf in group), (leaf,))
 
 
 def mask_words(k: int) -> int:
@@ -83,10 +127,11 @@ class LayerShape:
     k: int
     s: int
 
-    def tensor_specs(self, value_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def tensor_specs(self, value_dtype: torch.dtype, dictionary_dtype: torch.dtype = torch.bfloat16
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """{suffix: (shape, dtype)} of the layer's four tensors (the dictionary may be another module's)."""
         return {
-            DICTIONARY: ((self.in_features, self.k), DICTIONARY_DTYPE),
+            DICTIONARY: ((self.in_features, self.k), dictionary_dtype),
             COEF_MASK: ((self.out_features, mask_words(self.k)), MASK_DTYPE),
             COEF_VALUES: ((self.out_features, self.s), value_dtype),
             COEF_SCALES: ((self.out_features,), SCALES_DTYPE),
@@ -103,16 +148,17 @@ def dictionary_users(modules: dict[str, dict], owner: str) -> list[str]:
     return [name for name in modules if name != owner and dictionary_owner(modules, name) == owner]
 
 
-def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool = True) -> int:
+def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool = True,
+                 dictionary_dtype_name: str = DEFAULT_DICTIONARY_DTYPE) -> int:
     """Bytes actually stored for one layer: dictionary + mask + values + scales (bias excluded).
 
     A layer that uses another module's dictionary (``owns_dictionary=False``) stores no dictionary.
     """
-    value_bytes = VALUE_DTYPES[value_dtype_name].itemsize
+    dictionary_bytes = DICTIONARY_TYPES[dictionary_dtype_name].dtype.itemsize
     return (
-        shape.in_features * shape.k * DICTIONARY_DTYPE.itemsize * owns_dictionary
+        shape.in_features * shape.k * dictionary_bytes * owns_dictionary
         + shape.out_features * mask_words(shape.k) * MASK_DTYPE.itemsize
-        + shape.out_features * shape.s * value_bytes
+        + shape.out_features * shape.s * VALUE_TYPES[value_dtype_name].dtype.itemsize
         + shape.out_features * SCALES_DTYPE.itemsize
     )
 
@@ -121,55 +167,7 @@ def dense_bf16_bytes(in_features: int, out_features: int) -> int:
     return 2 * in_features * out_features
 
 
-def solve_k_s(
-    in_features: int,
-    out_features: int,
-    ratio: float,
-    k_over_s: float,
-    value_dtype_name: str,
-    dense_coefficients: bool = False,
-) -> LayerShape:
-    """Largest (k, s) whose stored bytes fit in ``(1 - ratio)`` of the dense bf16 layer.
-
-    k is the largest atom count with s = floor(k / k_over_s) that fits; s is then raised
-    while it still fits (by at most a few), so the budget is used up to one atom's bytes.
-    ``dense_coefficients`` gives the SVD-LLM case s = k (k ≤ min(in, out)).
-    """
-    if not 0.0 < ratio < 1.0:
-        raise FormatError(f"compression ratio must be in (0, 1), got {ratio}")
-    if not k_over_s >= 1.0:
-        raise FormatError(f"k/s must be >= 1, got {k_over_s}")
-    budget = (1.0 - ratio) * dense_bf16_bytes(in_features, out_features)
-
-    def s_for(k: int) -> int:
-        return k if dense_coefficients else max(1, min(in_features, int(k / k_over_s)))
-
-    def fits(k: int) -> bool:
-        return stored_bytes(LayerShape(in_features, out_features, k, s_for(k)), value_dtype_name) <= budget
-
-    k_cap = min(in_features, out_features) if dense_coefficients else 4 * max(in_features, out_features)
-    lo, hi = 0, k_cap
-    while lo < hi:  # largest k in [0, k_cap] with fits(k)
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    k = lo
-    if k < 1:
-        raise FormatError(
-            f"ratio {ratio} leaves no room for even one atom in a {in_features}->{out_features} layer"
-        )
-    s = s_for(k)
-    if not dense_coefficients:
-        while s < min(k, in_features) and stored_bytes(
-            LayerShape(in_features, out_features, k, s + 1), value_dtype_name
-        ) <= budget:
-            s += 1
-    return LayerShape(in_features, out_features, k, s)
-
-
-# ---------------------------------------------------------------- bit mask packing
+# ---------------------------------------------------------------- bit mask
 
 
 def pack_mask(support: torch.Tensor) -> torch.Tensor:
@@ -191,188 +189,6 @@ def unpack_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
     shifts = torch.arange(BITS_PER_WORD, device=mask.device, dtype=torch.int64)
     bits = (mask.to(torch.int64).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(mask.shape[0], -1)[:, :k].bool()
-
-
-# ---------------------------------------------------------------- value quantization
-
-
-def quantize_values(values: torch.Tensor, value_dtype_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-column symmetric quantization.
-
-    values: [out, s] float → (coef_values [out, s] value_dtype, coef_scales [out] float32)
-    with ``values ≈ coef_values.float() * coef_scales[:, None]``.
-    """
-    dtype = value_dtype_from_name(value_dtype_name)
-    values = values.float()
-    if value_dtype_name == "bfloat16":
-        return values.to(dtype), torch.ones(values.shape[0], dtype=SCALES_DTYPE, device=values.device)
-    qmax = _VALUE_MAX[value_dtype_name]
-    absmax = values.abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    scaled = values / scales[:, None]
-    if dtype == torch.int8:
-        quantized = scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    else:
-        quantized = scaled.clamp(-qmax, qmax).to(dtype)
-    return quantized, scales.to(SCALES_DTYPE)
-
-
-def dequantize_values(coef_values: torch.Tensor, coef_scales: torch.Tensor) -> torch.Tensor:
-    """[out, s] stored values + [out] scales → [out, s] float32."""
-    return coef_values.float() * coef_scales.float()[:, None]
-
-
-# ---------------------------------------------------------------- dense reconstruction
-
-
-def encode_coefficients(
-    support_idx: torch.Tensor, support_values: torch.Tensor, k: int, value_dtype_name: str
-) -> dict[str, torch.Tensor]:
-    """Column-sparse C given as (atom index, value) pairs → mask/values/scales tensors.
-
-    support_idx: [out, s] int64 distinct atom indices per row (any order);
-    support_values: [out, s] float. Values are re-ordered into increasing atom order.
-    """
-    order = support_idx.argsort(dim=1)
-    idx_sorted = support_idx.gather(1, order)
-    values_sorted = support_values.gather(1, order)
-    support = torch.zeros(support_idx.shape[0], k, dtype=torch.bool, device=support_idx.device)
-    support.scatter_(1, idx_sorted, True)
-    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name)
-    return {COEF_MASK: pack_mask(support), COEF_VALUES: coef_values, COEF_SCALES: coef_scales}
-
-
-def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The stored tensors of a fused layer's shards (q/k/v or gate/up, in order; each
-    {DICTIONARY: [in, k_i], COEF_MASK: [out_i, W_i], COEF_VALUES: [out_i, s_i], COEF_SCALES: [out_i]})
-    in the layout the vLLM plugin holds them: dictionaries side by side [in, Σ k_i], masks and values
-    zero-padded per row to the widest shard ([Σ out_i, max W_i], [Σ out_i, max s_i]), scales
-    concatenated, and "atom_offsets" [Σ out_i] int32: each output's first atom in the merged dictionary."""
-    words = max(shard[COEF_MASK].shape[1] for shard in shards)
-    s_max = max(shard[COEF_VALUES].shape[1] for shard in shards)
-    merged: dict[str, list[torch.Tensor]] = {DICTIONARY: [], COEF_MASK: [], COEF_VALUES: [], COEF_SCALES: [],
-                                             "atom_offsets": []}
-    k_offset = 0
-    for shard in shards:
-        mask, values = shard[COEF_MASK], shard[COEF_VALUES]
-        merged[DICTIONARY].append(shard[DICTIONARY])
-        merged[COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
-        merged[COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
-        merged[COEF_SCALES].append(shard[COEF_SCALES])
-        merged["atom_offsets"].append(torch.full((mask.shape[0],), k_offset, dtype=torch.int32, device=mask.device))
-        k_offset += shard[DICTIONARY].shape[1]
-    return {name: torch.cat(parts, 1 if name == DICTIONARY else 0) for name, parts in merged.items()}
-
-
-def decode_coefficients(
-    coef_mask: torch.Tensor, coef_values: torch.Tensor, coef_scales: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Stored mask/values/scales → dense C [k, out] float32 (dequantized)."""
-    support = unpack_mask(coef_mask, k)
-    counts = support.sum(1)
-    if not bool((counts == coef_values.shape[1]).all()):
-        bad = int((counts != coef_values.shape[1]).nonzero()[0, 0])
-        raise FormatError(
-            f"coef_mask row {bad} has {int(counts[bad])} set bits but coef_values has "
-            f"{coef_values.shape[1]} values per row"
-        )
-    dense_t = torch.zeros(support.shape, dtype=torch.float32, device=coef_mask.device)
-    dense_t[support] = dequantize_values(coef_values, coef_scales).reshape(-1)
-    return dense_t.t().contiguous()
-
-
-def reconstruct_weight_t(tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-    """{suffix: tensor} of one layer → W^T ≈ D · C as float32 [in, out]."""
-    coef = decode_coefficients(tensors[COEF_MASK], tensors[COEF_VALUES], tensors[COEF_SCALES], k)
-    return tensors[DICTIONARY].float() @ coef
-
-
-def check_layer_tensors(
-    prefix: str, tensors: dict[str, torch.Tensor], shape: LayerShape, value_dtype: torch.dtype
-) -> None:
-    """Raise FormatError naming the first tensor that is missing or has the wrong shape/dtype."""
-    for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype).items():
-        name = f"{prefix}.{suffix}"
-        if suffix not in tensors:
-            raise FormatError(f"checkpoint is missing tensor {name}")
-        got = tensors[suffix]
-        if tuple(got.shape) != want_shape:
-            raise FormatError(f"tensor {name} has shape {tuple(got.shape)}, expected {want_shape}")
-        if got.dtype != want_dtype:
-            raise FormatError(f"tensor {name} has dtype {got.dtype}, expected {want_dtype}")
-
-
-# safetensors header dtype names of the dtypes the format uses.
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int8: "I8",
-    torch.float8_e4m3fn: "F8_E4M3",
-}
-
-
-def layer_header_problems(
-    prefix: str,
-    headers: dict[str, tuple[str, tuple[int, ...]]],
-    shape: LayerShape,
-    value_dtype: torch.dtype,
-    owner: str | None = None,
-    users: list[str] | None = None,
-) -> list[str]:
-    """Problems of one compressed module from the checkpoint's safetensors headers alone.
-
-    headers: {tensor name: (safetensors dtype string, shape)} of the whole checkpoint; ``owner``: the
-    module whose stored dictionary this one uses (default: itself). One line per problem, each naming
-    the tensor: missing, wrong shape, wrong dtype, a dense ``<prefix>.weight`` left next to the
-    compressed tensors (loaders would take one and ignore the other), or a dictionary stored for a
-    module that says it shares another's. ``users``: the modules sharing this module's dictionary,
-    named when it is missing.
-    """
-    problems = []
-    owner = owner or prefix
-    for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype).items():
-        name = f"{owner if suffix == DICTIONARY else prefix}.{suffix}"
-        if name not in headers:
-            shared = f"module {prefix} uses the dictionary of {owner}, but " if name != f"{prefix}.{suffix}" else ""
-            also = f" (shared by {', '.join(users)})" if suffix == DICTIONARY and users and owner == prefix else ""
-            problems.append(f"{shared}checkpoint is missing tensor {name}{also}")
-            continue
-        got_dtype, got_shape = headers[name]
-        if tuple(got_shape) != want_shape:
-            problems.append(f"tensor {name} has shape {tuple(got_shape)}, expected {want_shape}")
-        if got_dtype != SAFETENSORS_DTYPES[want_dtype]:
-            problems.append(f"tensor {name} has dtype {got_dtype}, expected {SAFETENSORS_DTYPES[want_dtype]}")
-    if f"{prefix}.weight" in headers:
-        problems.append(f"tensor {prefix}.weight is present next to the compressed tensors of {prefix}")
-    if owner != prefix and f"{prefix}.{DICTIONARY}" in headers:
-        problems.append(f"tensor {prefix}.{DICTIONARY} is stored although {prefix} uses the dictionary of {owner}")
-    return problems
-
-
-def read_safetensors_header(path) -> tuple[int, dict]:
-    """(header length in bytes, parsed JSON header) of one safetensors file; FormatError if unreadable."""
-    import json
-
-    with open(path, "rb") as f:
-        size_bytes = f.read(8)
-        if len(size_bytes) != 8:
-            raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        size = int.from_bytes(size_bytes, "little")
-        try:
-            return size, json.loads(f.read(size))
-        except ValueError as err:
-            raise FormatError(f"{path}: unreadable safetensors header ({err})") from err
-
-
-def header_tensors(header: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype string, shape)} of a parsed safetensors header."""
-    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"}
-
-
-def read_safetensors_headers(files) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype string, shape)} over safetensors files, from their headers only."""
-    headers = {}
-    for path in files:
-        headers.update(header_tensors(read_safetensors_header(path)[1]))
-    return headers
 
 
 def popcount32(words: torch.Tensor) -> torch.Tensor:
@@ -404,6 +220,126 @@ def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per
             raise FormatError(f"tensor {name}.coef_mask does not have exactly s={s} bits per row")
 
 
+# ---------------------------------------------------------------- reading C and W back
+
+
+def dequantize_values(coef_values: torch.Tensor, coef_scales: torch.Tensor) -> torch.Tensor:
+    """[out, s] stored values + [out] scales → [out, s] float32."""
+    return coef_values.float() * coef_scales.float()[:, None]
+
+
+def decode_coefficients(
+    coef_mask: torch.Tensor, coef_values: torch.Tensor, coef_scales: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Stored mask/values/scales → dense C [k, out] float32 (dequantized)."""
+    support = unpack_mask(coef_mask, k)
+    counts = support.sum(1)
+    if not bool((counts == coef_values.shape[1]).all()):
+        bad = int((counts != coef_values.shape[1]).nonzero()[0, 0])
+        raise FormatError(
+            f"coef_mask row {bad} has {int(counts[bad])} set bits but coef_values has "
+            f"{coef_values.shape[1]} values per row"
+        )
+    dense_t = torch.zeros(support.shape, dtype=torch.float32, device=coef_mask.device)
+    dense_t[support] = dequantize_values(coef_values, coef_scales).reshape(-1)
+    return dense_t.t().contiguous()
+
+
+def reconstruct_weight_t(tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """{suffix: tensor} of one layer → W^T ≈ D · C as float32 [in, out]."""
+    coef = decode_coefficients(tensors[COEF_MASK], tensors[COEF_VALUES], tensors[COEF_SCALES], k)
+    return tensors[DICTIONARY].float() @ coef
+
+
+# ---------------------------------------------------------------- validation of stored tensors
+
+
+def missing_tensor(name: str, prefix: str | None = None, owner: str | None = None, users=()) -> str:
+    """The one wording of a missing tensor; ``prefix`` uses ``owner``'s dictionary, ``users`` share it."""
+    shared = f"module {prefix} uses the dictionary of {owner}, but " if owner and prefix and owner != prefix else ""
+    also = f" (shared by {', '.join(users)})" if users else ""
+    return f"{shared}checkpoint is missing tensor {name}{also}"
+
+
+def tensor_problem(name: str, shape: tuple[int, ...], dtype: torch.dtype | str,
+                   want_shape: tuple[int, ...], want_dtype: torch.dtype) -> str | None:
+    """Wrong shape or dtype of one tensor, as one line naming it; None if it is right."""
+    if tuple(shape) != tuple(want_shape):
+        return f"tensor {name} has shape {tuple(shape)}, expected {tuple(want_shape)}"
+    if dtype != want_dtype:
+        return f"tensor {name} has dtype {_dtype_name(dtype)}, expected {_dtype_name(want_dtype)}"
+    return None
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layer_problems(
+    prefix: str,
+    found: dict[str, tuple[torch.dtype | str, tuple[int, ...]]],
+    shape: LayerShape,
+    value_dtype: torch.dtype,
+    dictionary_dtype: torch.dtype = torch.bfloat16,
+    owner: str | None = None,
+    users: list[str] | None = None,
+) -> list[str]:
+    """Problems of one compressed module, one line each naming the tensor.
+
+    found: {tensor name: (dtype, shape)} of the whole checkpoint (from safetensors headers or loaded
+    tensors; a dtype this format has no name for stays a string); ``owner``: the module whose stored
+    dictionary this one uses (default: itself); ``users``: the modules sharing this module's dictionary.
+    Missing, wrong shape, wrong dtype, a dense ``<prefix>.weight`` beside the compressed tensors
+    (loaders would take one and ignore the other), a dictionary stored by a module that uses another's.
+    """
+    problems = []
+    owner = owner or prefix
+    for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype, dictionary_dtype).items():
+        shared = suffix in DICTIONARY_SUFFIXES
+        name = f"{owner if shared else prefix}.{suffix}"
+        if name not in found:
+            named_users = users if shared and owner == prefix else ()
+            problems.append(missing_tensor(name, prefix, owner if shared else None, named_users or ()))
+            continue
+        got_dtype, got_shape = found[name]
+        problem = tensor_problem(name, got_shape, got_dtype, want_shape, want_dtype)
+        if problem:
+            problems.append(problem)
+    if f"{prefix}.weight" in found:
+        problems.append(f"tensor {prefix}.weight is present next to the compressed tensors of {prefix}")
+    for suffix in DICTIONARY_SUFFIXES if owner != prefix else ():
+        if f"{prefix}.{suffix}" in found:
+            problems.append(f"tensor {prefix}.{suffix} is stored although {prefix} uses the dictionary of {owner}")
+    return problems
+
+
+# ---------------------------------------------------------------- quantization_config
+
+
+def build_quantization_config(
+    modules: dict[str, LayerShape],
+    value_dtype: str,
+    dictionary_owners: dict[str, str] | None = None,
+    dictionary_dtype: str = DEFAULT_DICTIONARY_DTYPE,
+    **info,
+) -> dict:
+    """config.json's quantization_config. ``dictionary_owners``: {module: the module whose stored
+    dictionary it uses} for the members of shared-dictionary groups (all but each group's first).
+    ``info``: informational fields (how the checkpoint was made), written after the format fields."""
+    entries = {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()}
+    for name, owner in (dictionary_owners or {}).items():
+        entries[name][SHARED_DICTIONARY_KEY] = owner
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "value_dtype": value_dtype,
+        "dictionary_dtype": dictionary_dtype,
+        **info,
+        "modules": entries,
+        "ignore": ["lm_head"],
+    }
+
+
 def parse_quantization_config(qc: dict) -> dict:
     """Validate a config.json ``quantization_config`` dict; return it with defaults filled."""
     if qc.get("quant_method") != QUANT_METHOD:
@@ -413,9 +349,8 @@ def parse_quantization_config(qc: dict) -> dict:
         raise FormatError(
             f"CoSpaDi format_version {version!r} is not supported (this build reads version {FORMAT_VERSION})"
         )
-    value_dtype_from_name(qc.get("value_dtype", "int8"))
-    if qc.get("dictionary_dtype", "bfloat16") != "bfloat16":
-        raise FormatError(f"dictionary_dtype {qc.get('dictionary_dtype')!r} is not supported (bfloat16 only)")
+    value_dtype_from_name(qc.get("value_dtype", DEFAULT_VALUE_DTYPE))
+    dictionary_dtype_from_name(qc.get("dictionary_dtype", DEFAULT_DICTIONARY_DTYPE))
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise FormatError("quantization_config.modules must be a non-empty {module: {k, s}} mapping")
@@ -435,4 +370,4 @@ def parse_quantization_config(qc: dict) -> dict:
         if modules[owner]["k"] != spec["k"]:
             raise FormatError(f"module {name} uses the dictionary of {owner} but has k={spec['k']}, {owner} has "
                               f"k={modules[owner]['k']}")
-    return {"value_dtype": "int8", "dictionary_dtype": "bfloat16", "ignore": [], **qc}
+    return {"value_dtype": DEFAULT_VALUE_DTYPE, "dictionary_dtype": DEFAULT_DICTIONARY_DTYPE, "ignore": [], **qc}

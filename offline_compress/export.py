@@ -1,4 +1,4 @@
-"""Write a CoSpaDi checkpoint: a normal HF directory plus quantization_config (DESIGN §3).
+"""Write a CoSpaDi checkpoint: a normal HF directory plus quantization_config (docs/format.md).
 
 The directory is assembled in a temporary sibling and renamed into place, so OUT_DIR
 either holds a complete checkpoint or does not exist.
@@ -67,37 +67,19 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path) ->
     return total
 
 
-def quantization_config(
-    modules: dict[str, fmt.LayerShape],
-    value_dtype: str,
-    k_over_s: tuple[float, ...],
-    ratio: float,
-    method: str,
-    dictionary_owners: dict[str, str] | None = None,
-    group_size: int = 1,
-    allocation: str = "uniform",
-) -> dict:
-    """config.json's quantization_config. ``dictionary_owners``: {module: the module whose stored
-    dictionary it uses} for the members of shared-dictionary groups (all but each group's first)."""
-    owners = dictionary_owners or {}
-    entries = {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()}
-    for name, owner in owners.items():
-        entries[name][fmt.SHARED_DICTIONARY_KEY] = owner
-    return {
-        "quant_method": fmt.QUANT_METHOD,
-        "format_version": fmt.FORMAT_VERSION,
-        "value_dtype": value_dtype,
-        "dictionary_dtype": "bfloat16",
+def quantization_config(shapes: dict[str, fmt.LayerShape], options, dictionary_owners: dict[str, str]) -> dict:
+    """config.json's quantization_config for a finished run (``options``: its CompressOptions): the format's
+    fields, then how the checkpoint was made (informational)."""
+    k_over_s = options.k_over_s
+    return fmt.build_quantization_config(
+        shapes, options.value_dtype, dictionary_owners,
         # The k/s tried per module (the chosen k and s of each module are in ``modules``).
-        "k_over_s": k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
-        "target_compression_ratio": ratio,
-        "method": method,
-        # Informational, like k_over_s: how the modules' dictionaries and budgets were chosen.
-        "group_size": group_size,
-        "allocation": allocation,
-        "modules": entries,
-        "ignore": ["lm_head"],
-    }
+        k_over_s=k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
+        target_compression_ratio=options.ratio,
+        method=options.method,
+        group_size=options.group_size,
+        allocation=options.allocation,
+    )
 
 
 def iter_file_tensors(paths: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

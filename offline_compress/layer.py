@@ -1,7 +1,6 @@
 """One linear layer: whiten → choose structure and learn → quantize/refit → un-whiten → pack.
 
-A pure function of (weight, Gram, ratio, settings); the checkpoint layout comes from
-``cospadi_vllm.format``.
+Pure functions of (weight, Gram, ratio, settings); the checkpoint layout comes from ``cospadi_vllm.format``.
 
 Structure search (CoSpaDi's default): at the layer's byte budget, each candidate k/s gets a short
 trial of dictionary learning; the one with the lowest whitened error continues to the full
@@ -18,17 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from cospadi_vllm import format as fmt
-from offline_compress.dictionary import (
-    DEFAULT_WORKSPACE_BYTES,
-    learn_dictionary,
-    relative_error,
-)
+from offline_compress.budget import SVD_STRUCTURE, layer_shape
+from offline_compress.dictionary import DEFAULT_WORKSPACE_BYTES, learn_dictionary, relative_error
+from offline_compress.options import DEFAULT_K_OVER_S
 from offline_compress.quantization import quantize, quantize_and_refit
 from offline_compress.whitening import unwhiten, whiten, whitening_factor
 
-METHODS = ("cospadi", "svd-llm")
-DEFAULT_K_OVER_S = (1.5, 2.0)  # k/s = 3 never won on SmolLM2 (benchmarks/results/NOTES.md item 12)
-SVD_STRUCTURE = "svd"  # name of the s = k candidate in reports
 BUDGET_USED = 0.99  # a candidate structure must store at least this share of the layer's byte budget
 
 
@@ -63,6 +57,51 @@ class CompressedLinear:
     seconds: float = 0.0
 
 
+@dataclass
+class Factorization:
+    """Whitened target [in, out] ≈ dictionary [in, k] · coefᵀ, coef [out, k] non-zero only on mask."""
+
+    dictionary: torch.Tensor
+    coef: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class QuantizedStructure:
+    """One structure ready to store: its (refitted) whitened dictionary and its stored coefficient tensors."""
+
+    structure: str
+    shape: fmt.LayerShape
+    dictionary: torch.Tensor  # [in, k], whitened space
+    stored: dict[str, torch.Tensor]  # {COEF_MASK, COEF_VALUES, COEF_SCALES}
+    unquantized_error: float
+
+
+@dataclass
+class WhitenedProblem:
+    """What every structure is fitted to: Ã = LᵀWᵀ [in, out] (LLᵀ = Gram) and its SVD Ã = U·diag(σ)·Vᵀ."""
+
+    target: torch.Tensor
+    factor: torch.Tensor  # L [in, in]
+    damping: float
+    left: torch.Tensor  # U [in, r]
+    sigma: torch.Tensor  # [r]
+    vh: torch.Tensor  # Vᵀ [r, out]
+
+    @property
+    def in_features(self) -> int:
+        return self.target.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.target.shape[1]
+
+    def svd_factorization(self, k: int) -> Factorization:
+        """SVD-LLM's factorisation at rank k: Σ in the dictionary, a dense coefficient matrix."""
+        coef = self.vh[:k].T.contiguous()
+        return Factorization(self.left[:, :k] * self.sigma[:k], coef, torch.ones_like(coef, dtype=torch.bool))
+
+
 def whitened_error(weight: torch.Tensor, approx_t: torch.Tensor, factor: torch.Tensor) -> float:
     """‖Lᵀ(A − Â)‖_F / ‖LᵀA‖_F — relative output error on the calibration inputs.
 
@@ -89,101 +128,113 @@ def _column_blocks(m: int, block: int = 2048) -> list[slice]:
     return [slice(lo, min(m, lo + block)) for lo in range(0, m, block)]
 
 
-def layer_shape(in_features: int, out_features: int, ratio: float, structure: str | float, value_dtype: str):
-    """The (k, s) of one candidate structure at the layer's byte budget."""
-    dense = structure == SVD_STRUCTURE
-    return fmt.solve_k_s(in_features, out_features, ratio, 1.0 if dense else float(structure), value_dtype,
-                         dense_coefficients=dense)
-
-
-def _svd_candidate(left, sigma, vh, k):
-    """SVD-LLM's factorisation at rank k as (dictionary [n, k], coef [m, k], mask): Σ in the dictionary."""
-    coef = vh[:k].T.contiguous()
-    return left[:, :k] * sigma[:k], coef, torch.ones_like(coef, dtype=torch.bool)
-
-
-def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, settings: LayerSettings) -> CompressedLinear:
-    """weight [out, in] (nn.Linear layout), gram [in, in], byte budget ``ratio`` → CompressedLinear.
-
-    The whitened target Ã = LᵀWᵀ [in, out] is factored as D̃·Cᵀ, C's non-zeros are quantized per
-    output column, D̃ is refitted to the quantized C (cospadi), then D = L⁻ᵀD̃ is stored in bf16.
-    At most two candidates' states (the best so far and the one in trial) are alive at once.
-    """
-    started = time.perf_counter()
-    device = gram.device
-    out_features, in_features = weight.shape
+def whitened_problem(weight: torch.Tensor, gram: torch.Tensor, settings: LayerSettings) -> WhitenedProblem:
+    """weight [out, in], gram [in, in] → the whitened target and its SVD (every method starts from it)."""
     factor, damping = whitening_factor(gram)
     target = whitened_target(weight, factor, settings.compute_dtype)
     left, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    return WhitenedProblem(target, factor, damping, left, sigma, vh)
+
+
+def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, settings: LayerSettings) -> CompressedLinear:
+    """weight [out, in] (nn.Linear layout), gram [in, in], byte budget ``ratio`` → CompressedLinear,
+    by ``settings.method``: the CoSpaDi structure search or the SVD-LLM baseline."""
+    started = time.perf_counter()
+    problem = whitened_problem(weight, gram, settings)
+    if settings.method == "svd-llm":
+        chosen, candidates = svd_llm(problem, ratio, settings), {}
+    elif settings.method == "cospadi":
+        chosen, candidates = cospadi(problem, ratio, settings)
+    else:
+        raise ValueError(f"unknown method {settings.method!r}")
+    return pack(weight, problem, chosen, candidates, started)
+
+
+def svd_llm(problem: WhitenedProblem, ratio: float, settings: LayerSettings) -> QuantizedStructure:
+    """The baseline as published: truncated SVD at the budget's rank, quantized without balancing or refit."""
+    shape = layer_shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
+    svd = problem.svd_factorization(shape.k)
+    stored, _ = quantize(svd.coef, svd.mask, settings.value_dtype)
+    return QuantizedStructure(SVD_STRUCTURE, shape, svd.dictionary, stored,
+                              relative_error(problem.target, svd.dictionary, svd.coef))
+
+
+def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, learned: Factorization,
+              settings: LayerSettings) -> tuple[QuantizedStructure, float]:
+    """Balance, quantize and refit one learned structure → (it, its whitened error after quantization)."""
+    unquantized = relative_error(problem.target, learned.dictionary, learned.coef)
+    dictionary, stored, dequantized = quantize_and_refit(problem.target, learned.dictionary, learned.coef,
+                                                         learned.mask, settings.value_dtype,
+                                                         rounds=settings.refit_rounds)
+    error = relative_error(problem.target, dictionary, dequantized)
+    return QuantizedStructure(structure, shape, dictionary, stored, unquantized), error
+
+
+def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
+            ) -> tuple[QuantizedStructure, dict[str, float]]:
+    """The structure search → (the chosen structure, {candidate: whitened error} of every one tried)."""
+    n, m = problem.in_features, problem.out_features
     candidates: dict[str, float] = {}
-    svd_shape = layer_shape(in_features, out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
-    svd_state = _svd_candidate(left, sigma, vh, svd_shape.k)
-    del sigma, vh
+    svd_shape = layer_shape(n, m, ratio, SVD_STRUCTURE, settings.value_dtype)
     # s = k is a candidate only where it can spend the budget: its rank stops at min(in, out), and a
     # structure that leaves bytes unused would make the checkpoint smaller than asked (a shared
     # gate/up group at CR 0.2 on SmolLM2 took full-rank SVD and ended at CR 0.223, not 0.2).
-    budget = (1.0 - ratio) * fmt.dense_bf16_bytes(in_features, out_features)
-    compare_svd = settings.searches and fmt.stored_bytes(svd_shape, settings.value_dtype) >= BUDGET_USED * budget
+    budget = (1.0 - ratio) * fmt.dense_bf16_bytes(n, m)
+    svd = None
+    if settings.searches and fmt.stored_bytes(svd_shape, settings.value_dtype) >= BUDGET_USED * budget:
+        svd, candidates[SVD_STRUCTURE] = quantized(problem, SVD_STRUCTURE, svd_shape,
+                                                   problem.svd_factorization(svd_shape.k), settings)
+    structure, shape, learned = learn_best_structure(problem, ratio, settings, candidates)
+    chosen, error = quantized(problem, structure, shape, learned, settings)
+    if svd is not None:  # keep whichever structure is better after quantization
+        candidates[structure] = error
+        if candidates[SVD_STRUCTURE] < error:
+            chosen = svd
+    return chosen, candidates
 
-    if settings.method == "svd-llm":  # the baseline as published: no balancing, no refit
-        structure, shape, (atoms, coef, mask) = SVD_STRUCTURE, svd_shape, svd_state
-        unquantized = relative_error(target, atoms, coef)
-        stored, _ = quantize(coef, mask, settings.value_dtype)
-    elif settings.method == "cospadi":
-        if compare_svd:  # s = k as a candidate too, scored after quantization below
-            svd_unquantized = relative_error(target, *svd_state[:2])
-            svd_atoms, svd_stored, svd_dequantized = quantize_and_refit(target, *svd_state, settings.value_dtype)
-            candidates[SVD_STRUCTURE] = relative_error(target, svd_atoms, svd_dequantized)
-            del svd_dequantized
-        del svd_state
-        generator = torch.Generator().manual_seed(settings.seed)
-        trial = settings.trial_iterations if settings.searches else settings.iterations
-        best = None
-        for k_over_s in settings.k_over_s:
-            name = f"k/s={k_over_s:g}"
-            shape = layer_shape(in_features, out_features, ratio, k_over_s, settings.value_dtype)
-            state = learn_dictionary(target, shape.k, shape.s, trial, generator, settings.workspace_bytes, left=left)
-            candidates[f"{name} trial"] = relative_error(target, state[0], state[1])
-            if best is None or candidates[f"{name} trial"] < candidates[f"{best[0]} trial"]:
-                best = (name, shape, state)
-            del state
-        del left
-        structure, shape, state = best
-        del best
-        if settings.searches and settings.iterations > settings.trial_iterations:
-            state = learn_dictionary(target, shape.k, shape.s, settings.iterations - settings.trial_iterations,
-                                     generator, settings.workspace_bytes, start=state)
-        unquantized = relative_error(target, state[0], state[1])
-        atoms, stored, dequantized = quantize_and_refit(target, *state, settings.value_dtype,
-                                                        rounds=settings.refit_rounds)
-        del state
-        if compare_svd:  # keep whichever structure is better after quantization
-            candidates[structure] = relative_error(target, atoms, dequantized)
-            if candidates[SVD_STRUCTURE] < candidates[structure]:
-                structure, shape, atoms, stored = SVD_STRUCTURE, svd_shape, svd_atoms, svd_stored
-                unquantized = svd_unquantized
-            del svd_atoms, svd_stored
-        del dequantized
-    else:
-        raise ValueError(f"unknown method {settings.method!r}; choose from {METHODS}")
-    del target
 
-    dictionary = unwhiten(atoms.double(), factor).to(fmt.DICTIONARY_DTYPE)
-    del atoms
-    tensors = {fmt.DICTIONARY: dictionary, **stored}
-    tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
-    approx_t = fmt.reconstruct_weight_t(tensors, shape.k).to(device)
+def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: LayerSettings,
+                         candidates: dict[str, float]) -> tuple[str, fmt.LayerShape, Factorization]:
+    """Trial of every k/s (``candidates`` gets each one's error), then the best learned to the full count.
+
+    At most two candidates' factorizations (the best so far and the one in trial) are alive at once."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    trial = settings.trial_iterations if settings.searches else settings.iterations
+    best: tuple[str, fmt.LayerShape, Factorization] | None = None
+    for k_over_s in settings.k_over_s:
+        name = f"k/s={k_over_s:g}"
+        shape = layer_shape(problem.in_features, problem.out_features, ratio, k_over_s, settings.value_dtype)
+        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s, trial, generator,
+                                                  settings.workspace_bytes, left=problem.left))
+        candidates[f"{name} trial"] = relative_error(problem.target, learned.dictionary, learned.coef)
+        if best is None or candidates[f"{name} trial"] < candidates[f"{best[0]} trial"]:
+            best = (name, shape, learned)
+        del learned
+    structure, shape, learned = best
+    if settings.searches and settings.iterations > settings.trial_iterations:
+        start = (learned.dictionary, learned.coef, learned.mask)
+        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,
+                                                  settings.iterations - settings.trial_iterations, generator,
+                                                  settings.workspace_bytes, start=start))
+    return structure, shape, learned
+
+
+def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStructure, candidates: dict[str, float],
+         started: float) -> CompressedLinear:
+    """Un-whiten the chosen dictionary (D = L⁻ᵀD̃, stored in bf16) and measure the stored layer's error."""
+    dictionary = unwhiten(chosen.dictionary.double(), problem.factor).to(torch.bfloat16)
+    tensors = {name: t.contiguous().cpu() for name, t in {fmt.DICTIONARY: dictionary, **chosen.stored}.items()}
+    approx_t = fmt.reconstruct_weight_t(tensors, chosen.shape.k).to(problem.factor.device)
     return CompressedLinear(
         tensors=tensors,
-        shape=shape,
-        structure=structure,
-        whitened_rel_error=whitened_error(weight.to(device), approx_t, factor),
-        unquantized_rel_error=unquantized,
+        shape=chosen.shape,
+        structure=chosen.structure,
+        whitened_rel_error=whitened_error(weight.to(problem.factor.device), approx_t, problem.factor),
+        unquantized_rel_error=chosen.unquantized_error,
         candidates=candidates,
-        damping=damping,
+        damping=problem.damping,
         seconds=time.perf_counter() - started,
     )
-
 
 
 def shared_problem(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,17 +4,72 @@ safetensors one decoder layer at a time.
 Only the embeddings (to compute the calibration inputs of layer 0) and the rotary embedding are
 materialised for the whole run; a decoder layer is materialised on the compute device in float32
 while it is calibrated and compressed, then sent back to meta. Peak weight memory is therefore one
-decoder layer plus the embeddings, not the model (×2–3 as when the model was loaded whole in float32).
+decoder layer plus the embeddings, not the model.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from cospadi_vllm.safetensors_headers import file_problems
+from offline_compress.export import source_safetensors
+from offline_compress.options import CompressError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def validate_model_dir(model_dir: Path, out_dir: Path, overwrite: bool):
+    """Check the source model and the output path before any work; return (config.json as a dict, tokenizer)."""
+    if not model_dir.is_dir():
+        raise CompressError(f"model directory {model_dir} does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CompressError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise CompressError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CompressError(f"{config_path} is not a JSON object")
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise CompressError(
+            f"{model_dir}: architecture {architectures or config.get('model_type')} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method")
+        raise CompressError(f"{model_dir} is already quantized ({method}); compress an unquantized model")
+    try:
+        files = source_safetensors(model_dir)
+    except FileNotFoundError as err:
+        raise CompressError(str(err)) from None
+    for path in files:
+        problems = file_problems(path)[1]
+        if problems:
+            raise CompressError(f"{model_dir}/{problems[0]}")
+    tokenizer = load_tokenizer(model_dir)
+    if out_dir.exists() and not overwrite:
+        raise CompressError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
+    if out_dir.resolve() == model_dir.resolve():
+        raise CompressError("output directory must differ from the model directory")
+    return config, tokenizer
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError… depending on what is missing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompressError(f"{model_dir}: no usable tokenizer ({first})") from None
 
 
 def return_free_memory() -> None:
@@ -67,17 +122,27 @@ def skeleton_model(model_dir: Path) -> nn.Module:
     return model
 
 
+def check_finite_weights(source: SafetensorsSource) -> None:
+    """Raise CompressError naming the first tensor with NaN or Inf (reads one tensor at a time)."""
+    for name in source.names():
+        tensor = source.get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompressError(f"weight {name} in {source.location[name].name} contains NaN or Inf")
+
+
 def materialize(module: nn.Module, prefix: str, source: SafetensorsSource, device: torch.device,
                 dtype: torch.dtype | None = None) -> nn.Module:
     """Give every parameter of ``module`` the source tensor ``<prefix>.<name>``, on ``device``, in
-    ``dtype`` (default: as stored). Nothing else is allocated: a meta module stays meta until here."""
+    ``dtype`` (default: as stored). Nothing else is allocated: a meta module stays meta until here.
+    A missing or mis-shaped source tensor is a CompressError naming it."""
     for name, param in list(module.named_parameters()):
         key = f"{prefix}.{name}"
         if key not in source.location:
-            raise ValueError(f"source checkpoint has no tensor {key}")
+            raise CompressError(f"source checkpoint has no tensor {key}")
         tensor = source.get(key)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"source tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+            raise CompressError(f"source tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                                f"{tuple(param.shape)}")
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         setattr(owner, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False))

@@ -1,4 +1,4 @@
-"""Coefficient quantization that keeps the dictionary's accuracy (issue: int8 after K-SVD).
+"""Coefficient quantization that keeps the dictionary's accuracy.
 
 Unit-norm atoms leave each atom's scale in its coefficients, and those scales differ by 100× and
 more between atoms; one absmax scale per output column then rounds the small atoms' coefficients to
@@ -8,7 +8,7 @@ more between atoms; one absmax scale per output column then rounds the small ato
   (D·diag(g), diag(1/g)·coef). g_t is the RMS of atom t's non-zero coefficients: afterwards every atom's
   typical coefficient is 1, so a column's absmax reflects how strongly the column uses an atom, not
   the atom's scale. (RMS rather than max: one outlier column should not shrink the rest.)
-* :func:`quantize_and_refit` quantizes per column (format.encode_coefficients), then refits the
+* :func:`quantize_and_refit` quantizes per column (:func:`encode_coefficients`), then refits the
   dictionary by least squares to the *dequantized* coefficients, so the bf16 dictionary absorbs the
   rounding error. ``rounds`` > 1 re-solves the values on the fixed support and repeats.
 """
@@ -19,6 +19,44 @@ import torch
 
 from cospadi_vllm import format as fmt
 from offline_compress.dictionary import least_squares_dictionary, least_squares_on_support
+
+
+def quantize_values(values: torch.Tensor, value_dtype_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-column symmetric quantization.
+
+    values: [out, s] float → (coef_values [out, s] value_dtype, coef_scales [out] float32)
+    with ``values ≈ coef_values.float() * coef_scales[:, None]`` (format.dequantize_values).
+    """
+    dtype = fmt.value_dtype_from_name(value_dtype_name)
+    values = values.float()
+    qmax = fmt.VALUE_TYPES[value_dtype_name].max_abs
+    if qmax is None:  # stored unscaled
+        return values.to(dtype), torch.ones(values.shape[0], dtype=fmt.SCALES_DTYPE, device=values.device)
+    absmax = values.abs().amax(dim=1)
+    scales = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    scaled = values / scales[:, None]
+    if dtype == torch.int8:
+        quantized = scaled.round().clamp(-qmax, qmax).to(torch.int8)
+    else:
+        quantized = scaled.clamp(-qmax, qmax).to(dtype)
+    return quantized, scales.to(fmt.SCALES_DTYPE)
+
+
+def encode_coefficients(
+    support_idx: torch.Tensor, support_values: torch.Tensor, k: int, value_dtype_name: str
+) -> dict[str, torch.Tensor]:
+    """Column-sparse C given as (atom index, value) pairs → the stored mask / values / scales tensors.
+
+    support_idx: [out, s] int64 distinct atom indices per row (any order);
+    support_values: [out, s] float. Values are re-ordered into increasing atom order.
+    """
+    order = support_idx.argsort(dim=1)
+    idx_sorted = support_idx.gather(1, order)
+    values_sorted = support_values.gather(1, order)
+    support = torch.zeros(support_idx.shape[0], k, dtype=torch.bool, device=support_idx.device)
+    support.scatter_(1, idx_sorted, True)
+    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name)
+    return {fmt.COEF_MASK: fmt.pack_mask(support), fmt.COEF_VALUES: coef_values, fmt.COEF_SCALES: coef_scales}
 
 
 def balance_atom_scales(
@@ -43,7 +81,7 @@ def support_indices(mask: torch.Tensor) -> torch.Tensor:
 def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float)."""
     idx = support_indices(mask)
-    stored = fmt.encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype)
+    stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype)
     dequantized = fmt.decode_coefficients(
         stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
     ).T.to(coef.dtype)

@@ -24,30 +24,27 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
     modules = qc["modules"]
     plain: dict[str, torch.Tensor] = {}
     compressed: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
+    found = {}
     for name, tensor in iter_file_tensors(source_safetensors(checkpoint_dir)):
+        found[name] = (tensor.dtype, tuple(tensor.shape))
         prefix, _, suffix = name.rpartition(".")
         if prefix in modules and suffix in fmt.TENSOR_SUFFIXES:
             compressed[prefix][suffix] = tensor
         else:
             plain[name] = tensor
     value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
-    for prefix in modules:  # a shared dictionary is stored once: every member of the group gets that tensor
-        owner = fmt.dictionary_owner(modules, prefix)
-        if owner != prefix:
-            if fmt.DICTIONARY in compressed[prefix]:
-                raise fmt.FormatError(f"tensor {prefix}.{fmt.DICTIONARY} is stored although {prefix} uses the "
-                                      f"dictionary of {owner}")
-            if fmt.DICTIONARY not in compressed[owner]:
-                raise fmt.FormatError(f"module {prefix} uses the dictionary of {owner}, but the checkpoint is "
-                                      f"missing tensor {owner}.{fmt.DICTIONARY}")
-            compressed[prefix][fmt.DICTIONARY] = compressed[owner][fmt.DICTIONARY]
+    dictionary_dtype = fmt.dictionary_dtype_from_name(qc["dictionary_dtype"])
     for prefix, spec in modules.items():
-        tensors = compressed[prefix]
-        # in/out come from the tensors themselves; a missing one is reported by check_layer_tensors.
-        in_features = tensors[fmt.DICTIONARY].shape[0] if fmt.DICTIONARY in tensors else -1
-        out_features = tensors[fmt.COEF_SCALES].shape[0] if fmt.COEF_SCALES in tensors else -1
-        shape = fmt.LayerShape(in_features, out_features, spec["k"], spec["s"])
-        fmt.check_layer_tensors(prefix, compressed[prefix], shape, value_dtype)
+        owner = fmt.dictionary_owner(modules, prefix)
+        # in/out come from the tensors themselves; a missing one is reported by layer_problems.
+        dictionary, scales = compressed[owner].get(fmt.DICTIONARY), compressed[prefix].get(fmt.COEF_SCALES)
+        shape = fmt.LayerShape(dictionary.shape[0] if dictionary is not None else -1,
+                               scales.shape[0] if scales is not None else -1, spec["k"], spec["s"])
+        problems = fmt.layer_problems(prefix, found, shape, value_dtype, dictionary_dtype, owner)
+        if problems:
+            raise fmt.FormatError(problems[0])
+    for prefix in modules:  # a shared dictionary is stored once: every member of the group gets that tensor
+        compressed[prefix][fmt.DICTIONARY] = compressed[fmt.dictionary_owner(modules, prefix)][fmt.DICTIONARY]
     return config, plain, compressed
 
 

@@ -1,4 +1,4 @@
-"""Whitening by the calibration Gram (DESIGN §2.2).
+"""Whitening by the calibration Gram.
 
 With G = Σ XᵀX = L Lᵀ, the output error of a layer is ‖X(A − Â)‖_F = ‖Lᵀ(A − Â)‖_F,
 so dictionaries are learned on Ã = LᵀA and mapped back with D = L⁻ᵀ D̃.

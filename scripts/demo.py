@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["fetch"] = time.perf_counter() - t
 
     t = step(f"2/5 compress with CoSpaDi at --ratio {args.ratio} (--calib {args.calib})")
-    from offline_compress.pipeline import CompressOptions, compress_or_reuse, summary_table
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_or_reuse
+    from offline_compress.report import summary_table
 
     options = CompressOptions(ratio=args.ratio, calib=args.calib)
     if args.iterations is not None:
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from cospadi_vllm.launch import ServerError
-    from offline_compress.pipeline import CompressError
+    from offline_compress.options import CompressError
 
     try:
         sys.exit(main())

@@ -28,12 +28,12 @@ if [ "$EXTRA" = cpu ]; then
 fi
 
 if [ "$EXTRA" = cpu ]; then
-  # The CPU coefficient-product kernels (cospadi_vllm/csrc): compiled once per CPU with the system g++.
+  # The CPU kernels (cospadi_vllm/kernels/csrc): compiled once per CPU with the system g++.
   if ! command -v g++ >/dev/null 2>&1; then
     echo "[setup] error: g++ not found; the CPU kernels need it (Debian/Ubuntu: apt install g++)" >&2
     exit 1
   fi
-  "$VENV/bin/python" -c "from cospadi_vllm import cpu_kernels; cpu_kernels.main()"
+  "$VENV/bin/python" -c "from cospadi_vllm.kernels import cpu_library; cpu_library.main()"
 fi
 
 # SmolLM2-135M ships as a GGUF inside this package; we only read the file, never import it.

@@ -64,7 +64,8 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
     """CoSpaDi checkpoints of the tiny models (fast settings: one learning iteration)."""
-    from offline_compress.pipeline import CompressOptions, compress_model
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_model
 
     root = tmp_path_factory.mktemp("cospadi-tiny")
     out = {}

@@ -5,7 +5,8 @@ import re
 from transformers import AutoTokenizer
 
 from offline_compress import assets
-from offline_compress.pipeline import CompressOptions, calibration_ids, calibration_text
+from offline_compress.calibration_text import calibration_ids, calibration_text
+from offline_compress.options import CompressOptions
 
 
 def test_chat_calibration_is_the_wikipedia_split_in_the_chat_template(tiny_models):

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from cospadi_vllm import format as fmt
-from offline_compress.pipeline import CompressOptions, compress_model, compress_or_reuse
+from offline_compress.options import CompressOptions
+from offline_compress.pipeline import compress_model, compress_or_reuse
 from offline_compress.reader import load_reconstructed_model, reconstructed_state_dict
 from tests.conftest import TINY_ARCHS
 from tests.test_format import python_unpack
@@ -237,15 +238,17 @@ def test_resume_fingerprint_tracks_weights_not_where_the_work_runs(tiny_models, 
     import os
     import shutil
 
+    from offline_compress.resume import fingerprint
+
     model = tmp_path / "model"
     shutil.copytree(tiny_models["llama"], model)
     options = CompressOptions()
-    first = options.fingerprint(model)
-    assert replace(options, device="cuda", batch_size=2, max_memory_gb=0.5).fingerprint(model) == first
-    assert replace(options, ratio=0.4).fingerprint(model) != first
+    first = fingerprint(options, model)
+    assert fingerprint(replace(options, device="cuda", batch_size=2, max_memory_gb=0.5), model) == first
+    assert fingerprint(replace(options, ratio=0.4), model) != first
     weights = next(model.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert options.fingerprint(model) != first
+    assert fingerprint(options, model) != first
 
 
 @pytest.mark.slow

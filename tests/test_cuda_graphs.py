@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm import ops
-from cospadi_vllm.gpu_layout import repack
 from cospadi_vllm.hf_quantizer import CoSpaDiLinear
+from offline_compress.quantization import encode_coefficients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
 
@@ -18,12 +17,14 @@ def cospadi_linear(in_features: int, out_features: int, k: int, s: int, value_dt
     """A transformers CoSpaDiLinear on the GPU with random D and C (random supports of s atoms)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out_features)])
-    tensors = fmt.encode_coefficients(idx, torch.randn(out_features, s, generator=g), k, value_dtype)
+    tensors = encode_coefficients(idx, torch.randn(out_features, s, generator=g), k, value_dtype)
     module = CoSpaDiLinear(in_features, out_features, k, s, fmt.value_dtype_from_name(value_dtype), None, "cpu")
     module.dictionary.copy_(torch.randn(in_features, k, generator=g) / in_features**0.5)
     for name in (fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES):
         getattr(module, name).copy_(tensors[name])
-    return module.cuda()
+    module = module.cuda()
+    module.prepare(torch.bfloat16)  # kernel chosen and C repacked now, not inside the first forward
+    return module
 
 
 def replays_match_eager(fn, static_input: torch.Tensor, fresh_inputs: list[torch.Tensor]) -> None:
@@ -65,15 +66,14 @@ def test_layer_in_cuda_graph_equals_eager(m, x_dtype):
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
-def test_packed_op_under_torch_compile_in_cuda_graph(m):
-    """torch.compile sees the op through its fake impl (fullgraph: no graph break); the compiled
-    function is then captured and replayed like vLLM's piecewise CUDA graphs."""
+def test_layer_under_torch_compile_in_cuda_graph(m):
+    """torch.compile sees the layer's Z·C op through its fake impl (fullgraph: no graph break); the
+    compiled function is then captured and replayed like vLLM's piecewise CUDA graphs."""
     layer = cospadi_linear(256, 640, 300, 150, "float8_e4m3fn" if torch.cuda.get_device_capability() >= (8, 9)
                            else "bfloat16", seed=10 + m)
-    packed = repack(layer.coef_mask, layer.coef_values, layer.coef_scales, layer.atom_offsets)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return ops.packed_coefficient_product(ops.dictionary_product(x, layer.dictionary), packed) * 2.0
+        return layer(x) * 2.0
 
     compiled = torch.compile(forward, fullgraph=True, dynamic=False)
     g = torch.Generator(device="cuda").manual_seed(m)

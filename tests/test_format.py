@@ -1,9 +1,12 @@
-"""Format module: bit packing, value quantization, byte budget — against plain-Python references."""
+"""Format module (bit packing, byte accounting, config) and the encoding rules the compressor applies
+(value quantization, the byte budget) — against plain-Python references."""
 
 import pytest
 import torch
 
 from cospadi_vllm import format as fmt
+from offline_compress.budget import BudgetError, solve_k_s
+from offline_compress.quantization import encode_coefficients, quantize_values
 
 
 def python_unpack(mask: torch.Tensor, k: int) -> list[list[int]]:
@@ -30,7 +33,7 @@ def test_mask_roundtrip_matches_python_bits(k):
 def test_quantize_values_error_bound(name, tol):
     g = torch.Generator().manual_seed(1)
     values = torch.randn(64, 40, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 64, dtype=torch.float64)[:, None]
-    q, scales = fmt.quantize_values(values, name)
+    q, scales = quantize_values(values, name)
     assert q.dtype == fmt.VALUE_DTYPES[name] and scales.dtype == torch.float32 and scales.shape == (64,)
     back = fmt.dequantize_values(q, scales).double()
     rel = (back - values).abs().amax(1) / values.abs().amax(1)
@@ -42,7 +45,7 @@ def test_encode_decode_against_dense_reference():
     out_features, k, s = 23, 70, 9
     idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out_features)])
     vals = torch.randn(out_features, s, generator=g)
-    tensors = fmt.encode_coefficients(idx, vals, k, "bfloat16")
+    tensors = encode_coefficients(idx, vals, k, "bfloat16")
     dense_ref = torch.zeros(k, out_features, dtype=torch.float64)
     for j in range(out_features):
         for t in range(s):
@@ -58,7 +61,7 @@ def test_encode_decode_against_dense_reference():
 @pytest.mark.parametrize("in_f,out_f", [(576, 576), (576, 1536), (1536, 576), (4096, 14336)])
 @pytest.mark.parametrize("ratio", [0.2, 0.3, 0.4])
 def test_solve_k_s_uses_budget(in_f, out_f, ratio):
-    shape = fmt.solve_k_s(in_f, out_f, ratio, 2.0, "int8")
+    shape = solve_k_s(in_f, out_f, ratio, 2.0, "int8")
     budget = (1 - ratio) * 2 * in_f * out_f
     used = fmt.stored_bytes(shape, "int8")
     assert used <= budget
@@ -70,8 +73,8 @@ def test_solve_k_s_uses_budget(in_f, out_f, ratio):
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
 def test_solve_k_s_rejects_bad_ratio(bad):
-    with pytest.raises(fmt.FormatError, match="ratio"):
-        fmt.solve_k_s(64, 64, bad, 2.0, "int8")
+    with pytest.raises(BudgetError, match="ratio"):
+        solve_k_s(64, 64, bad, 2.0, "int8")
 
 
 def test_parse_quantization_config_rejects_unknown_version():

@@ -1,4 +1,4 @@
-"""The GPU layout of C (cospadi_vllm/gpu_layout.py), the capability check, the Triton kernel compiled
+"""The GPU layout of C (cospadi_vllm/kernels/gpu_layout.py), the capability check, the Triton kernel compiled
 ahead of time for Ampere / Hopper (no GPU needed), and the GPU-side modules without vLLM."""
 
 import os
@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm import gpu_layout
+from cospadi_vllm.kernels import gpu_layout
 from cospadi_vllm.launch import ROOT
-from cospadi_vllm.ops import reference_coefficients
-from tests.test_ops import merged_layer
+from tests.reference import merged_layer, reference_coefficients
 
 
 def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> torch.Tensor:
@@ -65,7 +64,7 @@ def test_kernel_compiles_for_ampere_and_hopper_without_spills(monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cospadi_vllm import triton_kernels
+    from cospadi_vllm.kernels import triton_gemm
 
     pointers = ("z_ptr", "mask_ptr", "values_ptr", "starts_ptr", "scales_ptr", "shards_ptr", "out_ptr")
     scalars = ("M", "N", "K", "S_PAD", "stride_zm", "stride_om", "stride_split")
@@ -73,14 +72,14 @@ def test_kernel_compiles_for_ampere_and_hopper_without_spills(monkeypatch):
              (80, "bf16", "i8", 1), (80, "fp32", "bf16", 16), (80, "bf16", "i8", 2048)]
     dot_dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     for capability, act, values, m in cases:
-        block_m, block_n, use_dot, num_warps = triton_kernels.launch_config(m)
+        block_m, block_n, use_dot, num_warps = triton_gemm.launch_config(m)
         types = dict(zip(pointers, (f"*{act}", "*i32", f"*{values}", "*i32", "*fp32", "*i32", f"*{act}"), strict=True))
         signature = {**types, **dict.fromkeys(scalars, "i32")}
         constants = {"NUM_SHARDS": 3, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": 2 if m <= 16 else 1,
                      "USE_DOT": use_dot, "DOT_DTYPE": dot_dtypes[act], "HARDWARE_POPCOUNT": True,
                      "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP}
         signature.update(dict.fromkeys(constants, "constexpr"))
-        source = ASTSource(fn=triton_kernels._coef_product_kernel, signature=signature, constexprs=constants)
+        source = ASTSource(fn=triton_gemm._coef_product_kernel, signature=signature, constexprs=constants)
         kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
         assert kernel.asm["cubin"], (capability, act, values, m)
         assert kernel.metadata.num_warps == num_warps
@@ -88,31 +87,32 @@ def test_kernel_compiles_for_ampere_and_hopper_without_spills(monkeypatch):
 
 
 NO_VLLM = """
-import sys
+import os, sys
 sys.modules["vllm"] = None  # import vllm raises ImportError, as on the GPU machines
 import torch
-import cospadi_vllm
-from cospadi_vllm import ops, gpu_layout, hf_quantizer
-from tests.test_ops import merged_layer
+import cospadi_vllm  # registers the transformers quantizer
+from cospadi_vllm.kernels import KernelConfig, choose_kernel
+from tests.reference import HeldLayer, merged_layer, reference_coefficients
 dictionary, coef, k_total = merged_layer("int8", torch.Generator().manual_seed(3))
-device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on a GPU, the C++ kernels on CPU
-z = torch.randn(5, k_total)
-y = ops.coefficient_product(z.to(device), *[t.to(device) for t in coef])  # the op registered through torch.library
-reference = z.double() @ ops.reference_coefficients(*coef, k_total)
-assert float((y.double().cpu() - reference).norm() / reference.norm()) < 1e-5
-if device == "cuda":
-    packed = gpu_layout.repack(*[t.to(device) for t in coef])
-    y = ops.packed_coefficient_product(z.to(device), packed)
-    assert float((y.double().cpu() - reference).norm() / reference.norm()) < 1e-3
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton compiled, or interpreted here
+layer = HeldLayer(dictionary, coef).to(device)
+kernel = choose_kernel(KernelConfig(device, torch.float32, torch.int8), name="triton")
+kernel.process_weights_after_loading(layer)  # C repacked; Z·C through the op registered by torch.library
+x = torch.randn(5, dictionary.shape[0])
+y = kernel.apply(layer, x.to(device))
+reference = x.double() @ dictionary.double() @ reference_coefficients(*coef, k_total)
+assert float((y.double().cpu() - reference).norm() / reference.norm()) < 1e-3
 assert "vllm" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
 print("ok")
 """
 
 
 def test_gpu_side_modules_run_without_vllm():
-    """The GPU machines have torch, triton and transformers but no vLLM: ops (with its custom op),
-    gpu_layout and the transformers integration must import and run there."""
+    """The GPU machines have torch, triton and transformers but no vLLM: the kernels (with the Triton op
+    registered through torch.library) and the transformers integration must import and run there."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     run = subprocess.run([sys.executable, "-c", NO_VLLM], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-2000:] + run.stderr[-3000:]

@@ -13,8 +13,10 @@ import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
 from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from offline_compress import allocation
+from offline_compress.budget import solve_k_s
 from offline_compress.layer import LayerSettings, compress_linear, compress_shared
-from offline_compress.pipeline import DEFAULT_GROUP_TARGETS, CompressError, CompressOptions, compress_model
+from offline_compress.options import DEFAULT_GROUP_TARGETS, CompressError, CompressOptions
+from offline_compress.pipeline import compress_model
 from tests.test_compressor import read_all
 
 SHARED = [t.rsplit(".", 1)[1] for t in DEFAULT_GROUP_TARGETS]  # q k v gate up
@@ -69,11 +71,14 @@ def test_grouped_checkpoint_in_transformers_shares_one_tensor(grouped):
     from offline_compress.reader import load_reconstructed_model
 
     out, _ = grouped
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    for target in DEFAULT_GROUP_TARGETS:
-        first, second = (model.get_submodule(f"model.layers.{i}.{target}") for i in (0, 1))
-        assert first.dictionary_tensor().data_ptr() == second.dictionary_tensor().data_ptr()
-    assert model.model.layers[0].mlp.down_proj.dictionary.data_ptr() != model.model.layers[1].mlp.down_proj.dictionary.data_ptr()
+    for dtype in (torch.bfloat16, torch.float32):  # bf16 on CPU: the owner's D is held transposed, once
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+        for target in DEFAULT_GROUP_TARGETS:
+            first, second = (model.get_submodule(f"model.layers.{i}.{target}") for i in (0, 1))
+            assert first.dictionary.data_ptr() == second.dictionary.data_ptr()
+            assert f"model.layers.1.{target}.dictionary" not in model.state_dict()
+        down = [model.model.layers[i].mlp.down_proj.dictionary.data_ptr() for i in (0, 1)]
+        assert down[0] != down[1]
     ids = torch.randint(0, 49152, (2, 19), generator=torch.Generator().manual_seed(7))
     rebuilt = load_reconstructed_model(out)
     with torch.no_grad():
@@ -154,7 +159,8 @@ def test_compress_shared_errors_per_layer_and_sharing_pays_on_similar_layers():
     dictionary = results[0].tensors[fmt.DICTIONARY]
     for weight, gram, result in zip([base, other], [gram_a, gram_b], results, strict=True):
         tensors = {**result.tensors, fmt.DICTIONARY: dictionary}
-        fmt.check_layer_tensors("x", tensors, result.shape, torch.int8)
+        found = {f"x.{suffix}": (t.dtype, tuple(t.shape)) for suffix, t in tensors.items()}
+        assert fmt.layer_problems("x", found, result.shape, torch.int8) == []
         assert result.whitened_rel_error == pytest.approx(_whitened_error_f64(weight, tensors, result.shape.k, gram),
                                                           rel=1e-4)
     # Bytes: the group counts the dictionary once and stays within the budget of the two layers.
@@ -179,7 +185,7 @@ def test_allocation_error_curve_and_budget():
         whitened = factor.T @ weight.T
         u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
         for ratio, err in zip([0.2, 0.5], allocation.error_curve(units[-1], [0.2, 0.5], "int8"), strict=True):
-            rank = fmt.solve_k_s(64, out_features, ratio, 1.0, "int8", dense_coefficients=True).k
+            rank = solve_k_s(64, out_features, ratio, 1.0, "int8", dense_coefficients=True).k
             truncated = (u[:, :rank] * sigma[:rank]) @ vh[:rank]
             assert err == pytest.approx(float((whitened - truncated).square().sum() / whitened.square().sum()), rel=1e-3)
     ratios = allocation.allocate(units, 0.3, "int8")
@@ -254,7 +260,7 @@ def test_every_structure_spends_the_byte_budget():
     budget; the search must then not pick it, or the checkpoint ends smaller than asked."""
     generator = torch.Generator().manual_seed(3)
     weight, gram = _layer_and_gram(generator, out_features=192, in_features=64)
-    svd = fmt.solve_k_s(64, 192, 0.05, 1.0, "int8", dense_coefficients=True)
+    svd = solve_k_s(64, 192, 0.05, 1.0, "int8", dense_coefficients=True)
     dense = fmt.dense_bf16_bytes(64, 192)
     assert svd.k == 64 and 1 - fmt.stored_bytes(svd, "int8") / dense > 0.06  # full rank leaves bytes unused
     result = compress_linear(weight, gram, 0.05, LayerSettings(iterations=2))

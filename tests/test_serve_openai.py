@@ -17,7 +17,8 @@ from tests.vllm_helpers import run_vllm
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_models, calib_file, tmp_path_factory) -> Path:
-    from offline_compress.pipeline import CompressOptions, compress_model
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_model
 
     out = tmp_path_factory.mktemp("serve") / "llama-cospadi"
     compress_model(tiny_models["llama"], out, CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4,

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
-from offline_compress.pipeline import CompressOptions, compress_model
+from offline_compress.options import CompressOptions
+from offline_compress.pipeline import compress_model
 from offline_compress.reader import load_reconstructed_model
 from tests.conftest import TINY_ARCHS
 from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm

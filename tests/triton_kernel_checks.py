@@ -1,4 +1,4 @@
-"""Triton kernel (cospadi_vllm/triton_kernels.py) vs a float64 reference of X·D·dequant(C).
+"""Triton kernel (cospadi_vllm/kernels/triton_gemm.py) vs a float64 reference of X·D·dequant(C).
 
 Collected through tests/test_triton_kernel.py: on a CUDA machine directly (compiled kernel); without a
 GPU in a child pytest with TRITON_INTERPRET=1, because Triton picks the interpreter when its modules
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm.gpu_layout import repack
-from cospadi_vllm.ops import reference_coefficients
+from cospadi_vllm.kernels.gpu_layout import repack
+from offline_compress.quantization import encode_coefficients
+from tests.reference import reference_coefficients
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMPILED = DEVICE == "cuda"
@@ -34,7 +35,7 @@ TOLERANCE = {torch.float32: 2e-3 if COMPILED else 1e-5, torch.bfloat16: 1.5e-2, 
 def kernels():
     if not COMPILED:
         assert os.environ.get("TRITON_INTERPRET") == "1", "without a GPU run these through test_triton_kernel.py"
-    import cospadi_vllm.triton_kernels as module
+    import cospadi_vllm.kernels.triton_gemm as module
 
     return module
 
@@ -51,8 +52,8 @@ def random_layer(shards, in_features, value_dtype, generator):
     k_offset = 0
     for k, out, s in shards:
         idx = torch.stack([torch.randperm(k, generator=generator)[:s] for _ in range(out)])
-        tensors = fmt.encode_coefficients(idx, torch.randn(out, s, generator=generator), k, value_dtype)
-        parts["dictionary"].append(torch.randn(in_features, k, generator=generator).to(fmt.DICTIONARY_DTYPE))
+        tensors = encode_coefficients(idx, torch.randn(out, s, generator=generator), k, value_dtype)
+        parts["dictionary"].append(torch.randn(in_features, k, generator=generator).to(torch.bfloat16))
         parts["mask"].append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
         parts["values"].append(torch.cat([tensors[fmt.COEF_VALUES], tensors[fmt.COEF_VALUES][:, :1].expand(out, s_max - s)], 1))
         parts["scales"].append(tensors[fmt.COEF_SCALES])
@@ -101,7 +102,8 @@ def test_merged_three_shards_with_different_k(kernels, m):
     shards, in_features = MERGED
     layer, dense_t = random_layer(shards, in_features, "int8", g)
     x = torch.randn(m, in_features, generator=g).to(torch.bfloat16).to(DEVICE)
-    y = kernels.cospadi_gemm_triton(x, **layer)
+    z = x @ layer["dictionary"].to(x.dtype)
+    y = kernels.packed_coef_product(z, repack(*coefficients(layer)))
     assert y.shape == (m, sum(out for _, out, _ in shards)) and torch.isfinite(y).all()
     reference = x.double().cpu() @ dense_t
     assert relative_error(y, reference) < TOLERANCE[torch.bfloat16]

@@ -1,4 +1,4 @@
-"""The CPU coefficient product (csrc/cpu_kernels.cpp), built once per machine with the system compiler.
+"""The C++ CPU ops (csrc/cpu_kernels.cpp), built once per machine with the system compiler.
 
 ``make setup`` builds it (``cpu_kernels.main()``); otherwise the first CoSpaDi layer
 that vLLM loads on CPU does (about a minute on 2 cores; torch's file lock makes concurrent TP workers

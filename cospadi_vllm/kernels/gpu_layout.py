@@ -2,7 +2,7 @@
 
 The checkpoint stores C row per output (docs/format.md): ``coef_mask`` [N, W] int32,
 ``coef_values`` [N, S], ``coef_scales`` [N] and, in a merged layer, ``atom_offsets`` [N]. The Triton
-kernels (``triton_kernels``) read it repacked:
+kernel (``triton_gemm``) reads it repacked:
 
 - ``mask_words`` [W, N] int32: word w of every output side by side (column-interleaved), so the 32
   lanes of a warp reading word w of 32 consecutive outputs load 128 contiguous bytes;
@@ -18,7 +18,7 @@ kernels (``triton_kernels``) read it repacked:
 
 Bytes over the stored C: the value padding (< 16 bytes per output) and 4 bytes per output per
 WORDS_PER_GROUP mask words (+12.5 % of the mask, ~0.6 % of a Llama-3-8B layer at CR 0.3). ``atom_offsets``
-is not kept (the shard table replaces it).
+is not needed by the kernel (the shard table replaces it).
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from cospadi_vllm import format as fmt
-from cospadi_vllm.gpu_layout import WORDS_PER_GROUP, PackedCoefficients, repack
+from cospadi_vllm.kernels.gpu_layout import WORDS_PER_GROUP, PackedCoefficients
 
 DECODE_MAX_ROWS = 16  # M up to here: the decode configuration (split over atoms allowed)
 FMA_MAX_ROWS = 4  # M up to here: float32 FMAs instead of tl.dot
@@ -211,20 +210,3 @@ def packed_coef_product(
     if split > 1:
         y.copy_(target.sum(0))
     return y
-
-
-def cospadi_gemm_triton(
-    x: torch.Tensor,
-    dictionary: torch.Tensor,
-    coef_mask: torch.Tensor,
-    coef_values: torch.Tensor,
-    coef_scales: torch.Tensor,
-    atom_offsets: torch.Tensor,
-) -> torch.Tensor:
-    """x [M, in] → [M, out] from the stored tensors (tests and benchmarks: repacks on every call).
-
-    Serving repacks once at load time and calls :func:`packed_coef_product`."""
-    if coef_mask.dtype != fmt.MASK_DTYPE:
-        raise TypeError(f"coef_mask must be {fmt.MASK_DTYPE}, got {coef_mask.dtype}")
-    z = x @ dictionary.to(x.dtype)
-    return packed_coef_product(z, repack(coef_mask, coef_values, coef_scales, atom_offsets))

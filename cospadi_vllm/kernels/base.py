@@ -1,0 +1,133 @@
+"""The kernel interface: y = (x·D)·C for one (possibly merged) layer, chosen once per layer.
+
+Modelled on vLLM's mixed-precision linear kernels (``MPLinearKernel``): a class per implementation
+with ``can_implement`` / ``process_weights_after_loading`` / ``apply``, picked by :func:`choose_kernel`
+when the layer's weights are ready. vLLM's linear method and the transformers ``CoSpaDiLinear`` both
+hold one and call nothing else.
+
+The layer a kernel serves holds the stored tensors under the format's names, merged the way
+:func:`merge_shards` lays them out: ``dictionary`` [in, K] (K = the shards' atoms side by side; it may
+be another layer's tensor when shared), ``coef_mask`` [N, W], ``coef_values`` [N, S] (rows padded to the
+widest shard), ``coef_scales`` [N] and ``atom_offsets`` [N] int32 (each output's first atom in Z = x·D).
+``process_weights_after_loading`` may rearrange them for its hardware (never expanding C);
+``stored_tensors`` gives them back as stored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from cospadi_vllm import format as fmt
+
+# Implementations in the order they are tried; the first that can implement a layer serves it.
+KERNELS = {"cpu": "cospadi_vllm.kernels.cpu:CPUKernel", "triton": "cospadi_vllm.kernels.gpu:TritonKernel"}
+# Names one implementation for every layer (e.g. "triton" on a CPU under TRITON_INTERPRET=1, in tests).
+FORCE_KERNEL_ENV = "COSPADI_KERNEL"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What a kernel must serve: where, at which activation dtype, which stored dtypes."""
+
+    device: torch.device
+    act_dtype: torch.dtype  # x, and y
+    value_dtype: torch.dtype  # coef_values
+    dictionary_dtype: torch.dtype = torch.bfloat16
+
+
+class KernelUnavailableError(RuntimeError):
+    """No implementation can serve a layer here (names each one's reason)."""
+
+
+class CoSpaDiKernel(ABC):
+    name: str = ""
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
+        """(True, None), or (False, why not) in one line."""
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
+        """Prepare the loaded tensors once (``owns_dictionary=False``: ``layer.dictionary`` is another
+        layer's, already prepared by its own kernel)."""
+
+    @abstractmethod
+    def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] → Z = x·D [M, K] in x's dtype."""
+
+    @abstractmethod
+    def coefficient_product(self, layer: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """Z [M, K] → Z·C [M, N] in Z's dtype, C read as held (never expanded whole)."""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] → y [M, N]; implementations may fuse the two products."""
+        return self.coefficient_product(layer, self.dictionary_product(layer, x))
+
+    @abstractmethod
+    def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """{DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES} in their stored layout (for saving)."""
+
+    def held_dictionary_dtype(self) -> torch.dtype:
+        """The dtype D is held in: float16 activations get D in float16 once (same bytes) instead of a
+        conversion per call; float32 activations keep the stored bfloat16 (half the bytes)."""
+        act, stored = self.config.act_dtype, self.config.dictionary_dtype
+        return act if act.itemsize == stored.itemsize and act.is_floating_point else stored
+
+
+def choose_kernel(config: KernelConfig, name: str | None = None) -> CoSpaDiKernel:
+    """The first implementation of ``KERNELS`` that can serve ``config`` (or the one ``name`` /
+    ``$COSPADI_KERNEL`` names); KernelUnavailableError with every implementation's reason if none can."""
+    name = name or os.environ.get(FORCE_KERNEL_ENV) or None
+    if name is not None and name not in KERNELS:
+        raise KernelUnavailableError(f"{FORCE_KERNEL_ENV}={name!r} is not one of {', '.join(KERNELS)}")
+    reasons = []
+    for candidate in [name] if name else list(KERNELS):
+        module, _, cls_name = KERNELS[candidate].partition(":")
+        kernel_class: type[CoSpaDiKernel] = getattr(importlib.import_module(module), cls_name)
+        ok, why = kernel_class.can_implement(config)
+        if ok:
+            return kernel_class(config)
+        reasons.append(f"{candidate}: {why}")
+    raise KernelUnavailableError(f"no CoSpaDi kernel can serve values of {config.value_dtype} with {config.act_dtype} "
+                       f"activations on {config.device} ({'; '.join(reasons)})")
+
+
+def replace_tensor(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:
+    """Put ``data`` under ``name`` as the same kind of attribute it was (parameter, buffer), so that
+    TorchDynamo and ``state_dict`` see what they saw before."""
+    if name in layer._parameters:
+        layer._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+    elif name in layer._buffers:
+        layer._buffers[name] = data
+    else:
+        layer.register_buffer(name, data, persistent=False)
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stored tensors of a fused layer's shards (q/k/v or gate/up, in order; each
+    {DICTIONARY: [in, k_i], COEF_MASK: [out_i, W_i], COEF_VALUES: [out_i, s_i], COEF_SCALES: [out_i]})
+    in the layout kernels take: dictionaries side by side [in, Σ k_i], masks and values zero-padded per
+    row to the widest shard ([Σ out_i, max W_i], [Σ out_i, max s_i]), scales concatenated, and
+    "atom_offsets" [Σ out_i] int32: each output's first atom in the merged dictionary."""
+    words = max(shard[fmt.COEF_MASK].shape[1] for shard in shards)
+    s_max = max(shard[fmt.COEF_VALUES].shape[1] for shard in shards)
+    merged: dict[str, list[torch.Tensor]] = {name: [] for name in (*fmt.TENSOR_SUFFIXES, "atom_offsets")}
+    k_offset = 0
+    for shard in shards:
+        mask, values = shard[fmt.COEF_MASK], shard[fmt.COEF_VALUES]
+        merged[fmt.DICTIONARY].append(shard[fmt.DICTIONARY])
+        merged[fmt.COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
+        merged[fmt.COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
+        merged[fmt.COEF_SCALES].append(shard[fmt.COEF_SCALES])
+        merged["atom_offsets"].append(torch.full((mask.shape[0],), k_offset, dtype=torch.int32, device=mask.device))
+        k_offset += shard[fmt.DICTIONARY].shape[1]
+    return {name: torch.cat(parts, 1 if name == fmt.DICTIONARY else 0) for name, parts in merged.items()}

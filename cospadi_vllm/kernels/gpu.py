@@ -1,0 +1,122 @@
+"""The GPU kernel: x·D by cuBLAS, Z·C by the Triton kernel (``triton_gemm``) on C in the GPU layout.
+
+At load, C is repacked into the layout the Triton kernel reads (``gpu_layout``): the stored mask and
+values are replaced, not copied, so C is held once; :meth:`TritonKernel.stored_tensors` reads them back.
+Z·C runs as the custom op ``torch.ops.vllm.cospadi_packed_coefficient_product`` (registered once, when
+this module is imported: through vLLM's ``direct_register_custom_op`` where vLLM is installed, else
+the same ``torch.library`` registration done here), so torch.compile and CUDA graphs see one opaque node.
+
+Also serves a CPU device under ``TRITON_INTERPRET=1`` when forced (``COSPADI_KERNEL=triton``): that is
+how the tests run the GPU branch of the vLLM and transformers layers on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cospadi_vllm import format as fmt
+from cospadi_vllm.kernels import gpu_layout
+from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
+
+OP_NAME = "cospadi_packed_coefficient_product"
+_LIBRARY: torch.library.Library | None = None  # keeps an op defined without vLLM alive
+
+
+def packed_coefficient_product_impl(
+    z: torch.Tensor,
+    mask_words: torch.Tensor,
+    values: torch.Tensor,
+    value_starts: torch.Tensor,
+    scales: torch.Tensor,
+    shard_table: torch.Tensor,
+    shard_outputs: list[int],
+) -> torch.Tensor:
+    """The op's body: Z·C with C in the GPU layout (``gpu_layout.PackedCoefficients``)."""
+    from cospadi_vllm.kernels.triton_gemm import packed_coef_product  # imports triton
+
+    packed = gpu_layout.PackedCoefficients(mask_words, values, value_starts, scales, shard_table, tuple(shard_outputs))
+    return packed_coef_product(z, packed)
+
+
+def _packed_coefficient_product_fake(z, mask_words, values, value_starts, scales, shard_table, shard_outputs):
+    return z.new_empty((z.shape[0], mask_words.shape[1]))
+
+
+def _register_op() -> None:
+    global _LIBRARY
+    if hasattr(torch.ops.vllm, OP_NAME):
+        return
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
+    except ImportError:
+        _LIBRARY = torch.library.Library("vllm", "FRAGMENT")
+        _LIBRARY.define(OP_NAME + torch.library.infer_schema(packed_coefficient_product_impl, mutates_args=()))
+        for dispatch_key in ("CPU", "CUDA"):
+            _LIBRARY.impl(OP_NAME, packed_coefficient_product_impl, dispatch_key=dispatch_key)
+        _LIBRARY._register_fake(OP_NAME, _packed_coefficient_product_fake)
+        return
+    direct_register_custom_op(op_name=OP_NAME, op_func=packed_coefficient_product_impl, mutates_args=[],
+                              fake_impl=_packed_coefficient_product_fake)
+
+
+_register_op()
+
+
+def packed_coefficient_product(z: torch.Tensor, packed: gpu_layout.PackedCoefficients) -> torch.Tensor:
+    """Z [M, K] · C → [M, N] in Z's dtype through the registered op."""
+    return torch.ops.vllm.cospadi_packed_coefficient_product(z, *packed.tensors(), list(packed.shard_outputs))
+
+
+class TritonKernel(CoSpaDiKernel):
+    name = "triton"
+
+    @classmethod
+    def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
+        if config.dictionary_dtype != torch.bfloat16:
+            return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16 only)"
+        if config.device.type == "cuda":
+            try:
+                gpu_layout.check_capability(config.value_dtype, config.device)
+            except gpu_layout.UnsupportedGPUError as err:
+                return False, str(err)
+            return True, None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, None
+        return False, f"tensors are on {config.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1 in tests)"
+
+    def __init__(self, config: KernelConfig) -> None:
+        super().__init__(config)
+        self.packed: gpu_layout.PackedCoefficients | None = None
+        self.value_columns = 0  # s of the stored coef_values (the packed rows are padded)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
+        if owns_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
+            replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.to(self.held_dictionary_dtype()))
+        self.value_columns = layer.coef_values.shape[1]
+        packed = gpu_layout.repack(layer.coef_mask.data, layer.coef_values.data, layer.coef_scales.data,
+                                   layer.atom_offsets)
+        for role, data in ((fmt.COEF_MASK, packed.mask_words), (fmt.COEF_VALUES, packed.values),
+                           (fmt.COEF_SCALES, packed.scales)):
+            replace_tensor(layer, role, data)
+        layer.register_buffer("value_starts", packed.value_starts, persistent=False)
+        layer.register_buffer("shard_table", packed.shard_table, persistent=False)
+        self.packed = packed
+
+    def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dictionary = layer.dictionary
+        return x @ (dictionary if dictionary.dtype == x.dtype else dictionary.to(x.dtype))
+
+    def coefficient_product(self, layer: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        # The layer's current tensors (they follow .to() and vLLM's parameter handling), the host-side
+        # shard sizes from load time (the launch grid needs them without a device sync).
+        return torch.ops.vllm.cospadi_packed_coefficient_product(
+            z, layer.coef_mask, layer.coef_values, layer.value_starts, layer.coef_scales, layer.shard_table,
+            list(self.packed.shard_outputs))
+
+    def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype),
+                fmt.COEF_MASK: layer.coef_mask.t().contiguous(),
+                fmt.COEF_VALUES: layer.coef_values[:, : self.value_columns].contiguous(),
+                fmt.COEF_SCALES: layer.coef_scales}

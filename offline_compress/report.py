@@ -1,0 +1,86 @@
+"""``compress_report.json`` and the CLI's closing summary: per module and in total, what was stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cospadi_vllm import format as fmt
+from offline_compress.options import RUN_ONLY_OPTIONS, CompressOptions
+
+
+def module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
+    """The report entry of one module (a ``layer.CompressedLinear``); ``owner``: the module whose
+    dictionary it uses, if not its own."""
+    shape = result.shape
+    stats = {
+        "k": shape.k,
+        "s": shape.s,
+        "structure": result.structure,
+        "in_features": shape.in_features,
+        "out_features": shape.out_features,
+        "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
+        "bytes_stored": fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None),
+        "whitened_rel_error": result.whitened_rel_error,
+        "unquantized_rel_error": result.unquantized_rel_error,
+        "candidates": {name: round(err, 6) for name, err in result.candidates.items()},
+        "damping": result.damping,
+        "seconds": round(result.seconds, 3),
+    }
+    if owner is not None:
+        stats["dictionary"] = owner
+    return stats
+
+
+def shapes(stats: dict[str, dict]) -> dict[str, fmt.LayerShape]:
+    return {p: fmt.LayerShape(s["in_features"], s["out_features"], s["k"], s["s"]) for p, s in stats.items()}
+
+
+def build_report(
+    param_count: int, config: dict, model_dir: Path, options: CompressOptions, stats: dict, seconds: float
+) -> dict:
+    dense = sum(s["bytes_dense_bf16"] for s in stats.values())
+    stored = sum(s["bytes_stored"] for s in stats.values())
+    # Whole model: every parameter (tied embeddings once) at bf16, compressed layers at their stored bytes.
+    model_dense = 2 * param_count
+    compressed_params = sum(s["in_features"] * s["out_features"] for s in stats.values())
+    model_stored = model_dense - 2 * compressed_params + stored
+    errors = [s["whitened_rel_error"] for s in stats.values()]
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_dir": str(model_dir.resolve()),
+        "options": options.affecting() | {name: getattr(options, name) for name in RUN_ONLY_OPTIONS},
+        "modules": stats,
+        "totals": {
+            "modules_compressed": len(stats),
+            "bytes_dense_bf16": dense,
+            "bytes_stored": stored,
+            "compression_ratio_actual": 1.0 - stored / dense if dense else 0.0,
+            "model_bytes_dense_bf16": model_dense,
+            "model_bytes_stored": model_stored,
+            "compression_ratio_model": 1.0 - model_stored / model_dense,
+            "mean_whitened_rel_error": sum(errors) / len(errors) if errors else 0.0,
+            "seconds": round(seconds, 1),
+        },
+    }
+
+
+def summary_table(report: dict) -> str:
+    """Plain-text per-module-kind summary for the end of a CLI run."""
+    kinds: dict[str, list[dict]] = {}
+    for prefix, stats in report["modules"].items():
+        kinds.setdefault(prefix.rsplit(".", 1)[1], []).append(stats)
+    lines = [f"{'module':<10} {'count':>5} {'k':>6} {'s':>6} {'CR':>7} {'whitened err':>13} {'seconds':>8}"]
+    for kind, items in kinds.items():
+        cr = 1 - sum(i["bytes_stored"] for i in items) / sum(i["bytes_dense_bf16"] for i in items)
+        err = sum(i["whitened_rel_error"] for i in items) / len(items)
+        secs = sum(i["seconds"] for i in items)
+        lines.append(
+            f"{kind:<10} {len(items):>5} {items[0]['k']:>6} {items[0]['s']:>6} {cr:>7.3f} {err:>13.4f} {secs:>8.1f}"
+        )
+    t = report["totals"]
+    lines.append(
+        f"compressed layers: {t['bytes_dense_bf16'] / 1e6:.1f} MB bf16 -> {t['bytes_stored'] / 1e6:.1f} MB stored "
+        f"(CR {t['compression_ratio_actual']:.4f}); whole model CR {t['compression_ratio_model']:.4f}; "
+        f"mean whitened err {t['mean_whitened_rel_error']:.4f}; {t['seconds']:.0f} s"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Independent references for kernel tests: dense float64 math from the stored tensors, and random layers."""
+
+from __future__ import annotations
+
+import torch
+
+from cospadi_vllm import format as fmt
+from cospadi_vllm.kernels import merge_shards
+from offline_compress.quantization import encode_coefficients
+
+SHARDS = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples of 32, s differ
+
+
+def reference_coefficients(
+    coef_mask: torch.Tensor,
+    coef_values: torch.Tensor,
+    coef_scales: torch.Tensor,
+    atom_offsets: torch.Tensor,
+    k_total: int,
+) -> torch.Tensor:
+    """Dense C [k_total, N] in float64 from a merged layer's mask / values / scales / atom offsets."""
+    out_features, words = coef_mask.shape
+    bits = fmt.unpack_mask(coef_mask, words * fmt.BITS_PER_WORD)  # [out, W*32]
+    rows, cols = bits.nonzero(as_tuple=True)  # row-major: each row's atoms in increasing order
+    rank = bits.to(torch.int32).cumsum(1)[rows, cols].long() - 1  # position of the bit in its row
+    dense = torch.zeros(k_total, out_features, dtype=torch.float64, device=coef_mask.device)
+    vals = coef_values[rows, rank].double() * coef_scales.double()[rows]
+    dense[atom_offsets.long()[rows] + cols, rows] = vals
+    return dense
+
+
+def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48):
+    """A merged layer of len(shards) shards (k, out, s) with random D and random supports / values, laid out
+    as every kernel takes it (kernels.merge_shards) → (dictionary [in, K], (mask, values, scales, atom
+    offsets), K)."""
+    stored = []
+    for k, out, s in shards:
+        idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
+        shard = encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
+        shard[fmt.DICTIONARY] = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
+        stored.append(shard)
+    layer = merge_shards(stored)
+    coef = tuple(layer[name] for name in (fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets"))
+    return layer[fmt.DICTIONARY], coef, layer[fmt.DICTIONARY].shape[1]
+
+
+class HeldLayer(torch.nn.Module):
+    """A bare module holding a merged layer's tensors under the names kernels read (what vLLM's layer and
+    transformers' CoSpaDiLinear hold), for driving a kernel directly."""
+
+    def __init__(self, dictionary: torch.Tensor, coef: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.register_buffer(fmt.DICTIONARY, dictionary.clone())
+        for name, tensor in zip((fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets"), coef, strict=True):
+            self.register_buffer(name, tensor.clone())
