@@ -27,18 +27,17 @@ Writes benchmarks/results/decode-<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchmarks.kernel_bench import device_label  # noqa: E402
+from benchmarks.kernel_bench import device_label, write_results  # noqa: E402
 from cospadi_vllm import format as fmt  # noqa: E402
 from cospadi_vllm.hf_quantizer import CoSpaDiLinear  # noqa: E402
 from offline_compress.budget import solve_k_s  # noqa: E402
@@ -282,12 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                      "Llama-3-8B's 32 layers and its full 128256-token lm_head. Every run checks its first "
                      "greedy tokens against a no-cache recompute (a mismatch is noted)."),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"decode-{meta['device']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out / f"decode-{meta['device']}", meta, "results", results, markdown(results, meta))
     return 0
 
 

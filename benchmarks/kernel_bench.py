@@ -367,13 +367,17 @@ def main(argv: list[str] | None = None) -> int:
                 "cospadi-cpu is the plugin's one C++ call (x·D by its own kernel up to 8 rows, torch's GEMM above; "
                 "Z·C by the int16 kernel up to 96 rows, expanded tiles + GEMM above).",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels-{meta['device']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out / f"kernels-{meta['device']}", meta, "rows", rows, markdown(rows, meta))
     return 0
+
+
+def write_results(stem: Path, meta: dict, key: str, rows: list, table: str) -> None:
+    """STEM.json ({"meta", key: rows}) and STEM.md (the markdown table), also printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, key: [asdict(r) for r in rows]}, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json and {stem}.md")
 
 
 if __name__ == "__main__":

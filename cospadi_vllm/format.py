@@ -1,23 +1,13 @@
-"""CoSpaDi checkpoint format, version 1 — the one source of truth.
+"""CoSpaDi checkpoint format, version 1 — the one source of truth (described for users in docs/format.md).
+
+A compressed linear ``y = x · Wᵀ`` (W: [out, in]) stores Wᵀ ≈ D · C as ``<prefix>.dictionary`` D [in, k],
+``<prefix>.coef_mask`` [out, ceil(k/32)] int32 (bit t%32 of word t//32 in row j ⇔ atom t used by output j),
+``<prefix>.coef_values`` [out, s] (row j: column j's s non-zeros in increasing atom order) and
+``<prefix>.coef_scales`` [out] float32: ``C[t, j] = coef_values[j, rank of t] · coef_scales[j]``. A shared
+dictionary is stored once, by the module that ``quantization_config.modules[name]["dictionary"]`` names.
 
 The compressor writes what this module describes and every reader (vLLM plugin, transformers, ``check``,
 the compressor's own reader) validates against it. It imports torch only and has no side effects.
-
-A compressed linear layer ``y = x · W^T`` (W: [out, in]) is stored as ``W^T ≈ D · C``:
-
-| tensor                   | shape              | dtype            |
-| ------------------------ | ------------------ | ---------------- |
-| ``<prefix>.dictionary``  | [in, k]            | dictionary_dtype |
-| ``<prefix>.coef_mask``   | [out, ceil(k/32)]  | int32            |
-| ``<prefix>.coef_values`` | [out, s]           | value_dtype      |
-| ``<prefix>.coef_scales`` | [out]              | float32          |
-| ``<prefix>.bias``        | [out]              | model dtype (optional) |
-
-Bit ``t % 32`` of word ``t // 32`` in row j of ``coef_mask`` is set iff atom t is used by output
-column j; row j of ``coef_values`` holds that column's s non-zeros in increasing atom order;
-``C[t, j] = coef_values[j, rank of t] * coef_scales[j]``. Layers of a group may share one dictionary:
-it is stored once, under the first module's prefix, and ``quantization_config.modules[name]["dictionary"]``
-names that module for every other member (:func:`dictionary_owner`).
 """
 
 from __future__ import annotations

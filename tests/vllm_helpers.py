@@ -19,11 +19,11 @@ PROMPTS = [
 
 
 def run_vllm(model_dir: Path, prompts=PROMPTS, tp: int = 1, max_tokens: int = 8, timeout: int = 900,
-             dtype: str = "float32") -> dict:
+             dtype: str = "float32", pp: int = 1) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.vllm_runner", str(model_dir), "--prompts-json", json.dumps(prompts),
-         "--tp", str(tp), "--max-tokens", str(max_tokens), "--dtype", dtype],
+         "--tp", str(tp), "--pp", str(pp), "--max-tokens", str(max_tokens), "--dtype", dtype],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
     )
     lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
@@ -36,7 +36,8 @@ def run_vllm(model_dir: Path, prompts=PROMPTS, tp: int = 1, max_tokens: int = 8,
 
 @torch.no_grad()
 def hf_reference(model, tokenizer, prompts=PROMPTS, max_tokens: int = 8) -> dict:
-    """Greedy tokens and prompt logprobs from a transformers model (the independent reference)."""
+    """Greedy tokens and prompt logprobs from a transformers model: the independent reference when it is
+    the dense rebuild (reader.load_reconstructed_model: Wᵀ = D·C in float32, plain nn.Linear)."""
     result = {"tokens": [], "prompt_logprobs": [], "margins": []}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids

@@ -56,19 +56,9 @@ def _popcount(x, HARDWARE: tl.constexpr):
 
 
 @triton.jit
-def _coef_product_kernel(
-    z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
-    M, N, K, S_PAD, stride_zm, stride_om, stride_split,
-    NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HARDWARE_POPCOUNT: tl.constexpr,
-    WORDS_PER_GROUP: tl.constexpr,
-):
-    """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n] for this program's tile and atom split."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-
-    # Which shard this column block belongs to: blocks are numbered shard after shard.
+def _column_block(shards_ptr, pid_n, NUM_SHARDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first output, end output, first atom, end atom) of column block ``pid_n``: blocks are numbered shard
+    after shard, each shard's outputs cut into blocks of BLOCK_N."""
     col_start = tl.full((), 0, tl.int32)
     col_end = tl.full((), 0, tl.int32)
     atom_start = tl.full((), 0, tl.int32)
@@ -84,6 +74,22 @@ def _coef_product_kernel(
         atom_start = tl.where(mine, tl.load(shards_ptr + 4 * i + 2), atom_start)
         atom_end = tl.where(mine, tl.load(shards_ptr + 4 * i + 3), atom_end)
         blocks_before += blocks
+    return col_start, col_end, atom_start, atom_end
+
+
+@triton.jit
+def _coef_product_kernel(
+    z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
+    M, N, K, S_PAD, stride_zm, stride_om, stride_split,
+    NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HARDWARE_POPCOUNT: tl.constexpr,
+    WORDS_PER_GROUP: tl.constexpr,
+):
+    """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n] for this program's tile and atom split."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    col_start, col_end, atom_start, atom_end = _column_block(shards_ptr, pid_n, NUM_SHARDS, BLOCK_N)
     atoms = tl.minimum(atom_end, K) - atom_start  # this shard's columns of Z
     words = tl.cdiv(atoms, 32)
 
