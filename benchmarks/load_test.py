@@ -46,10 +46,24 @@ def make_prompts(model_dir: Path, count: int, rng: random.Random) -> list[str]:
     return prompts
 
 
+def server_processes(pid: int) -> list:
+    root = psutil.Process(pid)
+    return [p for p in [root, *root.children(recursive=True)] if p.is_running()]
+
+
 def server_rss(pid: int) -> int:
     """RSS of the server process and all its children (the engine core runs in a child)."""
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
+    return sum(p.memory_info().rss for p in server_processes(pid))
+
+
+def server_memory_by_process(pid: int) -> dict[str, dict[str, float]]:
+    """{process name (pid): {"rss_mb", "pss_mb"}}: where the tree's memory is (PSS counts pages shared
+    between the processes once, split among them)."""
+    result = {}
+    for p in server_processes(pid):
+        info = p.memory_full_info()
+        result[f"{p.name()} ({p.pid})"] = {"rss_mb": round(info.rss / 1e6, 1), "pss_mb": round(info.pss / 1e6, 1)}
+    return result
 
 
 async def probe(client, model: str) -> str:
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             server_pid = _listening_pid(port)
             before_answer = asyncio.run(probe_once(base_url, name))
             rss_before = server_rss(server_pid)
+            by_process = [server_memory_by_process(server_pid)]
             rss_rounds = []
             for round_index in range(args.rounds):
                 print(f"== {name}: {len(specs)} requests at concurrency {args.concurrency} "
@@ -171,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        args.timeout))
                 wall = time.perf_counter() - started
                 rss_rounds.append(round(server_rss(server_pid) / 1e6, 1))
+                by_process.append(server_memory_by_process(server_pid))
                 if round_index + 1 < args.rounds:
                     failed_before = [r for r in results if r["status"] == "failed"]
                     if failed_before:
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "greedy_answer_unchanged": before_answer == after_answer,
         "server_rss_before_mb": round(rss_before / 1e6, 1), "server_rss_after_mb": round(rss_after / 1e6, 1),
         "server_rss_after_each_round_mb": rss_rounds, "rounds": len(rss_rounds),
+        "server_memory_by_process_before_and_after_each_round": by_process,
         "mix": {"chat": sum(s["kind"] == "chat" for s in specs), "streaming": sum(s["stream"] for s in specs),
                 "disconnecting": sum(s["disconnect"] for s in specs)},
         "dtype": args.dtype,

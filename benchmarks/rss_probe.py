@@ -1,6 +1,6 @@
-"""Where a served model's memory grows under varied prompts: resident memory of vLLM's offline engine
-(one process, one core, bf16, as `cospadi-vllm serve` runs on this machine) before and after rounds of
-prompts whose lengths all differ, so every prefill has a new M.
+"""Where a served model's memory grows under load: resident memory of vLLM's offline engine (one process,
+bf16, 32 sequences at a time, as the load test serves them) before and after rounds of the load test's
+request mix (prompts of 8–900 tokens, 1–128 new tokens).
 
     python benchmarks/rss_probe.py --model ./smollm2-cospadi --model ./smollm2 [--env NAME=VALUE] [--rounds 3]
 
@@ -39,23 +39,19 @@ def inner(model: str, rounds: int, prompts: int, seed: int) -> dict:
     from offline_compress import assets
 
     text = assets.wikipedia_split("evaluation")
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=2048, enforce_eager=True, seed=0,
-              max_num_seqs=32, max_num_batched_tokens=2048)
+    # as `cospadi-vllm serve --config serve_configs/cpu-demo.yaml --max-num-seqs 32` runs in the load test
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=2048, enforce_eager=True, seed=0, max_num_seqs=32)
     tokenizer = llm.get_tokenizer()
     ids = tokenizer(text[:400_000]).input_ids
     rng = random.Random(seed)
     result = {"after_load_mb": rss_mb(), "rounds_mb": []}
-    params = SamplingParams(max_tokens=4, temperature=0.0)
-    used = set()
-    for _ in range(rounds):
-        batch = []
-        while len(batch) < prompts:
+    for _ in range(rounds):  # the load test's mix: prompts of 8–900 tokens, 1–128 new tokens, 32 at a time
+        batch, params = [], []
+        for _ in range(prompts):
             length = rng.randint(8, 900)
-            if length in used:
-                continue
-            used.add(length)
             start = rng.randint(0, len(ids) - length - 1)
             batch.append({"prompt_token_ids": ids[start:start + length]})
+            params.append(SamplingParams(max_tokens=rng.randint(1, 128), temperature=0.0, ignore_eos=True))
         llm.generate(batch, params, use_tqdm=False)
         result["rounds_mb"].append(rss_mb())
     return result
@@ -77,7 +73,7 @@ def main() -> int:
     parser.add_argument("--model", action="append", required=True, type=Path)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the engine processes")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=64, help="prompts per round, each of a new length")
+    parser.add_argument("--prompts", type=int, default=250, help="prompts per round")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

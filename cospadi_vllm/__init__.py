@@ -10,9 +10,19 @@ Importing this package also registers ``cospadi`` with transformers (when it is 
 
 from __future__ import annotations
 
+import os
+
+# oneDNN keeps a JIT-compiled primitive per GEMM shape it has run (1024 by default, about 1 MB each).
+# On CPU, CoSpaDi's prefill runs torch's bf16 GEMM (x·D, expanded tiles of C) at a new M nearly every
+# step, which filled ~600 MB of that cache in the load test's first round (benchmarks/results/NOTES.md
+# item 38); a step needs ~8 shapes. A user's own setting wins.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = "128"
+
 
 def register() -> None:
-    """Idempotent: importing the config module registers it once per process."""
+    """Idempotent: importing the config module registers it once per process. Runs before the worker
+    builds the model, so oneDNN reads the cache capacity set here when it creates its first primitive."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     from cospadi_vllm import config  # noqa: F401
 
 

@@ -1,5 +1,7 @@
 """End to end: the documented serve command on 127.0.0.1, queried with the official openai client."""
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -76,4 +78,8 @@ def test_terminating_the_launcher_stops_its_server(checkpoint, tmp_path, sig):
     finally:
         if runner.poll() is None:
             runner.kill()
-        subprocess.run(["pkill", "-KILL", "-f", "--", f"--port {port}"])  # nothing left behind if it failed
+        # Nothing left behind if it failed: the server's whole process group (its engine core and worker
+        # are named VLLM::…, so only the API server's command line carries the port).
+        for pid in subprocess.run(server_processes, capture_output=True, text=True).stdout.split():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
