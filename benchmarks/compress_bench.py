@@ -37,7 +37,15 @@ SHAPES = {  # name: (in_features, out_features)
     "0.5b-gate": (896, 4864),
     "llama3-8b-q": (4096, 4096),
     "llama3-8b-gate": (4096, 14336),
+    # Llama-3.2-1B's linears (16 layers of q, k, v, o, gate, up, down): with ``--project-1b`` the whole-model
+    # compression time is projected from these (calibration forwards not included)
+    "llama3.2-1b-q": (2048, 2048),
+    "llama3.2-1b-kv": (2048, 512),
+    "llama3.2-1b-gate": (2048, 8192),
+    "llama3.2-1b-down": (8192, 2048),
 }
+LLAMA_1B_LAYER = {"llama3.2-1b-q": 2, "llama3.2-1b-kv": 2, "llama3.2-1b-gate": 2, "llama3.2-1b-down": 1}  # q+o, k+v
+LLAMA_1B_LAYERS = 16
 FULL_BY_DEFAULT = ("smollm2-gate", "0.5b-gate")  # small enough to also run the whole recipe on a CPU
 
 
@@ -144,6 +152,17 @@ def real_layer_errors(ratios: list[float], device_name: str) -> list[dict]:
     return rows
 
 
+def projection_1b(rows: list[dict]) -> dict[str, float]:
+    """{ratio: seconds} for all of Llama-3.2-1B's linears, from the measured (whole recipe where run, else
+    projected) time of each of its shapes; ratios where a shape is missing are left out."""
+    projection = {}
+    for ratio in sorted({r["ratio"] for r in rows}):
+        times = {r["shape"]: r.get("full_default_s", r["projected_default_s"]) for r in rows if r["ratio"] == ratio}
+        if all(shape in times for shape in LLAMA_1B_LAYER):
+            projection[str(ratio)] = LLAMA_1B_LAYERS * sum(n * times[shape] for shape, n in LLAMA_1B_LAYER.items())
+    return projection
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -174,6 +193,9 @@ def markdown(results: dict) -> str:
     if meta["device"] == "cpu":
         lines += ["", "Peak memory on CPU = the child's peak RSS minus its RSS right after importing torch "
                   f"({results['shapes'][0]['baseline_rss_bytes'] / 1e9:.2f} GB)."]
+    for ratio, seconds in results.get("llama3.2-1b_projection_s", {}).items():
+        lines += ["", f"Llama-3.2-1B's 112 linears at CR {ratio}: {seconds / 60:.1f} min projected from the rows above "
+                  "(16 layers × (2 q/o + 2 k/v + 2 gate/up + 1 down); calibration forwards not included)."]
     if results.get("real_layer"):
         lines += ["", "## Real layer: SmolLM2-135M layer 3 gate_proj (576 → 1536), real calibration Gram", "",
                   "| CR | method | structure | k | s | whitened error (unquantized → stored) | seconds |",
@@ -192,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", nargs="*", default=None,
                         help="shapes that also run the whole default recipe (default: the two small ones on CPU, all on CUDA)")
     parser.add_argument("--no-real-layer", action="store_true", help="skip the SmolLM2 real-layer error rows")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
     parser.add_argument("--child", nargs=3, metavar=("SHAPE", "RATIO", "FULL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -216,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "shapes": [],
     }
-    out = RESULTS / f"compress-bench-{results['meta']['device']}"
+    out = args.out / f"compress-bench-{results['meta']['device']}"
     if out.with_suffix(".json").is_file():  # keep rows of other shapes / ratios from earlier runs
         earlier = json.loads(out.with_suffix(".json").read_text())
         results["shapes"] = [r for r in earlier.get("shapes", [])
@@ -245,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results["real_layer"]:
             print(f"SmolLM2 layer 3 gate CR {r['ratio']} {r['method']:<8} {r['structure']:<8} "
                   f"error {r['unquantized_rel_error']:.4f} -> {r['whitened_rel_error']:.4f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results["llama3.2-1b_projection_s"] = projection_1b(results["shapes"])
+    args.out.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.with_suffix(".md").write_text(markdown(results))
     print(f"wrote {out}.json and .md")

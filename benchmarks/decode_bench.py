@@ -27,6 +27,7 @@ Writes benchmarks/results/decode-<device>.json and .md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from benchmarks.kernel_bench import device_label, write_results  # noqa: E402
 from cospadi_vllm import format as fmt  # noqa: E402
 from cospadi_vllm.hf_quantizer import CoSpaDiLinear  # noqa: E402
+from cospadi_vllm.kernels.gpu import DECODE_KERNEL_ENV  # noqa: E402
 from offline_compress.budget import solve_k_s  # noqa: E402
 from offline_compress.quantization import encode_coefficients  # noqa: E402
 
@@ -104,10 +106,14 @@ def random_cospadi_linear(linear: torch.nn.Linear, ratio: float, generator: torc
 
 
 def compress_in_place(model, ratio: float) -> None:
+    """Every projection replaced by a random CoSpaDiLinear, its kernel chosen (C repacked) at once, as
+    transformers' loader does: nothing is prepared inside the first forward."""
     generator = torch.Generator(device=model.device).manual_seed(int(ratio * 1000))
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
-            model.set_submodule(name, random_cospadi_linear(module, ratio, generator))
+            replacement = random_cospadi_linear(module, ratio, generator)
+            replacement.prepare(model.dtype)
+            model.set_submodule(name, replacement)
 
 
 def linear_bytes(model) -> int:
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smollm2", type=Path, help="a local HF directory with SmolLM2-135M's real weights")
+    parser.add_argument("--decode-kernels", nargs="+", choices=["lanes", "bitwalk"], default=["lanes"],
+                        help="GPU decode kernels to run the CoSpaDi variants with (cospadi_vllm/kernels/gpu.py)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -262,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     results: list[Result] = []
     for name in args.models or ["smollm2-135m", "llama3-8b-4l"]:
-        for variant in ["dense", *(f"cospadi-cr{r}" for r in args.ratios)]:
+        variants = [(f"cospadi-cr{r}" + ("" if kernel == "lanes" else f"-{kernel}"), r, kernel)
+                    for r in args.ratios for kernel in args.decode_kernels]
+        for variant, ratio, kernel in [("dense", None, None), *variants]:
             model = build_model(name, device, dtype, args.smollm2 if name == "smollm2-135m" else None)
-            if variant != "dense":
-                compress_in_place(model, float(variant.removeprefix("cospadi-cr")))
+            if ratio is not None:
+                os.environ[DECODE_KERNEL_ENV] = kernel
+                compress_in_place(model, ratio)
             for batch in args.batch:
                 results.append(measure(model, name, variant, batch, args, device))
             del model

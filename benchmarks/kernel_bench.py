@@ -4,6 +4,7 @@ For each Llama linear shape, compression ratio and batch M it times, on random d
   dense          x · W                    (bf16 torch.matmul on GPU; vLLM's oneDNN handle on CPU)
   svd-llm        (x · U) · V               (bf16, rank r = CR·in·out/(in+out): same bytes as CR·dense)
   cospadi-triton (x · D) · C, C compressed  (cospadi_vllm/kernels/triton_gemm.py on C repacked once, as served; CUDA)
+  cospadi-triton-bitwalk                   (the same with the decode kernel that walks only set bits, M ≤ 16)
   cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: one C++ call, cospadi_cpu::linear)
 and reports time, bytes moved (each operand read once, output written once), the floor
 max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) with both ceilings measured in the same run,
@@ -53,7 +54,7 @@ MODELS = {
     "smollm2-135m": [("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576),
                      ("qkv", 576, (576, 192, 192))],
 }
-IMPLS = ("dense", "svd-llm", "cospadi-triton", "cospadi-cpu")
+IMPLS = ("dense", "svd-llm", "cospadi-triton", "cospadi-triton-bitwalk", "cospadi-cpu")
 ROTATE_BYTES = 256 * 2**20  # weights of one case are replicated until ≥ this, so GPU L2 never holds them
 
 
@@ -209,13 +210,15 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     k_total, rank = sum(s.k for s in shapes), sum(ranks)
     cospadi_bytes = sum(fmt.stored_bytes(shape, "int8") for shape in shapes)
     weight_bytes = {"dense": in_f * out_f * bf16, "svd-llm": (in_f + out_f) * rank * bf16,
-                    "cospadi-triton": cospadi_bytes, "cospadi-cpu": cospadi_bytes}
-    inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": k_total, "cospadi-cpu": k_total}
+                    "cospadi-triton": cospadi_bytes, "cospadi-triton-bitwalk": cospadi_bytes, "cospadi-cpu": cospadi_bytes}
+    inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": k_total, "cospadi-triton-bitwalk": k_total,
+             "cospadi-cpu": k_total}
     cospadi_flops = 2 * k_total * in_f + 2 * sum(s.k * out for s, out in zip(shapes, shard_outs, strict=True))
     flops_per_row = {
         "dense": 2 * in_f * out_f,
         "svd-llm": 2 * rank * in_f + 2 * sum(r * out for r, out in zip(ranks, shard_outs, strict=True)),
         "cospadi-triton": cospadi_flops,  # every atom position of a column is walked / multiplied
+        "cospadi-triton-bitwalk": cospadi_flops,  # (counted the same: the floor is by bytes at decode)
         "cospadi-cpu": cospadi_flops,
     }
 
@@ -235,6 +238,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(torch.bfloat16).to(device)},
         "svd-llm": svd_operands,
         "cospadi-triton": triton_operands,
+        "cospadi-triton-bitwalk": triton_operands,
         "cospadi-cpu": lambda: cpu_operands(random_cospadi(in_f, shard_outs, shapes, device)),
     }
     matmul = cpu_matmul if device.type == "cpu" else (lambda x, w: x @ w)
@@ -258,10 +262,12 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
             *cpu_library.value_decoding(o["coef_values"].dtype),
             direct_max_rows(x.dtype, o["coef_values"].dtype)),
     }
-    if "cospadi-triton" in impls:
+    if any(impl.startswith("cospadi-triton") for impl in impls):
         from cospadi_vllm.kernels.triton_gemm import packed_coef_product
 
         run["cospadi-triton"] = lambda x, o: packed_coef_product(x @ o["dictionary"], o["packed"])
+        run["cospadi-triton-bitwalk"] = lambda x, o: packed_coef_product(x @ o["dictionary"], o["packed"],
+                                                                         decode="bitwalk")
     rows = []
     for impl in impls:
         sets = weight_sets(operands[impl], weight_bytes[impl])

@@ -194,7 +194,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         if hasattr(layer, "atom_gather_index"):
             layer.atom_gather_index = layer.atom_gather_index.to(device)
         self.kernel = choose_kernel(KernelConfig(device, self.params_dtype, self.quant_config.value_dtype,
-                                                 self.quant_config.dictionary_dtype))
+                                                 self.quant_config.dictionary_dtype, self.prefix))
         self.kernel.process_weights_after_loading(layer, owns_dictionary=owns)
         if owns:
             self.quant_config.dictionary_layers[self.prefix] = layer

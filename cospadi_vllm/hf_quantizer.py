@@ -61,6 +61,7 @@ class CoSpaDiLinear(torch.nn.Module):
         self.in_features, self.out_features, self.k, self.s = in_features, out_features, k, s
         self.owns_dictionary = owns_dictionary
         self.dictionary_dtype = dictionary_dtype
+        self.name = ""  # the module's name in its model, for error messages (set when it is placed)
         # A layer of a shared-dictionary group that does not store it uses its owner's buffer (set by
         # ``share_dictionary_of``), held outside the module tree so it is neither saved nor moved twice.
         self._dictionary_owner: list[CoSpaDiLinear] = []
@@ -90,7 +91,7 @@ class CoSpaDiLinear(torch.nn.Module):
 
         self._restore_stored()
         self.kernel = choose_kernel(KernelConfig(self.coef_mask.device, act_dtype, self.coef_values.dtype,
-                                                 self.dictionary_dtype))
+                                                 self.dictionary_dtype, self.name))
         self.kernel.process_weights_after_loading(self, owns_dictionary=self.owns_dictionary)
 
     def _restore_stored(self) -> None:
@@ -158,9 +159,10 @@ class CoSpaDiHfQuantizer(HfQuantizer):
                 bias_dtype = bias[0] if bias is not None else None
                 if isinstance(bias_dtype, str):
                     raise fmt.FormatError(f"tensor {name}.bias has unsupported safetensors dtype {bias_dtype}")
-            model.set_submodule(name, CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"],
-                                                    config.value_dtype, bias_dtype, owns_dictionary=owner == name,
-                                                    dictionary_dtype=config.dictionary_dtype))
+            module = CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"], config.value_dtype,
+                                   bias_dtype, owns_dictionary=owner == name, dictionary_dtype=config.dictionary_dtype)
+            module.name = name
+            model.set_submodule(name, module)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

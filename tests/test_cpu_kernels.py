@@ -127,6 +127,27 @@ def test_cpu_kernel_seam_matches_float64(act_dtype, value_dtype):
             assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, y.dtype)
 
 
+def test_float16_dictionary_out_of_range_fails_naming_the_layer():
+    """float16 activations hold D in float16 once; an entry beyond 65504 would become inf: refused in
+    one line naming the layer (bf16 and float32 activations keep D in bf16 and serve it)."""
+    from cospadi_vllm.kernels import KernelUnavailableError
+
+    g = torch.Generator().manual_seed(21)
+    dictionary, coef, _ = merged_layer("int8", g)
+    dictionary[3, 5] = 1.0e5
+    for act, fails in ((torch.float16, True), (torch.bfloat16, False), (torch.float32, False)):
+        kernel = choose_kernel(KernelConfig(torch.device("cpu"), act, torch.int8, name="model.layers.3.mlp.down_proj"))
+        if fails:
+            with pytest.raises(KernelUnavailableError, match=r"^model.layers.3.mlp.down_proj: dictionary entries "
+                                                             r"reach 9\.984e\+04, beyond float16's 65504"):
+                kernel.process_weights_after_loading(HeldLayer(dictionary, coef))
+        else:
+            kernel.process_weights_after_loading(HeldLayer(dictionary, coef))
+    dictionary[3, 5] = 6.0e4  # within range: served
+    choose_kernel(KernelConfig(torch.device("cpu"), torch.float16, torch.int8)).process_weights_after_loading(
+        HeldLayer(dictionary, coef))
+
+
 def test_cpu_kernel_reads_only_the_stored_int8_values():
     """int8 (bf16 Z: the int16 path where built): values past each row's popcount never reach a lane —
     filling the padding with 127 changes nothing."""

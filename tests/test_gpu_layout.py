@@ -55,35 +55,54 @@ def test_capability_check_names_dtype_and_gpu(monkeypatch):
         gpu_layout.check_capability(torch.bfloat16, torch.device("cuda"))
 
 
-def test_kernel_compiles_for_ampere_and_hopper_without_spills(monkeypatch):
-    """Ahead-of-time compilation (Triton's NVIDIA backend and ptxas, no GPU): every regime for sm_80
-    and sm_90, each dtype path once. The interpreter accepts code the compiler rejects; this does not."""
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (it warns when unset)
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
+def _compile(kernel_fn, capability: int, signature: dict, constants: dict, num_warps: int):
+    """Triton's NVIDIA backend and ptxas, ahead of time (no GPU): the compiled kernel, checked to fit in
+    registers (no local-memory spills)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    signature = {**signature, **dict.fromkeys(constants, "constexpr")}
+    source = ASTSource(fn=kernel_fn, signature=signature, constexprs=constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    case = (kernel_fn.__name__, capability, signature, constants)
+    assert kernel.asm["cubin"] and kernel.metadata.num_warps == num_warps, case
+    assert ".local" not in kernel.asm["ptx"], f"register spills: {case}"
+    return kernel
+
+
+def test_kernels_compile_for_ampere_and_hopper_without_spills(monkeypatch):
+    """Ahead-of-time compilation for sm_80 and sm_90 of every kernel and regime: the lanes kernel for FMA
+    tiles of 1, 2 and 4 rows, the decode and prefill tl.dot in each dtype, a split over atoms; the
+    bit-walk decode kernel; the float32 x·D kernel. The interpreter accepts code the compiler rejects."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (it warns when unset)
+    pytest.importorskip("triton")
+    import triton.language as tl
 
     from cospadi_vllm.kernels import triton_gemm
 
     pointers = ("z_ptr", "mask_ptr", "values_ptr", "starts_ptr", "scales_ptr", "shards_ptr", "out_ptr")
     scalars = ("M", "N", "K", "S_PAD", "stride_zm", "stride_om", "stride_split")
-    cases = [(90, "bf16", "i8", 1), (90, "fp16", "fp8e4nv", 9), (90, "bf16", "bf16", 64), (90, "fp32", "i8", 512),
-             (80, "bf16", "i8", 1), (80, "fp32", "bf16", 16), (80, "bf16", "i8", 2048)]
+    cases = [(90, "bf16", "i8", 1), (90, "bf16", "i8", 2), (90, "fp16", "i8", 4), (90, "fp16", "fp8e4nv", 9),
+             (90, "bf16", "bf16", 64), (90, "fp32", "i8", 512), (80, "bf16", "i8", 1), (80, "fp32", "bf16", 16),
+             (80, "bf16", "i8", 2048)]
     dot_dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     for capability, act, values, m in cases:
         block_m, block_n, use_dot, num_warps = triton_gemm.launch_config(m)
         types = dict(zip(pointers, (f"*{act}", "*i32", f"*{values}", "*i32", "*fp32", "*i32", f"*{act}"), strict=True))
         signature = {**types, **dict.fromkeys(scalars, "i32")}
-        constants = {"NUM_SHARDS": 3, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": 2 if m <= 16 else 1,
-                     "USE_DOT": use_dot, "DOT_DTYPE": dot_dtypes[act], "HARDWARE_POPCOUNT": True,
-                     "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP}
-        signature.update(dict.fromkeys(constants, "constexpr"))
-        source = ASTSource(fn=triton_gemm._coef_product_kernel, signature=signature, constexprs=constants)
-        kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
-        assert kernel.asm["cubin"], (capability, act, values, m)
-        assert kernel.metadata.num_warps == num_warps
-        assert ".local" not in kernel.asm["ptx"], f"register spills: {(capability, act, values, m)}"
+        common = {"NUM_SHARDS": 3, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": 2 if m <= 16 else 1,
+                  "HARDWARE_POPCOUNT": True, "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP}
+        _compile(triton_gemm._coef_product_kernel, capability, signature,
+                 {**common, "USE_DOT": use_dot, "DOT_DTYPE": dot_dtypes[act]}, num_warps)
+        if m <= triton_gemm.DECODE_MAX_ROWS:
+            _compile(triton_gemm._coef_product_bitwalk_kernel, capability, signature, common, num_warps)
+    for capability in (80, 90):
+        signature = {"x_ptr": "*fp32", "d_ptr": "*bf16", "z_ptr": "*fp32",
+                     **dict.fromkeys(("M", "K", "IN", "stride_xm", "stride_dn", "stride_zm"), "i32")}
+        for block_m in (16, 64):
+            _compile(triton_gemm._dictionary_product_kernel, capability, signature,
+                     {"BLOCK_M": block_m, "BLOCK_K": 64, "BLOCK_IN": 32, "INPUT_PRECISION": "ieee"}, 4)
 
 
 NO_VLLM = """

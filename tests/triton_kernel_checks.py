@@ -24,7 +24,7 @@ COMPILED = DEVICE == "cuda"
 SINGLE = ((600, 1000, 250), 512) if COMPILED else ((300, 70, 121), 40)
 MERGED = ([(700, 512, 300), (330, 128, 80), (900, 128, 410)], 256) if COMPILED else \
     ([(70, 40, 30), (33, 24, 8), (290, 70, 141)], 56)  # q/k/v-like, k and out not multiples of 32/64
-ROWS = [1, 3, 16, 17, 130, 600, 2048]
+ROWS = [1, 2, 3, 4, 16, 17, 130, 600, 2048]  # 1–4: FMA tiles of 1, 2, 4 rows; 16: decode tl.dot; 17+: prefill
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Relative Frobenius error bounds (~3× margin): float32 exact up to summation order when interpreted,
 # tf32 (10-bit mantissa) in tl.dot on GPUs; bf16 rounds Z and Y to 8 bits, fp16 to 11.
@@ -80,8 +80,9 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("value_dtype", ["int8", "float8_e4m3fn", "bfloat16"])
-@pytest.mark.parametrize("m", ROWS)
-def test_kernel_matches_float64_reference(kernels, value_dtype, m):
+@pytest.mark.parametrize("m,decode", [(m, "lanes") for m in ROWS] + [(m, "bitwalk") for m in ROWS if m <= 16])
+def test_kernel_matches_float64_reference(kernels, value_dtype, m, decode):
+    """Both decode kernels (the bit-walk one serves M ≤ 16 only; above, both names run the prefill tiles)."""
     g = torch.Generator().manual_seed(m)
     (k, out_features, s), in_features = SINGLE
     layer, dense_t = random_layer([(k, out_features, s)], in_features, value_dtype, g)
@@ -90,20 +91,21 @@ def test_kernel_matches_float64_reference(kernels, value_dtype, m):
         x = torch.randn(m, in_features, generator=g).to(x_dtype).to(DEVICE)
         out = torch.full((m, out_features), float("nan"), dtype=x_dtype, device=DEVICE)  # poisoned
         z = x @ layer["dictionary"].to(x_dtype)
-        y = kernels.packed_coef_product(z, packed, out=out)
+        y = kernels.packed_coef_product(z, packed, out=out, decode=decode)
         assert y.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
         error = relative_error(out, x.double().cpu() @ dense_t)
         assert error < TOLERANCE[x_dtype], (value_dtype, m, x_dtype, error)
 
 
 @pytest.mark.parametrize("m", [1, 5, 17, 130])
-def test_merged_three_shards_with_different_k(kernels, m):
+@pytest.mark.parametrize("decode", ["lanes", "bitwalk"])
+def test_merged_three_shards_with_different_k(kernels, m, decode):
     g = torch.Generator().manual_seed(100 + m)
     shards, in_features = MERGED
     layer, dense_t = random_layer(shards, in_features, "int8", g)
     x = torch.randn(m, in_features, generator=g).to(torch.bfloat16).to(DEVICE)
     z = x @ layer["dictionary"].to(x.dtype)
-    y = kernels.packed_coef_product(z, repack(*coefficients(layer)))
+    y = kernels.packed_coef_product(z, repack(*coefficients(layer)), decode=decode)
     assert y.shape == (m, sum(out for _, out, _ in shards)) and torch.isfinite(y).all()
     reference = x.double().cpu() @ dense_t
     assert relative_error(y, reference) < TOLERANCE[torch.bfloat16]
@@ -126,8 +128,9 @@ def test_every_split_over_atoms_gives_the_same_product(kernels, m):
     reference = z.double().cpu() @ reference_coefficients(*[t.cpu() for t in coefficients(layer)], z.shape[1])
     groups = packed.value_starts.shape[0]
     for split in sorted({1, 2, 3, groups, groups + 2}):
-        y = kernels.packed_coef_product(z, packed, split_k=split)
-        assert relative_error(y, reference) < TOLERANCE[torch.float32], split
+        for decode in kernels.DECODE_KERNELS:
+            y = kernels.packed_coef_product(z, packed, split_k=split, decode=decode)
+            assert relative_error(y, reference) < TOLERANCE[torch.float32], (split, decode)
 
 
 def test_float32_activations_beyond_float16_range(kernels):
@@ -170,3 +173,17 @@ def test_launch_config_by_rows(kernels):
     assert [kernels.launch_config(m)[2] for m in (1, 4, 5, 16, 17, 2048)] == [False, False, True, True, True, True]
     assert kernels.launch_config(1)[0] == 1 and kernels.launch_config(3)[0] == 4
     assert kernels.launch_config(2048)[0] >= 64
+
+
+@pytest.mark.parametrize("m", [1, 17, 130])
+def test_float32_dictionary_product_reads_bfloat16_d(kernels, m):
+    """float32 activations with D held in bf16: x·D widened tile by tile in the kernel (no float32 copy of
+    D), float32 products and sums: within float32 rounding of the float64 product; in and K not multiples
+    of the tiles."""
+    g = torch.Generator().manual_seed(400 + m)
+    dictionary = torch.randn(70, 150, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(m, 70, generator=g).to(DEVICE)
+    z = kernels.dictionary_product_float32(x, dictionary)
+    reference = x.double().cpu() @ dictionary.double().cpu()
+    assert z.dtype == torch.float32 and z.shape == (m, 150)
+    assert relative_error(z, reference) < 1e-6

@@ -38,6 +38,7 @@ class KernelConfig:
     act_dtype: torch.dtype  # x, and y
     value_dtype: torch.dtype  # coef_values
     dictionary_dtype: torch.dtype = torch.bfloat16
+    name: str = ""  # the layer, for error messages
 
 
 class KernelUnavailableError(RuntimeError):
@@ -81,6 +82,19 @@ class CoSpaDiKernel(ABC):
         conversion per call; float32 activations keep the stored bfloat16 (half the bytes)."""
         act, stored = self.config.act_dtype, self.config.dictionary_dtype
         return act if act.itemsize == stored.itemsize and act.is_floating_point else stored
+
+    def held_dictionary(self, dictionary: torch.Tensor) -> torch.Tensor:
+        """``dictionary`` in ``held_dictionary_dtype()``. bfloat16 → float16 keeps 3 more mantissa bits but
+        overflows above 65504 (an atom's scale is folded into D, so entries can be large): refuse that in
+        one line instead of serving infinities."""
+        dtype = self.held_dictionary_dtype()
+        if dtype == torch.float16 and dictionary.dtype != torch.float16:
+            largest = float(dictionary.abs().max()) if dictionary.numel() else 0.0
+            if not largest <= torch.finfo(torch.float16).max:
+                raise KernelUnavailableError(
+                    f"{self.config.name or 'a CoSpaDi layer'}: dictionary entries reach {largest:.4g}, beyond "
+                    "float16's 65504; serve this checkpoint with bfloat16 or float32 activations")
+        return dictionary.to(dtype)
 
 
 def choose_kernel(config: KernelConfig, name: str | None = None) -> CoSpaDiKernel:

@@ -60,7 +60,7 @@ class CPUKernel(CoSpaDiKernel):
         self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
         if not owns_dictionary:
             return
-        dictionary = layer.dictionary.data.to(self.held_dictionary_dtype())
+        dictionary = self.held_dictionary(layer.dictionary.data)
         replace_tensor(layer, fmt.DICTIONARY, dictionary.t().contiguous() if self.dictionary_transposed else dictionary)
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,9 @@ from cospadi_vllm.kernels import gpu_layout
 from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
 
 OP_NAME = "cospadi_packed_coefficient_product"
+# Which decode kernel (M ≤ 16) serves: "lanes" (every atom position) or "bitwalk" (only the set bits);
+# both are tested, the default stays "lanes" until a GPU run compares them (benchmarks/gpu_check.sh).
+DECODE_KERNEL_ENV = "COSPADI_DECODE_KERNEL"
 _LIBRARY: torch.library.Library | None = None  # keeps an op defined without vLLM alive
 
 
@@ -32,15 +35,17 @@ def packed_coefficient_product_impl(
     scales: torch.Tensor,
     shard_table: torch.Tensor,
     shard_outputs: list[int],
+    bitwalk: bool,
 ) -> torch.Tensor:
     """The op's body: Z·C with C in the GPU layout (``gpu_layout.PackedCoefficients``)."""
     from cospadi_vllm.kernels.triton_gemm import packed_coef_product  # imports triton
 
     packed = gpu_layout.PackedCoefficients(mask_words, values, value_starts, scales, shard_table, tuple(shard_outputs))
-    return packed_coef_product(z, packed)
+    return packed_coef_product(z, packed, decode="bitwalk" if bitwalk else "lanes")
 
 
-def _packed_coefficient_product_fake(z, mask_words, values, value_starts, scales, shard_table, shard_outputs):
+def _packed_coefficient_product_fake(z, mask_words, values, value_starts, scales, shard_table, shard_outputs,
+                                     bitwalk):
     return z.new_empty((z.shape[0], mask_words.shape[1]))
 
 
@@ -64,11 +69,6 @@ def _register_op() -> None:
 _register_op()
 
 
-def packed_coefficient_product(z: torch.Tensor, packed: gpu_layout.PackedCoefficients) -> torch.Tensor:
-    """Z [M, K] · C → [M, N] in Z's dtype through the registered op."""
-    return torch.ops.vllm.cospadi_packed_coefficient_product(z, *packed.tensors(), list(packed.shard_outputs))
-
-
 class TritonKernel(CoSpaDiKernel):
     name = "triton"
 
@@ -90,10 +90,14 @@ class TritonKernel(CoSpaDiKernel):
         super().__init__(config)
         self.packed: gpu_layout.PackedCoefficients | None = None
         self.value_columns = 0  # s of the stored coef_values (the packed rows are padded)
+        decode = os.environ.get(DECODE_KERNEL_ENV, "lanes")
+        if decode not in ("lanes", "bitwalk"):
+            raise ValueError(f"{DECODE_KERNEL_ENV}={decode!r} is not 'lanes' or 'bitwalk'")
+        self.bitwalk = decode == "bitwalk"
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
         if owns_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
-            replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.to(self.held_dictionary_dtype()))
+            replace_tensor(layer, fmt.DICTIONARY, self.held_dictionary(layer.dictionary.data))
         self.value_columns = layer.coef_values.shape[1]
         packed = gpu_layout.repack(layer.coef_mask.data, layer.coef_values.data, layer.coef_scales.data,
                                    layer.atom_offsets)
@@ -106,14 +110,20 @@ class TritonKernel(CoSpaDiKernel):
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dictionary = layer.dictionary
-        return x @ (dictionary if dictionary.dtype == x.dtype else dictionary.to(x.dtype))
+        if dictionary.dtype == x.dtype:
+            return x @ dictionary  # cuBLAS
+        if x.dtype == torch.float32:  # D stays bfloat16 (half the bytes): widened tile by tile, never copied
+            from cospadi_vllm.kernels.triton_gemm import dictionary_product_float32
+
+            return dictionary_product_float32(x, dictionary)
+        return x @ dictionary.to(x.dtype)
 
     def coefficient_product(self, layer: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         # The layer's current tensors (they follow .to() and vLLM's parameter handling), the host-side
         # shard sizes from load time (the launch grid needs them without a device sync).
         return torch.ops.vllm.cospadi_packed_coefficient_product(
             z, layer.coef_mask, layer.coef_values, layer.value_starts, layer.coef_scales, layer.shard_table,
-            list(self.packed.shard_outputs))
+            list(self.packed.shard_outputs), self.bitwalk)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype),

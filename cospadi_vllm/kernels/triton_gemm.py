@@ -36,6 +36,8 @@ from cospadi_vllm.kernels.gpu_layout import WORDS_PER_GROUP, PackedCoefficients
 
 DECODE_MAX_ROWS = 16  # M up to here: the decode configuration (split over atoms allowed)
 FMA_MAX_ROWS = 4  # M up to here: float32 FMAs instead of tl.dot
+# Decode kernels (M ≤ DECODE_MAX_ROWS): "lanes" walks every atom position, "bitwalk" only the set bits.
+DECODE_KERNELS = ("lanes", "bitwalk")
 
 
 def _interpreted() -> bool:
@@ -78,6 +80,39 @@ def _column_block(shards_ptr, pid_n, NUM_SHARDS: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _program_tile(starts_ptr, shards_ptr, M, N, K, NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WORDS_PER_GROUP: tl.constexpr):
+    """What this program computes: rows rm, outputs rn (one shard's), that shard's first atom and atom
+    count, its mask words [w_lo, w_hi) (a run of whole groups: value_starts gives a group's first value)
+    and, per output, how many values lie before w_lo."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    col_start, col_end, atom_start, atom_end = _column_block(shards_ptr, tl.program_id(1), NUM_SHARDS, BLOCK_N)
+    atoms = tl.minimum(atom_end, K) - atom_start  # this shard's columns of Z
+    words = tl.cdiv(atoms, 32)
+    groups_per_split = tl.cdiv(tl.cdiv(words, WORDS_PER_GROUP), SPLIT_K)
+    w_lo = pid_k * groups_per_split * WORDS_PER_GROUP
+    w_hi = tl.minimum(w_lo + groups_per_split * WORDS_PER_GROUP, words)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = col_start + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < col_end
+    has_words = (tl.zeros((BLOCK_N,), tl.int32) + w_lo) < w_hi  # a split past the shard's last group reads nothing
+    seen = tl.load(starts_ptr + (w_lo // WORDS_PER_GROUP) * N + rn, mask=n_ok & has_words, other=0)
+    return rm, rn, m_ok, n_ok, atom_start, atoms, w_lo, w_hi, seen
+
+
+@triton.jit
+def _store_scaled(total, scales_ptr, out_ptr, rm, rn, m_ok, n_ok, stride_om, stride_split):
+    """out[split, rm, rn] = total · scale[rn] (the per-output scale factors out of the sum)."""
+    scale = tl.load(scales_ptr + rn, mask=n_ok, other=0.0)
+    out = total * scale[None, :]
+    out_ptrs = out_ptr + tl.program_id(2).to(tl.int64) * stride_split + rm.to(tl.int64)[:, None] * stride_om \
+        + rn[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _coef_product_kernel(
     z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
     M, N, K, S_PAD, stride_zm, stride_om, stride_split,
@@ -85,32 +120,15 @@ def _coef_product_kernel(
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HARDWARE_POPCOUNT: tl.constexpr,
     WORDS_PER_GROUP: tl.constexpr,
 ):
-    """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n] for this program's tile and atom split."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    col_start, col_end, atom_start, atom_end = _column_block(shards_ptr, pid_n, NUM_SHARDS, BLOCK_N)
-    atoms = tl.minimum(atom_end, K) - atom_start  # this shard's columns of Z
-    words = tl.cdiv(atoms, 32)
-
-    # This program's words: a run of whole groups (value_starts gives the first value of a group).
-    groups = tl.cdiv(words, WORDS_PER_GROUP)
-    groups_per_split = tl.cdiv(groups, SPLIT_K)
-    w_lo = pid_k * groups_per_split * WORDS_PER_GROUP
-    w_hi = tl.minimum(w_lo + groups_per_split * WORDS_PER_GROUP, words)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = col_start + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < col_end
+    """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n], walking every atom position of a word: each
+    of the 32 lanes finds its value by rank (popcount of the bits below it)."""
+    rm, rn, m_ok, n_ok, atom_start, atoms, w_lo, w_hi, seen = _program_tile(
+        starts_ptr, shards_ptr, M, N, K, NUM_SHARDS, BLOCK_M, BLOCK_N, SPLIT_K, WORDS_PER_GROUP)
     lane = tl.arange(0, 32)
     lane_bit = tl.full((32,), 1, tl.uint32) << lane.to(tl.uint32)
     below = lane_bit - 1  # bits under each lane: a set bit's rank inside its word
     z_rows = z_ptr + rm.to(tl.int64) * stride_zm + atom_start  # [BLOCK_M] pointers to this shard's Z
     value_rows = values_ptr + rn.to(tl.int64) * S_PAD  # [BLOCK_N] pointers to each output's values
-
-    has_words = (tl.zeros((BLOCK_N,), tl.int32) + w_lo) < w_hi  # a split past the shard's last group reads nothing
-    seen = tl.load(starts_ptr + (w_lo // WORDS_PER_GROUP) * N + rn, mask=n_ok & has_words, other=0)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -127,15 +145,77 @@ def _coef_product_kernel(
             acc += tl.dot(z.to(DOT_DTYPE), coef.to(DOT_DTYPE))
         else:
             acc += z.to(tl.float32)[:, :, None] * coef.to(tl.float32)[None, :, :]
-
     if USE_DOT:
         total = acc
     else:
         total = tl.sum(acc, axis=1)
-    scale = tl.load(scales_ptr + rn, mask=n_ok, other=0.0)
-    out = total * scale[None, :]
-    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_split + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_scaled(total, scales_ptr, out_ptr, rm, rn, m_ok, n_ok, stride_om, stride_split)
+
+
+@triton.jit
+def _coef_product_bitwalk_kernel(
+    z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
+    M, N, K, S_PAD, stride_zm, stride_om, stride_split,
+    NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HARDWARE_POPCOUNT: tl.constexpr, WORDS_PER_GROUP: tl.constexpr,
+):
+    """Decode alternative: the same product walking only the set bits. Per mask word, each output takes
+    its lowest set bit, its next value (values are in atom order, so no rank is needed) and that atom's
+    Z, as many times as the block's busiest output has bits — work per non-zero, not per atom position
+    (at k/s = 2, half the positions)."""
+    rm, rn, m_ok, n_ok, atom_start, atoms, w_lo, w_hi, seen = _program_tile(
+        starts_ptr, shards_ptr, M, N, K, NUM_SHARDS, BLOCK_M, BLOCK_N, SPLIT_K, WORDS_PER_GROUP)
+    z_rows = z_ptr + rm.to(tl.int64) * stride_zm + atom_start  # [BLOCK_M] pointers to this shard's Z
+    value_rows = values_ptr + rn.to(tl.int64) * S_PAD  # [BLOCK_N] pointers to each output's values
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for w in range(w_lo, w_hi):
+        word = tl.load(mask_ptr + w * N + rn, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # [BLOCK_N]
+        for _ in range(tl.max(_popcount(word, HARDWARE_POPCOUNT), axis=0)):
+            rest = word & (word - 1)  # the word without its lowest set bit
+            has = rest != word
+            atom = w * 32 + _popcount((word ^ rest) - 1, HARDWARE_POPCOUNT)  # the lowest set bit's position
+            coef = tl.load(value_rows + seen, mask=n_ok & has, other=0.0)
+            z = tl.load(z_rows[:, None] + atom[None, :], mask=m_ok[:, None] & (has & (atom < atoms))[None, :],
+                        other=0.0)
+            acc += z.to(tl.float32) * coef.to(tl.float32)[None, :]
+            seen += has.to(tl.int32)
+            word = rest
+    _store_scaled(acc, scales_ptr, out_ptr, rm, rn, m_ok, n_ok, stride_om, stride_split)
+
+
+@triton.jit
+def _dictionary_product_kernel(x_ptr, d_ptr, z_ptr, M, K, IN, stride_xm, stride_dn, stride_zm,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_IN: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr):
+    """z [M, K] = x [M, IN] · D [IN, K] for float32 x with D held in bfloat16: each D tile is widened in
+    registers, so no float32 copy of D is ever written (float32 accumulation, ieee products)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for start in range(0, IN, BLOCK_IN):
+        ri = start + tl.arange(0, BLOCK_IN)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + ri[None, :],
+                    mask=(rm < M)[:, None] & (ri < IN)[None, :], other=0.0)
+        d = tl.load(d_ptr + ri.to(tl.int64)[:, None] * stride_dn + rk[None, :],
+                    mask=(ri < IN)[:, None] & (rk < K)[None, :], other=0.0)
+        acc += tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision=INPUT_PRECISION)
+    tl.store(z_ptr + rm.to(tl.int64)[:, None] * stride_zm + rk[None, :], acc, mask=(rm < M)[:, None] & (rk < K)[None, :])
+
+
+def dictionary_product_float32(x: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """x [M, in] float32 · D [in, K] (bfloat16, as held) → Z [M, K] float32, without a float32 copy of D."""
+    if x.dtype != torch.float32 or dictionary.dim() != 2 or x.shape[1] != dictionary.shape[0]:
+        raise ValueError("x must be float32 [M, in] and the dictionary [in, K]")
+    x = x.contiguous()
+    dictionary = dictionary if dictionary.stride(1) == 1 else dictionary.contiguous()
+    m, k = x.shape[0], dictionary.shape[1]
+    z = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, 64))
+    # float32 stays float32 on GPUs (as torch's own float32 matmul, without TF32); the interpreter has no tf32.
+    _dictionary_product_kernel[grid](x, dictionary, z, m, k, x.shape[1], x.stride(0), dictionary.stride(0), z.stride(0),
+                                     BLOCK_M=block_m, BLOCK_K=64, BLOCK_IN=32, INPUT_PRECISION="ieee", num_warps=4)
+    return z
 
 
 @functools.cache
@@ -171,9 +251,11 @@ def split_count(m: int, column_blocks: int, words: int, device: torch.device) ->
 
 
 def _dot_dtype(z: torch.Tensor):
-    # The interpreter computes bf16 tl.dot wrongly (checked on Triton 3.9): interpreted runs multiply
-    # in float32. On GPUs float32 stays float32 (tf32 tensor cores), bf16 / fp16 keep their dtype.
-    if not z.is_cuda or z.dtype == torch.float32:
+    # On GPUs float32 stays float32 (tf32 tensor cores), bf16 / fp16 keep their dtype. Triton 3.9's
+    # interpreter runs fp16 tl.dot correctly but not bf16 (numpy has no bfloat16: the interpreter holds
+    # bf16 tiles as their 16-bit patterns and its dot multiplies those; 16×16 random inputs came back
+    # ~1e9 off), so interpreted bf16 runs multiply in float32 and fp16 ones take the fp16 branch.
+    if z.dtype == torch.float32 or (z.dtype == torch.bfloat16 and not z.is_cuda):
         return tl.float32
     return tl.bfloat16 if z.dtype == torch.bfloat16 else tl.float16
 
@@ -184,12 +266,16 @@ def packed_coef_product(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
+    decode: str = "lanes",
 ) -> torch.Tensor:
     """z [M, K] · C → [M, N] with C in the GPU layout (``gpu_layout.repack``).
 
     ``out`` (optional, [M, N] with unit column stride, any row stride) receives the result in
-    ``out_dtype`` (default: z's). ``split_k`` overrides the split over atoms (tests).
+    ``out_dtype`` (default: z's). ``split_k`` overrides the split over atoms (tests). ``decode`` picks the
+    kernel for M ≤ DECODE_MAX_ROWS (``DECODE_KERNELS``).
     """
+    if decode not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {decode!r} is not one of {DECODE_KERNELS}")
     out_dtype = out_dtype or z.dtype
     m, k = z.shape
     n = packed.out_features
@@ -206,13 +292,14 @@ def packed_coef_product(
     split = split_k or split_count(m, column_blocks, words, z.device)
     target = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=z.device)
     grid = (triton.cdiv(m, block_m), column_blocks, split)
-    _coef_product_kernel[grid](
-        z, packed.mask_words, packed.values, packed.value_starts, packed.scales, packed.shard_table, target,
-        m, n, k, packed.values.shape[1], z.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
-        NUM_SHARDS=len(packed.shard_outputs), BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-        USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(z), HARDWARE_POPCOUNT=not _interpreted(),
-        WORDS_PER_GROUP=WORDS_PER_GROUP, num_warps=num_warps,
-    )
+    args = (z, packed.mask_words, packed.values, packed.value_starts, packed.scales, packed.shard_table, target,
+            m, n, k, packed.values.shape[1], z.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0)
+    common = dict(NUM_SHARDS=len(packed.shard_outputs), BLOCK_N=block_n, SPLIT_K=split,
+                  HARDWARE_POPCOUNT=not _interpreted(), WORDS_PER_GROUP=WORDS_PER_GROUP, num_warps=num_warps)
+    if decode == "bitwalk" and m <= DECODE_MAX_ROWS:
+        _coef_product_bitwalk_kernel[grid](*args, BLOCK_M=block_m, **common)
+    else:
+        _coef_product_kernel[grid](*args, BLOCK_M=block_m, USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(z), **common)
     if split > 1:
         y.copy_(target.sum(0))
     return y
