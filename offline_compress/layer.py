@@ -2,11 +2,12 @@
 
 Pure functions of (weight, Gram, ratio, settings); the checkpoint layout comes from ``cospadi_vllm.format``.
 
-Structure search (CoSpaDi's default): at the layer's byte budget, each candidate k/s gets a short
-trial of dictionary learning; the one with the lowest whitened error continues to the full
-iteration count. The dense case s = k (SVD-LLM's structure, from the SVD the dictionary starts from
-anyway) is evaluated after quantization too, and kept if it is better, so a module is never worse
-than SVD-LLM at the same bytes — wherever its rank (at most min(in, out)) can spend the budget.
+Structure search (CoSpaDi's default): every structure that fits the layer's byte budget is a
+candidate. The dense case s = k (SVD-LLM's structure, from the SVD the dictionary starts from anyway)
+comes first, at the largest rank the budget buys (full rank where it fits with bytes to spare); each
+k/s gets a short trial of dictionary learning and the best continues to the full iteration count; the
+lowest whitened error after quantization is stored (ties: fewer bytes). So with the search on, a module
+is never worse than SVD-LLM's structure on the same Gram within the same budget.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from offline_compress.dictionary import DEFAULT_WORKSPACE_BYTES, learn_dictionar
 from offline_compress.options import DEFAULT_K_OVER_S
 from offline_compress.quantization import quantize, quantize_and_refit
 from offline_compress.whitening import unwhiten, whiten, whitening_factor
-
-BUDGET_USED = 0.99  # a candidate structure must store at least this share of the layer's byte budget
 
 
 @dataclass(frozen=True)
@@ -172,30 +171,52 @@ def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, l
 
 def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
             ) -> tuple[QuantizedStructure, dict[str, float]]:
-    """The structure search → (the chosen structure, {candidate: whitened error} of every one tried)."""
-    n, m = problem.in_features, problem.out_features
+    """The structure search → (the chosen structure, {candidate: whitened error} of every one tried).
+
+    Every structure whose stored bytes fit the budget is a candidate, SVD's s = k first (it is cheap: the
+    SVD is already there), at the largest rank that fits — full rank where it fits with bytes to spare,
+    so the checkpoint may be smaller than asked (the ratio is a ceiling). Each k/s gets a short trial, the
+    best continues; the structure with the lowest whitened error after quantization is stored, and of two
+    within ``TIE`` of each other the one with fewer bytes."""
     candidates: dict[str, float] = {}
-    svd_shape = layer_shape(n, m, ratio, SVD_STRUCTURE, settings.value_dtype)
-    # s = k is a candidate only where it can spend the budget: its rank stops at min(in, out), and a
-    # structure that leaves bytes unused would make the checkpoint smaller than asked (a shared
-    # gate/up group at CR 0.2 on SmolLM2 took full-rank SVD and ended at CR 0.223, not 0.2).
-    budget = (1.0 - ratio) * fmt.dense_bf16_bytes(n, m)
     svd = None
-    if settings.searches and fmt.stored_bytes(svd_shape, settings.value_dtype) >= BUDGET_USED * budget:
+    if settings.searches:
+        svd_shape = layer_shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
         svd, candidates[SVD_STRUCTURE] = quantized(problem, SVD_STRUCTURE, svd_shape,
                                                    problem.svd_factorization(svd_shape.k), settings)
-    structure, shape, learned = learn_best_structure(problem, ratio, settings, candidates)
-    chosen, error = quantized(problem, structure, shape, learned, settings)
+    # Full rank leaves only the rounding of its coefficients: a learned structure whose trial error
+    # (before quantization) is not below that is not learned further (STOP_RULE).
+    full_rank = svd is not None and svd.shape.k == min(problem.in_features, problem.out_features)
+    learned = learn_best_structure(problem, ratio, settings, candidates,
+                                   stop_above=candidates[SVD_STRUCTURE] if full_rank else None)
+    if learned is None:
+        return svd, candidates
+    structure, shape, factorization = learned
+    chosen, error = quantized(problem, structure, shape, factorization, settings)
     if svd is not None:  # keep whichever structure is better after quantization
         candidates[structure] = error
-        if candidates[SVD_STRUCTURE] < error:
+        if better(candidates[SVD_STRUCTURE], svd.shape, error, shape, settings.value_dtype):
             chosen = svd
     return chosen, candidates
 
 
-def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: LayerSettings,
-                         candidates: dict[str, float]) -> tuple[str, fmt.LayerShape, Factorization]:
-    """Trial of every k/s (``candidates`` gets each one's error), then the best learned to the full count.
+TIE = 1e-3  # relative: errors closer than this are equal, and the structure with fewer bytes is stored
+
+
+def better(error_a: float, shape_a: fmt.LayerShape, error_b: float, shape_b: fmt.LayerShape, value_dtype: str) -> bool:
+    """Whether structure a is to be stored rather than b: a lower error, or an equal one in fewer bytes."""
+    if abs(error_a - error_b) <= TIE * max(error_a, error_b):
+        return fmt.stored_bytes(shape_a, value_dtype) < fmt.stored_bytes(shape_b, value_dtype)
+    return error_a < error_b
+
+
+STOP_RULE = "a trial not below full-rank SVD's quantized error is not continued"
+
+
+def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: LayerSettings, candidates: dict[str, float],
+                         stop_above: float | None = None) -> tuple[str, fmt.LayerShape, Factorization] | None:
+    """Trial of every k/s (``candidates`` gets each one's error), then the best learned to the full count;
+    None if the best trial's error is ``stop_above`` or more (see STOP_RULE).
 
     At most two candidates' factorizations (the best so far and the one in trial) are alive at once."""
     generator = torch.Generator().manual_seed(settings.seed)
@@ -211,6 +232,8 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
             best = (name, shape, learned)
         del learned
     structure, shape, learned = best
+    if stop_above is not None and candidates[f"{structure} trial"] >= stop_above:
+        return None
     if settings.searches and settings.iterations > settings.trial_iterations:
         start = (learned.dictionary, learned.coef, learned.mask)
         learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,

@@ -7,6 +7,8 @@ from pathlib import Path
 from cospadi_vllm import format as fmt
 from offline_compress.options import RUN_ONLY_OPTIONS, CompressOptions
 
+SMALLER_THAN_ASKED = 0.005  # the summary says so when the stored CR exceeds --ratio by more than this
+
 
 def module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
     """The report entry of one module (a ``layer.CompressedLinear``); ``owner``: the module whose
@@ -20,6 +22,8 @@ def module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
         "out_features": shape.out_features,
         "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
         "bytes_stored": fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None),
+        "compression_ratio": round(1 - fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None)
+                                   / fmt.dense_bf16_bytes(shape.in_features, shape.out_features), 6),
         "whitened_rel_error": result.whitened_rel_error,
         "unquantized_rel_error": result.unquantized_rel_error,
         "candidates": {name: round(err, 6) for name, err in result.candidates.items()},
@@ -83,4 +87,9 @@ def summary_table(report: dict) -> str:
         f"(CR {t['compression_ratio_actual']:.4f}); whole model CR {t['compression_ratio_model']:.4f}; "
         f"mean whitened err {t['mean_whitened_rel_error']:.4f}; {t['seconds']:.0f} s"
     )
+    asked = report["options"]["ratio"]
+    if t["compression_ratio_actual"] > asked + SMALLER_THAN_ASKED:
+        full = [p for p, s in report["modules"].items() if s["k"] == s["s"] == min(s["in_features"], s["out_features"])]
+        lines.append(f"smaller than asked: CR {t['compression_ratio_actual']:.4f} for --ratio {asked}: {len(full)} "
+                     "modules store full-rank s = k, which fits in fewer bytes than their budget with a lower error")
     return "\n".join(lines)

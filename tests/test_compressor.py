@@ -280,3 +280,50 @@ def test_kill_9_then_same_command_gives_the_uninterrupted_checkpoint(tiny_models
     assert "model.safetensors" in compared
     for name in compared:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
+    """out = 6·in at CR 0.2: full-rank s = k (k = in) fits the budget with bytes to spare. The default
+    search stores nothing with a higher whitened error than full rank quantized as SVD-LLM does (an
+    independent recomputation: the svd-llm method, no balancing or refit), and nothing over the budget."""
+    from offline_compress.layer import LayerSettings, compress_linear
+
+    g = torch.Generator().manual_seed(len(spectrum))
+    n, m = 64, 384
+    if spectrum == "random":
+        weight = torch.randn(m, n, generator=g)
+    else:  # singular values 1/i
+        u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        weight = (u * (1.0 / torch.arange(1, n + 1, dtype=torch.float64)) @ v.T).float()
+    x = torch.randn(2048, n, generator=g) * torch.linspace(0.2, 3.0, n)
+    gram = (x.double().T @ x.double())
+    result = compress_linear(weight, gram, 0.2, LayerSettings())
+    baseline = compress_linear(weight, gram, 0.2, LayerSettings(method="svd-llm"))
+    assert baseline.shape.k == baseline.shape.s == n  # full rank fits: the case under test
+    budget = 0.8 * fmt.dense_bf16_bytes(n, m)
+    assert fmt.stored_bytes(result.shape, "int8") <= budget
+    assert result.whitened_rel_error <= baseline.whitened_rel_error * (1 + 1e-9), (
+        result.structure, result.whitened_rel_error, baseline.whitened_rel_error)
+
+
+def test_summary_says_when_the_checkpoint_is_smaller_than_asked():
+    from offline_compress.report import summary_table
+
+    def module(k, s, in_f, out_f, stored):
+        return {"k": k, "s": s, "in_features": in_f, "out_features": out_f, "bytes_dense_bf16": 2 * in_f * out_f,
+                "bytes_stored": stored, "compression_ratio": 1 - stored / (2 * in_f * out_f),
+                "whitened_rel_error": 0.01, "seconds": 1.0}
+
+    full_rank = module(64, 64, 64, 384, 37376)  # CR 0.24 at --ratio 0.2
+    learned = module(80, 40, 64, 64, 6553)
+    report = {"options": {"ratio": 0.2}, "modules": {"a.gate_proj": full_rank, "a.q_proj": learned},
+              "totals": {"bytes_dense_bf16": 2 * 64 * 448, "bytes_stored": 37376 + 6553,
+                         "compression_ratio_actual": 1 - (37376 + 6553) / (2 * 64 * 448),
+                         "compression_ratio_model": 0.2, "mean_whitened_rel_error": 0.01, "seconds": 2.0}}
+    lines = summary_table(report).splitlines()
+    assert lines[-1] == ("smaller than asked: CR 0.2339 for --ratio 0.2: 1 modules store full-rank s = k, which "
+                         "fits in fewer bytes than their budget with a lower error")
+    report["totals"]["compression_ratio_actual"] = 0.2
+    assert not summary_table(report).splitlines()[-1].startswith("smaller than asked")
