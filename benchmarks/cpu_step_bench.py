@@ -28,8 +28,7 @@ import torch
 from safetensors import safe_open
 
 from cospadi_vllm import format as fmt
-from cospadi_vllm.kernels import cpu_library, merge_shards
-from cospadi_vllm.kernels.cpu import direct_max_rows
+from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library, merge_shards
 from offline_compress import assets
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,20 +48,32 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def dense_layer(weights: dict, prefixes: list[str]):
+def dense_layer(weights: dict, prefixes: list[str], dtype: torch.dtype):
     from vllm import _custom_ops as ops
 
-    w = torch.cat([weights[p + ".weight"] for p in prefixes]).to(torch.bfloat16)  # [out, in]
+    w = torch.cat([weights[p + ".weight"] for p in prefixes]).to(dtype)  # [out, in]
     return ops.create_onednn_mm(w.t(), 32)
 
 
-def cospadi_layer(tensors: dict, prefixes: list[str]) -> tuple:
-    """The merged layer as the plugin holds it on CPU: D side by side and transposed, masks and values
-    padded per row, shard offsets."""
+class Held(torch.nn.Module):
+    """One merged layer's tensors under the names the kernels read, as vLLM's layer holds them."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+
+def cospadi_layer(tensors: dict, prefixes: list[str], dtype: torch.dtype) -> tuple:
+    """The merged layer as the plugin serves it on CPU: its tensors merged (D side by side, masks and values
+    padded per row, shard offsets), the kernel chosen for ``dtype`` and the tensors laid out by it."""
     suffixes = (fmt.DICTIONARY, *fmt.COEF_SUFFIXES)
     merged = merge_shards([{suffix: tensors[f"{p}.{suffix}"] for suffix in suffixes} for p in prefixes])
-    return (merged[fmt.DICTIONARY].to(torch.bfloat16).t().contiguous(), merged[fmt.COEF_MASK],
-            merged[fmt.COEF_VALUES], merged[fmt.COEF_SCALES].float(), merged["atom_offsets"])
+    merged[fmt.COEF_SCALES] = merged[fmt.COEF_SCALES].float()
+    layer = Held(merged)
+    kernel = choose_kernel(KernelConfig(torch.device("cpu"), dtype, merged[fmt.COEF_VALUES].dtype))
+    kernel.process_weights_after_loading(layer)
+    return layer, kernel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,17 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", nargs="+", type=int, default=[1, 8, 136, 1024], help="rows of x per call")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per model and M (best and median kept)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="activations and dense weights; auto: bfloat16 where the CPU has bf16 matrix "
+                             "instructions (AVX-512 BF16 / AMX), else float32 (what the serve command picks)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     torch.set_num_threads(args.threads)
     cpu_library.load()
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if cpu_library.has_bf16_matmul() else "float32"
+    dtype = getattr(torch, args.dtype)
+    print(f"activations: {args.dtype}; CPU kernels: {cpu_library.vector_width() or 'portable'}-bit", flush=True)
 
     weights, tensors = read_tensors(model_dir), read_tensors(args.checkpoint)
     config = json.loads((args.checkpoint / "config.json").read_text())
-    values_dtype = fmt.VALUE_DTYPES[config["quantization_config"]["value_dtype"]]
-    table, kind = cpu_library.value_decoding(values_dtype)
-    max_rows = direct_max_rows(torch.bfloat16, values_dtype)
     layers = range(config["num_hidden_layers"])
     names = {g: [[f"model.layers.{i}.{sub}.{m}" for m in mods] for i in layers] for g, (sub, mods) in GROUPS.items()}
     for per_layer in names.values():
@@ -92,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise SystemExit(f"error: {args.checkpoint} does not compress {missing[0]} (this benchmark needs every "
                              f"q/k/v/o/gate/up/down layer compressed)")
-    dense = {g: [dense_layer(weights, p) for p in per_layer] for g, per_layer in names.items()}
-    cospadi = {g: [cospadi_layer(tensors, p) for p in per_layer] for g, per_layer in names.items()}
-    in_features = {g: cospadi[g][0][0].shape[1] for g in GROUPS}
+    dense = {g: [dense_layer(weights, p, dtype) for p in per_layer] for g, per_layer in names.items()}
+    cospadi = {g: [cospadi_layer(tensors, p, dtype) for p in per_layer] for g, per_layer in names.items()}
+    in_features = {g: sum(weights[f"{p}.weight"].shape[1] for p in names[g][0][:1]) for g in GROUPS}
     del weights, tensors
 
     from vllm import _custom_ops as ops
@@ -104,16 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             for g in GROUPS:
                 ops.onednn_mm(dense[g][i], xs[g], None)
 
-    def cospadi_step(xs):
+    def cospadi_step(xs):  # what the vLLM layer's apply runs at TP = 1
         for i in layers:
             for g in GROUPS:
-                dictionary_t, mask, values, scales, offsets = cospadi[g][i]
-                torch.ops.cospadi_cpu.linear(xs[g], dictionary_t, mask, values, scales, offsets, table, kind,
-                                             max_rows)
+                layer, kernel = cospadi[g][i]
+                kernel.apply(layer, xs[g])
 
     rows = []
     for m in args.m:
-        xs = {g: torch.randn(m, in_features[g]).to(torch.bfloat16) for g in GROUPS}
+        xs = {g: torch.randn(m, in_features[g]).to(dtype) for g in GROUPS}
         times = {"dense": [], "cospadi": []}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for label, step in (("dense", dense_step), ("cospadi", cospadi_step)):
@@ -131,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
     md = [f"# CPU step benchmark — {name}", "",
-          f"All {len(layers)} decoder layers' qkv, o, gate_up and down in model order, bf16 activations, "
-          f"{machine}; dense through vLLM's prepacked oneDNN handles, CoSpaDi through the plugin's "
-          f"`cospadi_cpu::linear` (checkpoint `{args.checkpoint.name}`). Times per step; dense and CoSpaDi "
+          f"All {len(layers)} decoder layers' qkv, o, gate_up and down in model order, {args.dtype} activations, "
+          f"{machine}, CPU kernels {cpu_library.vector_width() or 'portable'}-bit; dense through vLLM's prepacked oneDNN "
+          f"handles, CoSpaDi through the plugin's CPU kernel (checkpoint `{args.checkpoint.name}`). Times per step; dense and CoSpaDi "
           f"alternate, best and median of {args.repeats}.", "",
           "| M | dense (ms) | CoSpaDi (ms) | CoSpaDi / dense (best) | (median) |", "|---|---|---|---|---|"]
     md += [f"| {r['m']} | {r['dense_ms_best']:.2f} | {r['cospadi_ms_best']:.2f} | {r['ratio_best']:.2f} | "
            f"{r['ratio_median']:.2f} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cpu-step-{name}"
+    build = {"native": "", "x86-64-v3": "-avx2", "x86-64": "-portable"}.get(cpu_library.arch(), f"-{cpu_library.arch()}")
+    stem = args.out / f"cpu-step-{name}{build}"
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "checkpoint": str(args.checkpoint),
                                                      "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")

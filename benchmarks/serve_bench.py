@@ -80,13 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--gpu", action="store_true", help="serve with serve_configs/single-gpu.yaml")
-    parser.add_argument("--dtype", default="bfloat16", help="activation dtype of both servers (default bfloat16)")
+    parser.add_argument("--dtype", default="auto",
+                        help="activation dtype of both servers; auto: bfloat16 on GPUs and on CPUs with bf16 matrix "
+                             "instructions (AVX-512 BF16 / AMX), float32 on other CPUs (bf16 runs far slower there)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="dense and CoSpaDi served this many times, alternating; the tables show the round "
                              "with the median CoSpaDi / dense ratio and list every round's (these machines are noisy)")
     parser.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        from cospadi_vllm.kernels.cpu_library import has_bf16_matmul
+
+        args.dtype = "bfloat16" if args.gpu or has_bf16_matmul() else "float32"
+    print(f"== serving dtype: {args.dtype}", flush=True)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     for path in (model_dir, args.checkpoint):
         if not (path / "config.json").is_file():

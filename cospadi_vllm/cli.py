@@ -11,6 +11,7 @@ CoSpaDi checkpoint runs that check first and refuses to start on a bad one, one 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import sys
 
@@ -73,6 +74,45 @@ def _serve_checkpoint_problems(argv: list[str]) -> list[str]:
     return [f"{model}: {problem}" for problem in check_checkpoint(model, masks=True)]
 
 
+def _requested_dtype(argv: list[str]) -> str:
+    """The --dtype of a serve command line (or of its --config file); "auto" if none."""
+    for i, arg in enumerate(argv):
+        if arg == "--dtype" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--dtype="):
+            return arg.split("=", 1)[1]
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            from pathlib import Path
+
+            with contextlib.suppress(OSError):
+                for line in Path(argv[i + 1]).read_text().splitlines():
+                    key, _, value = line.partition("#")[0].partition(":")
+                    if key.strip() == "dtype":
+                        return value.strip()
+    return "auto"
+
+
+def _bf16_on_cpu_warning(argv: list[str]) -> str | None:
+    """One line when ``serve`` runs bf16 on a CPU without bf16 matrix instructions (or None)."""
+    import json
+    from pathlib import Path
+
+    from cospadi_vllm.kernels.cpu_library import has_bf16_matmul
+
+    if not argv or argv[0] != "serve" or has_bf16_matmul():
+        return None
+    dtype = _requested_dtype(argv)
+    if dtype == "auto" and len(argv) > 1:  # vLLM then serves in the checkpoint's own dtype
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((Path(argv[1]) / "config.json").read_text())
+            dtype = str(config.get("dtype") or config.get("torch_dtype") or "auto")
+    if dtype not in ("bfloat16", "bf16"):
+        return None
+    return ("cospadi-vllm: warning: this CPU has no bf16 matrix instructions (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo): bfloat16 serving runs far slower than float32 here; pass --dtype float32")
+
+
 def main() -> int:
     importlib.metadata.version = _version
     import os
@@ -97,6 +137,9 @@ def main() -> int:
         # vLLM's CPU backend needs a KV-cache size and a reachable host IP; single-host defaults.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        warning = _bf16_on_cpu_warning(sys.argv[1:])
+        if warning:
+            print(warning, file=sys.stderr)
     busy = _port_in_use(sys.argv[1:])
     if busy:
         print(f"cospadi-vllm: error: port {busy} is already in use (pick another with --port)", file=sys.stderr)

@@ -30,7 +30,7 @@ def int16_error_bound(z: torch.Tensor, dense_c: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 300])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 13, 40, 300])
 def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
     g = torch.Generator().manual_seed(1000 * rows + len(value_dtype))
     _, coef, k_total = merged_layer(value_dtype, g)
@@ -204,11 +204,16 @@ def test_mask_check_rejects_bits_beyond_k_and_wrong_counts():
         fmt.check_mask_bits("m", too_many, k, s)
 
 
-def test_vector_kernel_built_on_avx512_machines():
+def test_vector_kernels_match_the_build():
+    """The kernels compiled in are the best the build's instruction set allows: AVX-512 (native build on
+    an AVX-512 CPU), AVX2 + FMA (native on an AVX2 CPU, or COSPADI_CPU_ARCH=x86-64-v3), else portable."""
     flags = open("/proc/cpuinfo").read().split()
-    vector = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq"))
-    assert cpu_library.has_vector_kernel() == vector
-    assert cpu_library.has_int16_kernel() == (vector and all(f in flags for f in ("avx512_vnni", "avx512_vbmi2")))
+    native = cpu_library.arch() == "native"
+    avx512 = native and all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq"))
+    avx2 = not avx512 and (cpu_library.arch() == "x86-64-v3" or (native and "avx2" in flags and "fma" in flags))
+    assert cpu_library.vector_width() == (512 if avx512 else 256 if avx2 else 0)
+    assert cpu_library.has_vector_kernel() == (avx512 or avx2)
+    assert cpu_library.has_int16_kernel() == (avx512 and all(f in flags for f in ("avx512_vnni", "avx512_vbmi2")))
 
 
 def test_cpu_op_is_opaque_to_torch_compile():

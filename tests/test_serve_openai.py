@@ -83,3 +83,25 @@ def test_terminating_the_launcher_stops_its_server(checkpoint, tmp_path, sig):
         for pid in subprocess.run(server_processes, capture_output=True, text=True).stdout.split():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(pid), signal.SIGKILL)
+
+
+def test_bf16_serving_on_a_cpu_without_bf16_warns(tmp_path, monkeypatch):
+    """`cospadi-vllm serve` warns in one line when it would serve bf16 (asked for, or the checkpoint's own
+    dtype under auto) on a CPU without bf16 matrix instructions; float32 (the demo config) does not."""
+    from cospadi_vllm import cli
+    from cospadi_vllm.kernels import cpu_library
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"dtype": "bfloat16"}')
+    config = ROOT / "serve_configs" / "cpu-demo.yaml"
+    monkeypatch.setattr(cpu_library, "has_bf16_matmul", lambda: False)
+    for argv in (["serve", str(model), "--dtype", "bfloat16"], ["serve", str(model), "--dtype=bfloat16"],
+                 ["serve", str(model)]):
+        warning = cli._bf16_on_cpu_warning(argv)
+        assert warning and warning.startswith("cospadi-vllm: warning: this CPU has no bf16 matrix instructions")
+        assert "\n" not in warning and "--dtype float32" in warning
+    for argv in (["serve", str(model), "--config", str(config)], ["serve", str(model), "--dtype", "float32"]):
+        assert cli._bf16_on_cpu_warning(argv) is None
+    monkeypatch.setattr(cpu_library, "has_bf16_matmul", lambda: True)
+    assert cli._bf16_on_cpu_warning(["serve", str(model), "--dtype", "bfloat16"]) is None

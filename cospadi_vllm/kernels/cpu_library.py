@@ -36,14 +36,39 @@ import torch
 from cospadi_vllm import format as fmt
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# The instruction set the library is compiled for: this CPU's (native), or another x86-64 level named here
+# (x86-64-v3: AVX2 + FMA, the kernels AVX2-only machines get; x86-64: the portable bit walk alone) — how
+# the tests build and check every variant on one machine. It must not exceed what the CPU runs.
+ARCH_ENV = "COSPADI_CPU_ARCH"
 
 # value_kind codes of the C++ ops.
 INT8, TABLE, BF16 = 0, 1, 2
 
 _lock = threading.Lock()
 _loaded = False
-_features: dict[str, bool] = {}
+_features: dict[str, bool | int] = {}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX): without it, bf16 GEMMs
+    (vLLM's dense layers, torch's) run ~20× slower than float32 ones, so float32 serves faster."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def arch() -> str:
+    return os.environ.get(ARCH_ENV, "native")
+
+
+def cflags() -> list[str]:
+    return ["-O3", f"-march={arch()}", "-fopenmp", "-std=c++17"]
 
 
 def _cpu_tag() -> str:
@@ -51,7 +76,8 @@ def _cpu_tag() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = os.uname().machine
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    tag = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return tag if arch() == "native" else f"{tag}-{arch()}"
 
 
 def build_directory() -> Path:
@@ -76,7 +102,7 @@ def load() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         try:
             cpp_extension.load(
-                name="cospadi_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                name="cospadi_cpu_kernels", sources=[str(SOURCE)], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), is_python_module=False, verbose=False,
             )
         except (RuntimeError, OSError, ImportError) as err:
@@ -143,8 +169,16 @@ def _feature(name: str) -> bool:
 
 
 def has_vector_kernel() -> bool:
-    """Whether the AVX-512 kernels were compiled in (else the portable bit walk serves)."""
+    """Whether vector kernels (AVX-512, or AVX2 + FMA) were compiled in (else the portable bit walk serves)."""
     return _feature("has_vector_kernel")
+
+
+def vector_width() -> int:
+    """512 (AVX-512 kernels), 256 (AVX2 + FMA) or 0 (portable)."""
+    if "vector_width" not in _features:
+        load()
+        _features["vector_width"] = int(torch.ops.cospadi_cpu.vector_width())
+    return _features["vector_width"]
 
 
 def has_bf16_kernel() -> bool:
@@ -160,7 +194,7 @@ def has_int16_kernel() -> bool:
 def main() -> int:
     """Build now (``make setup`` calls this), print what was built."""
     load()
-    kind = "AVX-512" if has_vector_kernel() else "portable (scalar bit walk)"
+    kind = {512: "AVX-512", 256: "AVX2 + FMA", 0: "portable (scalar bit walk)"}[vector_width()]
     kind += " + BF16 dot products" if has_bf16_kernel() else ""
     kind += " + int16 dot products for int8 values" if has_int16_kernel() else ""
     print(f"[setup] CoSpaDi CPU kernels built in {build_directory()}: {kind}; value dtypes "

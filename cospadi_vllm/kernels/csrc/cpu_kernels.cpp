@@ -39,6 +39,14 @@
 #else
 #define COSPADI_AVX512 0
 #endif
+// AVX2 + FMA (x86-64-v3: AMD Zen 2/3, desktop CPUs) where AVX-512 is missing: the float32 decode kernel
+// and the expanded tiles, eight atom lanes at a time.
+#if !COSPADI_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#define COSPADI_AVX2 1
+#include <immintrin.h>
+#else
+#define COSPADI_AVX2 0
+#endif
 #if COSPADI_AVX512 && defined(__AVX512BF16__)
 #define COSPADI_AVX512_BF16 1
 #else
@@ -111,6 +119,120 @@ void column_portable(const Coefficients& c, int64_t j, const float* z, int64_t l
   });
   for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * ldy + j] = acc[r] * c.scales[j];
 }
+
+#if COSPADI_AVX2
+// For each mask byte, the packed value that lands in each of its 8 atom lanes: lane i takes value
+// number popcount(bits below i) (lanes of clear bits are zeroed after the permute).
+struct ByteLanes {
+  alignas(32) int32_t index[256][8];
+};
+constexpr ByteLanes make_byte_lanes() {
+  ByteLanes t{};
+  for (int byte = 0; byte < 256; ++byte) {
+    int rank = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      t.index[byte][lane] = (byte >> lane & 1) ? rank : 0;
+      rank += byte >> lane & 1;
+    }
+  }
+  return t;
+}
+constexpr ByteLanes kByteLanes = make_byte_lanes();
+
+// All-ones in the lanes whose bit is set in byte.
+inline __m256i byte_lane_mask(uint32_t byte) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), bit), bit);
+}
+
+// Up to 8 packed values at p as float32 lanes 0..count-1. Near the end of the tensor a plain 8- or
+// 16-byte load could run past the allocation: the values are copied out first there.
+inline __m256 packed8(const uint8_t* p, const uint8_t* end, int count, int kind, const float* table) {
+  const int64_t width = kind == kBf16 ? 2 : 1;
+  alignas(16) uint8_t copy[16] = {0};
+  if (p + 8 * width > end) {
+    std::memcpy(copy, p, count * width);
+    p = copy;
+  }
+  if (kind == kBf16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  if (kind == kInt8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  return _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(raw), 4);
+}
+
+// The values of one mask byte in their 8 atom lanes (zero where the bit is clear); advances *values.
+inline __m256 byte_values(uint32_t byte, const uint8_t** values, const Coefficients& c, __m256i lanes) {
+  const int count = __builtin_popcount(byte);
+  const __m256 packed = packed8(*values, c.values_end, count, c.kind, c.table);
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteLanes.index[byte]));
+  *values += count * (c.kind == kBf16 ? 2 : 1);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_castsi256_ps(lanes));
+}
+
+inline float sum8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+template <int R>
+void column_avx2(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y, int64_t ldy) {
+  // Two accumulators per row (even / odd bytes of the mask words) split the FMA latency chain.
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const float* zrow = z + m0 * ldz + c.offsets[j];
+  for (int64_t w = 0; w < c.words; ++w) {
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = mask[w] >> (8 * b) & 0xFF;
+      if (!byte) continue;
+      const __m256i lanes = byte_lane_mask(byte);
+      const __m256 v = byte_values(byte, &values, c, lanes);
+      // Masked loads: lanes of clear bits are neither read nor faulted (the shard may end here).
+      const float* zb = zrow + w * 32 + 8 * b;
+      for (int r = 0; r < R; ++r) {
+        __m256& acc = b & 1 ? odd[r] : even[r];
+        acc = _mm256_fmadd_ps(v, _mm256_maskload_ps(zb + r * ldz, lanes), acc);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = sum8(_mm256_add_ps(even[r], odd[r])) * c.scales[j];
+}
+
+template <int... R>
+constexpr auto fp32_kernels(std::integer_sequence<int, R...>) {
+  return std::array<void (*)(const Coefficients&, int64_t, const float*, int64_t, int64_t, float*, int64_t), sizeof...(R)>{
+      &column_avx2<R + 1>...};
+}
+constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowBlock>{});
+
+// One row of C stored densely (the expanded-tile prefill path), eight atoms at a time.
+template <typename T>
+void expand_row_avx2(const Coefficients& c, int64_t j, int64_t width, T* row) {
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
+  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const __m256 scale = _mm256_set1_ps(c.scales[j]);
+  alignas(32) float lanes[8];
+  for (int64_t start = 0; start < width; start += 8) {
+    const int64_t w = start / 32;
+    const uint32_t byte = w < c.words ? mask[w] >> (start % 32) & 0xFF : 0;
+    const __m256 v = _mm256_mul_ps(scale, byte_values(byte, &values, c, byte_lane_mask(byte)));
+    const int64_t inside = std::min<int64_t>(8, width - start);
+    if constexpr (std::is_same_v<T, float>) {
+      if (inside == 8) {
+        _mm256_storeu_ps(row + start, v);
+        continue;
+      }
+    }
+    _mm256_store_ps(lanes, v);
+    for (int64_t i = 0; i < inside; ++i) row[start + i] = static_cast<T>(lanes[i]);
+  }
+}
+#endif
 
 #if COSPADI_AVX512
 // Lane i of a 16-lane group takes value number popcount(bits below i) of the group: computed for all
@@ -763,7 +885,7 @@ at::Tensor coef_product_direct(const Coefficients& c, const at::Tensor& z, int64
 #endif
   at::Tensor y = at::empty({m, n}, z.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  const bool vector = COSPADI_AVX512 && !portable;
+  const bool vector = (COSPADI_AVX512 || COSPADI_AVX2) && !portable;
   const int64_t block = bf16 ? kRowBlockBf16 : kRowBlock;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < m; m0 += block) {
@@ -781,7 +903,7 @@ at::Tensor coef_product_direct(const Coefficients& c, const at::Tensor& z, int64
           continue;
         }
 #endif
-#if COSPADI_AVX512
+#if COSPADI_AVX512 || COSPADI_AVX2
         if (vector) {
           kFp32Kernels[rows - 1](c, j, z.data_ptr<float>(), ldz, m0, yp, n);
           continue;
@@ -837,6 +959,11 @@ void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t
 #if COSPADI_AVX512
       if (!portable) {
         expand_row_avx512<T>(c, row_start + i, width, out + i * width);
+        continue;
+      }
+#elif COSPADI_AVX2
+      if (!portable) {
+        expand_row_avx2<T>(c, row_start + i, width, out + i * width);
         continue;
       }
 #endif
@@ -947,7 +1074,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& dictionary_t, const 
                       value_table, value_kind, false, false, direct_max_rows);
 }
 
-bool has_vector_kernel() { return COSPADI_AVX512; }
+bool has_vector_kernel() { return COSPADI_AVX512 || COSPADI_AVX2; }
+// Which vector kernels were compiled in: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (the portable bit walk).
+int64_t vector_width() { return COSPADI_AVX512 ? 512 : COSPADI_AVX2 ? 256 : 0; }
 bool has_bf16_kernel() { return COSPADI_AVX512_BF16; }
 bool has_int16_kernel() { return COSPADI_AVX512_INT16; }
 
@@ -960,6 +1089,7 @@ TORCH_LIBRARY(cospadi_cpu, m) {
   m.def("linear(Tensor x, Tensor dictionary_t, Tensor coef_mask, Tensor coef_values, Tensor coef_scales, "
         "Tensor atom_offsets, Tensor value_table, int value_kind, int direct_max_rows) -> Tensor");
   m.def("has_vector_kernel() -> bool", &has_vector_kernel);
+  m.def("vector_width() -> int", &vector_width);
   m.def("has_bf16_kernel() -> bool", &has_bf16_kernel);
   m.def("has_int16_kernel() -> bool", &has_int16_kernel);
 }
