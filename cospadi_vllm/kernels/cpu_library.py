@@ -58,8 +58,12 @@ def cpu_flags() -> set[str]:
 
 
 def has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX): without it, bf16 GEMMs
-    (vLLM's dense layers, torch's) run ~20× slower than float32 ones, so float32 serves faster."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), and oneDNN may use it
+    (``ONEDNN_MAX_CPU_ISA`` can cap it below): without it, bf16 GEMMs (vLLM's dense layers, torch's) run
+    ~20× slower than float32 ones or cannot be created at all, so float32 serves."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if capped not in ("ALL", "DEFAULT") and "BF16" not in capped and "AMX" not in capped:
+        return False
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
