@@ -239,9 +239,27 @@ def test_cpu_op_is_opaque_to_torch_compile():
         assert torch.equal(compiled_layer(x), layer(x)), rows
 
 
+def test_cpu_float32_dictionary_product_reads_bf16_d():
+    """float32 x · D held in bf16 and transposed: the C++ op (≤ 8 rows: D widened in registers; more: torch's
+    GEMM) equals the float64 product of the same numbers within float32 summation."""
+    cpu_library.load()
+    g = torch.Generator().manual_seed(15)
+    for in_features, k in ((48, 37), (70, 64), (576, 31)):
+        dictionary = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
+        dictionary_t = dictionary.t().contiguous()
+        for rows in (1, 3, 8, 9, 40):
+            x = torch.randn(rows, in_features, generator=g)
+            z = torch.ops.cospadi_cpu.dictionary_product(x, dictionary_t)
+            reference = x.double() @ dictionary.double()
+            assert z.shape == (rows, k) and z.dtype == torch.float32
+            bound = 1e-6 * (x.double().abs() @ dictionary.double().abs())
+            assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows)
+
+
 def test_cpu_dictionary_product_matches_float64():
     """x·D with D held transposed ([k, in]): the own kernel (≤ 8 rows) and torch's GEMM (more rows)
     against float64, within bf16 rounding of Z; inputs not a multiple of 32 (masked last step), odd k."""
+    cpu_library.load()
     g = torch.Generator().manual_seed(13)
     for in_features, k in ((48, 37), (70, 64), (576, 31)):
         dictionary = torch.randn(in_features, k, generator=g).to(torch.bfloat16)

@@ -4,9 +4,10 @@ Calling ``torch.ops.cospadi_cpu.*`` directly (not through a Python custom-op wra
 call, 10–25 % of a SmolLM2 layer at decode (benchmarks/results/NOTES.md item 29); the ops have fake
 kernels, so torch.compile still sees each as one opaque node.
 
-With bfloat16 activations D is held transposed ([K, in], the same bytes): the ≤ 8-row x·D kernel
-streams it front to back and torch's GEMM reads the transposed view for more rows (NOTES item 30), and
-:meth:`CPUKernel.apply` runs the whole layer in one call (``cospadi_cpu::linear``).
+With bfloat16 or float32 activations D is held transposed ([K, in], the same bytes, bfloat16): the ≤ 8-row
+x·D kernels stream it front to back (float32 x: D widened in registers) and torch's GEMM reads the
+transposed view for more rows (NOTES items 30, 44), and :meth:`CPUKernel.apply` runs the whole layer in
+one call (``cospadi_cpu::linear``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class CPUKernel(CoSpaDiKernel):
 
     def __init__(self, config: KernelConfig) -> None:
         super().__init__(config)
-        self.dictionary_transposed = config.act_dtype == torch.bfloat16 == config.dictionary_dtype
+        # D held transposed ([K, in], the same bytes) for the C++ x·D kernels: bf16 activations, and float32
+        # ones (D widened in registers for few rows, instead of a float32 copy of D per call).
+        self.dictionary_transposed = config.dictionary_dtype == torch.bfloat16 and config.act_dtype in (
+            torch.bfloat16, torch.float32)
         self.value_table: torch.Tensor | None = None
         self.value_kind = 0
         self.direct_max_rows = DIRECT_MAX_ROWS

@@ -842,6 +842,66 @@ at::Tensor dictionary_product_small(const at::Tensor& x, const at::Tensor& dicti
 #endif
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define COSPADI_FLOAT_DICTIONARY_PRODUCT 1
+// x·D for decode-sized M with float32 x (CPUs without bf16 matrix instructions serve float32) and D held
+// in bf16, transposed: each atom's row of D is widened to float32 in registers (a shift), never copied
+// (torch's GEMM needed a float32 copy of D on every call, a write and a read of twice D's bytes).
+constexpr int kFloatDictionaryRows = 8;
+
+inline __m256 widen_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float sum8f(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// z[r, t] for rows r < R of x and atom t: 8 inputs per FMA and row.
+template <int R>
+void atom_product_f32(const float* x, int64_t ldx, const uint16_t* dt, int64_t in, int64_t t, float* z, int64_t ldz) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const uint16_t* d = dt + t * in;
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    const __m256 dv = widen_bf16x8(d + i);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + i), dv, acc[r]);
+  }
+  float rest[R] = {0};
+  for (; i < in; ++i) {
+    const float dv = bf16_bits_to_float(d[i]);
+    for (int r = 0; r < R; ++r) rest[r] += x[r * ldx + i] * dv;
+  }
+  for (int r = 0; r < R; ++r) z[r * ldz + t] = sum8f(acc[r]) + rest[r];
+}
+
+using FloatAtomKernel = void (*)(const float*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
+template <int... R>
+constexpr auto float_atom_kernels(std::integer_sequence<int, R...>) {
+  return std::array<FloatAtomKernel, sizeof...(R)>{&atom_product_f32<R + 1>...};
+}
+constexpr auto kFloatAtomKernels = float_atom_kernels(std::make_integer_sequence<int, kFloatDictionaryRows>{});
+
+// z [M, K] float32 = x [M, in] (float32) · D, D given as dictionary_t [K, in] (bfloat16), M ≤ kFloatDictionaryRows.
+at::Tensor dictionary_product_float_small(const at::Tensor& x, const at::Tensor& dictionary_t) {
+  const int64_t m = x.size(0), in = x.size(1), k = dictionary_t.size(0), ldx = x.stride(0);
+  at::Tensor z = at::empty({m, k}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
+  float* zp = z.data_ptr<float>();
+  const int64_t rows_per_block = std::clamp<int64_t>((16 << 10) / (in * 4), 1, kFloatDictionaryRows);  // x rows in L1
+  at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
+        kFloatAtomKernels[std::min(rows_per_block, m - r0) - 1](xp + r0 * ldx, ldx, dp, in, t, zp + r0 * k, k);
+  });
+  return z;
+}
+#endif
+
 Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, const at::Tensor& coef_scales,
                   const at::Tensor& atom_offsets, const at::Tensor& value_table, int64_t value_kind) {
   TORCH_CHECK(coef_mask.scalar_type() == at::kInt && coef_mask.dim() == 2 && coef_mask.is_contiguous(),
@@ -1049,6 +1109,11 @@ at::Tensor dictionary_product(const at::Tensor& x_in, const at::Tensor& dictiona
   const at::Tensor x = x_in.contiguous();
 #ifdef COSPADI_OWN_DICTIONARY_PRODUCT
   if (own_dictionary_kernel(x, dictionary_t)) return dictionary_product_small(x, dictionary_t).to(x.scalar_type());
+#endif
+#ifdef COSPADI_FLOAT_DICTIONARY_PRODUCT
+  if (x.scalar_type() == at::kFloat && dictionary_t.scalar_type() == at::kBFloat16 && x.size(0) >= 1 &&
+      x.size(0) <= kFloatDictionaryRows)
+    return dictionary_product_float_small(x, dictionary_t);
 #endif
   return at::mm(x, dictionary_t.t().to(x.scalar_type()));
 }
