@@ -43,7 +43,6 @@
 // and the expanded tiles, eight atom lanes at a time.
 #if !COSPADI_AVX512 && defined(__AVX2__) && defined(__FMA__)
 #define COSPADI_AVX2 1
-#include <immintrin.h>
 #else
 #define COSPADI_AVX2 0
 #endif
@@ -73,6 +72,47 @@ inline float bf16_bits_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+// Sum of the 8 float lanes of an AVX register.
+inline float sum8f(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// z [M, K] float32 = x [M, in] · D for few rows, D given as dictionary_t [K, in] (bf16): one atom's row of
+// D at a time against blocks of x rows that stay in L1 (down_proj's 8 rows × 1536 bf16 inputs = 24 KB did
+// not), kernels[r - 1] taking r rows. x is bfloat16 (as uint16_t) or float32.
+template <typename X, size_t N>
+at::Tensor atom_by_atom(const at::Tensor& x, const X* xp, const at::Tensor& dictionary_t,
+                        const std::array<void (*)(const X*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t),
+                                         N>& kernels) {
+  const int64_t m = x.size(0), in = x.size(1), k = dictionary_t.size(0), ldx = x.stride(0);
+  at::Tensor z = at::empty({m, k}, x.options().dtype(at::kFloat));
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
+  float* zp = z.data_ptr<float>();
+  const int64_t rows_per_block = std::clamp<int64_t>((16 << 10) / (in * int64_t(sizeof(X))), 1, int64_t(N));
+  at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
+        kernels[std::min(rows_per_block, m - r0) - 1](xp + r0 * ldx, ldx, dp, in, t, zp + r0 * k, k);
+  });
+  return z;
+}
+#endif
+
+// {kernel<1>, …, kernel<N>}: one instantiation per row count, indexed by rows - 1. ``make(r)`` returns
+// the kernel for r = std::integral_constant<int, rows>.
+template <typename Make, int... R>
+constexpr auto row_kernels_of(Make make, std::integer_sequence<int, R...>) {
+  return std::array{make(std::integral_constant<int, R + 1>{})...};
+}
+template <int N, typename Make>
+constexpr auto row_kernels(Make make) {
+  return row_kernels_of(make, std::make_integer_sequence<int, N>{});
 }
 
 inline float decode_value(const uint8_t* values, int64_t t, int kind, const float* table) {
@@ -172,14 +212,8 @@ inline __m256 byte_values(uint32_t byte, const uint8_t** values, const Coefficie
   return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_castsi256_ps(lanes));
 }
 
-inline float sum8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-
 template <int R>
-void column_avx2(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y, int64_t ldy) {
+void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y, int64_t ldy) {
   // Two accumulators per row (even / odd bytes of the mask words) split the FMA latency chain.
   __m256 even[R], odd[R];
   for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
@@ -200,15 +234,8 @@ void column_avx2(const Coefficients& c, int64_t j, const float* z, int64_t ldz, 
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = sum8(_mm256_add_ps(even[r], odd[r])) * c.scales[j];
+  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = sum8f(_mm256_add_ps(even[r], odd[r])) * c.scales[j];
 }
-
-template <int... R>
-constexpr auto fp32_kernels(std::integer_sequence<int, R...>) {
-  return std::array<void (*)(const Coefficients&, int64_t, const float*, int64_t, int64_t, float*, int64_t), sizeof...(R)>{
-      &column_avx2<R + 1>...};
-}
-constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowBlock>{});
 
 // One row of C stored densely (the expanded-tile prefill path), eight atoms at a time.
 template <typename T>
@@ -280,7 +307,7 @@ inline __m512i round_to_bf16(__m512 v) {
 }
 
 template <int R>
-void column_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y,
+void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y,
                    int64_t ldy) {
   // Two accumulators per row (low / high 16 bits of each mask word): the halves are independent,
   // so the FMA latency chain is split in two.
@@ -304,13 +331,15 @@ void column_avx512(const Coefficients& c, int64_t j, const float* z, int64_t ldz
   for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) * c.scales[j];
 }
 
-template <int... R>
-constexpr auto fp32_kernels(std::integer_sequence<int, R...>) {
-  return std::array<void (*)(const Coefficients&, int64_t, const float*, int64_t, int64_t, float*, int64_t), sizeof...(R)>{
-      &column_avx512<R + 1>...};
-}
-constexpr auto kFp32Kernels = fp32_kernels(std::make_integer_sequence<int, kRowBlock>{});
 
+#endif
+
+#if COSPADI_AVX512 || COSPADI_AVX2
+// The float32 decode kernels for 1..kRowBlock rows (column_vector: the AVX-512 or the AVX2 one).
+constexpr auto kFp32Kernels = row_kernels<kRowBlock>([](auto r) { return &column_vector<r()>; });
+#endif
+
+#if COSPADI_AVX512
 #if COSPADI_AVX512_BF16
 // The 32 values of one mask word as bf16 lanes (zero where the bit is clear); advances *values.
 __attribute__((always_inline)) inline __m512bh word_values_bf16(uint32_t bits, const uint8_t** values, const Coefficients& c) {
@@ -776,7 +805,6 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
 // DRAM time of D at M = 8 on SmolLM2's layers (NOTES.md item 30).
 constexpr int kDictionaryRows = 8;  // rows of x up to which the own kernel serves (above: torch's GEMM)
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kDictionaryL1Bytes = 16 << 10;  // rows of x per pass over an atom: at most this much
 
 __attribute__((always_inline)) inline __m512 dot_accumulate_bf16(__m512 acc, __m512i a, __m512i b) {
   __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));  // see dot_accumulate
@@ -813,30 +841,11 @@ void atom_product(const uint16_t* x, int64_t ldx, const uint16_t* dt, int64_t in
   }
 }
 
-using AtomKernel = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
-template <int... R>
-constexpr auto atom_kernels(std::integer_sequence<int, R...>) {
-  return std::array<AtomKernel, sizeof...(R)>{&atom_product<R + 1>...};
-}
-constexpr auto kAtomKernels = atom_kernels(std::make_integer_sequence<int, kDictionaryRows>{});
+constexpr auto kAtomKernels = row_kernels<kDictionaryRows>([](auto r) { return &atom_product<r()>; });
 
 // z [M, K] float32 = x [M, in] (bfloat16) · D, D given as dictionary_t [K, in] (bfloat16), M ≤ kDictionaryRows.
 at::Tensor dictionary_product_small(const at::Tensor& x, const at::Tensor& dictionary_t) {
-  const int64_t m = x.size(0), in = x.size(1), k = dictionary_t.size(0);
-  at::Tensor z = at::empty({m, k}, x.options().dtype(at::kFloat));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
-  float* zp = z.data_ptr<float>();
-  // Rows of x in blocks that stay in L1 next to the atom's row of D (down_proj: 8 rows × 1536 inputs =
-  // 24 KB did not).
-  const int64_t ldx = x.stride(0);
-  const int64_t rows_per_block = std::clamp<int64_t>(kDictionaryL1Bytes / (in * 2), 1, kDictionaryRows);
-  at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
-        kAtomKernels[std::min(rows_per_block, m - r0) - 1](xp + r0 * ldx, ldx, dp, in, t, zp + r0 * k, k);
-  });
-  return z;
+  return atom_by_atom(x, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), dictionary_t, kAtomKernels);
 }
 #endif
 #endif
@@ -851,12 +860,6 @@ constexpr int kFloatDictionaryRows = 8;
 
 inline __m256 widen_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-inline float sum8f(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 
 // z[r, t] for rows r < R of x and atom t: 8 inputs per FMA and row.
@@ -878,27 +881,11 @@ void atom_product_f32(const float* x, int64_t ldx, const uint16_t* dt, int64_t i
   for (int r = 0; r < R; ++r) z[r * ldz + t] = sum8f(acc[r]) + rest[r];
 }
 
-using FloatAtomKernel = void (*)(const float*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
-template <int... R>
-constexpr auto float_atom_kernels(std::integer_sequence<int, R...>) {
-  return std::array<FloatAtomKernel, sizeof...(R)>{&atom_product_f32<R + 1>...};
-}
-constexpr auto kFloatAtomKernels = float_atom_kernels(std::make_integer_sequence<int, kFloatDictionaryRows>{});
+constexpr auto kFloatAtomKernels = row_kernels<kFloatDictionaryRows>([](auto r) { return &atom_product_f32<r()>; });
 
 // z [M, K] float32 = x [M, in] (float32) · D, D given as dictionary_t [K, in] (bfloat16), M ≤ kFloatDictionaryRows.
 at::Tensor dictionary_product_float_small(const at::Tensor& x, const at::Tensor& dictionary_t) {
-  const int64_t m = x.size(0), in = x.size(1), k = dictionary_t.size(0), ldx = x.stride(0);
-  at::Tensor z = at::empty({m, k}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
-  float* zp = z.data_ptr<float>();
-  const int64_t rows_per_block = std::clamp<int64_t>((16 << 10) / (in * 4), 1, kFloatDictionaryRows);  // x rows in L1
-  at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
-        kFloatAtomKernels[std::min(rows_per_block, m - r0) - 1](xp + r0 * ldx, ldx, dp, in, t, zp + r0 * k, k);
-  });
-  return z;
+  return atom_by_atom(x, x.data_ptr<float>(), dictionary_t, kFloatAtomKernels);
 }
 #endif
 
