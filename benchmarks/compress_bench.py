@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "shapes": [],
     }
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"compress-bench-{results['meta']['device']}"
     if out.with_suffix(".json").is_file():  # keep rows of other shapes / ratios from earlier runs
         earlier = json.loads(out.with_suffix(".json").read_text())

@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or (["llama3-8b"] if gpu else ["smollm2-135m", "llama3.2-1b"])
     ratios = args.ratios or ([0.2, 0.3, 0.4] if gpu else [0.3])
     ms = args.m or ([1, 4, 16, 64, 512, 2048] if gpu else [1, 8, 64, 512])
-    impls = args.impls or [i for i in IMPLS if i != ("cospadi-cpu" if gpu else "cospadi-triton")]
-    if "cospadi-triton" in impls and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    triton_impls = [i for i in IMPLS if i.startswith("cospadi-triton")]
+    impls = args.impls or [i for i in IMPLS if (i != "cospadi-cpu" if gpu else i not in triton_impls)]
+    if set(impls) & set(triton_impls) and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("cospadi-triton needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run whose times mean nothing)")
 
     torch.manual_seed(0)
