@@ -44,7 +44,16 @@ def platform_line() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    from cospadi_vllm.kernels import cpu_library
+
+    width = cpu_library.vector_width()
+    kernels = {512: "AVX-512", 256: "AVX2 + FMA"}.get(width, "portable")
+    line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CoSpaDi CPU kernels {kernels}"
+    if os.environ.get("COSPADI_CPU_ARCH"):
+        line += f" (built with COSPADI_CPU_ARCH={os.environ['COSPADI_CPU_ARCH']})"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        line += f", oneDNN capped at ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+    return line
 
 
 def bench_one(label: str, model_dir: Path, args, name: str) -> dict:
