@@ -45,6 +45,20 @@ def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
             assert err < 1e-6, (path, portable, err)
 
 
+@pytest.mark.parametrize("rows", [2, 5, 8])
+def test_cpu_coefficient_product_with_rows_of_z_4kib_apart(rows):
+    """K = 1030 float32 atoms (4120 bytes per row of Z, within 512 bytes of 4 KiB): the direct kernels read
+    a copy of Z with its rows spread over the L1 sets; still the float64 product of the same numbers."""
+    g = torch.Generator().manual_seed(77 + rows)
+    _, coef, k_total = merged_layer("int8", g, shards=[(515, 24, 40), (515, 20, 33)])
+    assert (k_total * 4) % 4096 < 512
+    z = torch.randn(rows, k_total, generator=g)
+    reference = z.double() @ reference_coefficients(*coef, k_total)
+    y = coefficient_product_cpu(z, *coef, torch.float32, direct_max_rows=10**9)
+    err = float((y.double() - reference).norm() / reference.norm())
+    assert err < 1e-6, err
+
+
 @pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
 def test_cpu_bf16_z_products_exact_sums_float32(value_dtype):
     """bf16 Z (vdpbf16ps kernel, one and two columns at a time): bf16 values and Z are exact, so only
@@ -244,7 +258,8 @@ def test_cpu_float32_dictionary_product_reads_bf16_d():
     GEMM) equals the float64 product of the same numbers within float32 summation."""
     cpu_library.load()
     g = torch.Generator().manual_seed(15)
-    for in_features, k in ((48, 37), (70, 64), (576, 31)):
+    # 1540 inputs: all 8 float32 rows in one pass (64 KiB budget), not a multiple of 8 (scalar tail)
+    for in_features, k in ((48, 37), (70, 64), (576, 31), (1540, 19)):
         dictionary = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
         dictionary_t = dictionary.t().contiguous()
         for rows in (1, 3, 8, 9, 40):

@@ -94,7 +94,11 @@ at::Tensor atom_by_atom(const at::Tensor& x, const X* xp, const at::Tensor& dict
   at::Tensor z = at::empty({m, k}, x.options().dtype(at::kFloat));
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(dictionary_t.data_ptr<at::BFloat16>());
   float* zp = z.data_ptr<float>();
-  const int64_t rows_per_block = std::clamp<int64_t>((16 << 10) / (in * int64_t(sizeof(X))), 1, int64_t(N));
+  // bf16 x: blocks of rows that fit 16 KiB (tuned on AVX-512). float32 x: up to 64 KiB, i.e. all 8 rows
+  // of down_proj from L2 — with AVX2's 16 registers, splitting rows into more passes cost more (each pass
+  // widens D again, for fewer FMAs) than reading x from L2 (NOTES.md item 46: down 10.4 -> 7.9 ms).
+  const int64_t budget = std::is_same_v<X, float> ? 64 << 10 : 16 << 10;
+  const int64_t rows_per_block = std::clamp<int64_t>(budget / (in * int64_t(sizeof(X))), 1, int64_t(N));
   at::parallel_for(0, k, 32, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t r0 = 0; r0 < m; r0 += rows_per_block)
@@ -214,13 +218,20 @@ inline __m256 byte_values(uint32_t byte, const uint8_t** values, const Coefficie
 
 template <int R>
 void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y, int64_t ldy) {
-  // Two accumulators per row (even / odd bytes of the mask words) split the FMA latency chain.
-  __m256 even[R], odd[R];
-  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  // Below 4 rows, two accumulators per row (even / odd bytes of the mask words) split the FMA latency
+  // chain; from 4 rows on the rows' own chains suffice, and a second set would not fit AVX2's 16
+  // registers beside the values, lanes and Z (at 8 rows GCC spilled every accumulator).
+  // The loops over rows and bytes are unrolled by pragma before scalar replacement: without it GCC kept
+  // every accumulator on the stack (a load and a store around each FMA).
+  constexpr int kSets = R >= 4 ? 1 : 2;
+  __m256 acc[kSets][R];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[kSets - 1][r] = _mm256_setzero_ps();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
   const uint8_t* values = c.values + j * c.values_row_bytes;
   const float* zrow = z + m0 * ldz + c.offsets[j];
   for (int64_t w = 0; w < c.words; ++w) {
+    #pragma GCC unroll 4
     for (int b = 0; b < 4; ++b) {
       const uint32_t byte = mask[w] >> (8 * b) & 0xFF;
       if (!byte) continue;
@@ -228,13 +239,18 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
       const __m256 v = byte_values(byte, &values, c, lanes);
       // Masked loads: lanes of clear bits are neither read nor faulted (the shard may end here).
       const float* zb = zrow + w * 32 + 8 * b;
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        __m256& acc = b & 1 ? odd[r] : even[r];
-        acc = _mm256_fmadd_ps(v, _mm256_maskload_ps(zb + r * ldz, lanes), acc);
+        __m256& a = acc[b % kSets][r];
+        a = _mm256_fmadd_ps(v, _mm256_maskload_ps(zb + r * ldz, lanes), a);
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = sum8f(_mm256_add_ps(even[r], odd[r])) * c.scales[j];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m256 sum = kSets == 2 ? _mm256_add_ps(acc[0][r], acc[kSets - 1][r]) : acc[0][r];
+    y[(m0 + r) * ldy + j] = sum8f(sum) * c.scales[j];
+  }
 }
 
 // One row of C stored densely (the expanded-tile prefill path), eight atoms at a time.
@@ -310,8 +326,10 @@ template <int R>
 void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz, int64_t m0, float* y,
                    int64_t ldy) {
   // Two accumulators per row (low / high 16 bits of each mask word): the halves are independent,
-  // so the FMA latency chain is split in two.
+  // so the FMA latency chain is split in two. Row loops unrolled by pragma, as in the AVX2 kernel (GCC
+  // kept the accumulators on the stack from 4 rows on without it).
   __m512 lo[R], hi[R];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
   const uint8_t* values = c.values + j * c.values_row_bytes;
@@ -323,11 +341,13 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
     word_values(bits, &values, c, &v_lo, &v_hi);
     // Masked loads: lanes of clear bits are neither read nor faulted (the shard may end here).
     const float* zw = zrow + w * 32;
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       lo[r] = _mm512_fmadd_ps(v_lo, _mm512_maskz_loadu_ps(mk_lo, zw + r * ldz), lo[r]);
       hi[r] = _mm512_fmadd_ps(v_hi, _mm512_maskz_loadu_ps(mk_hi, zw + r * ldz + 16), hi[r]);
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) * c.scales[j];
 }
 
@@ -355,10 +375,13 @@ __attribute__((always_inline)) inline __m512bh word_values_bf16(uint32_t bits, c
 template <int R, int P>
 void columns_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, int64_t ldz, int64_t m0, float* y,
                          int64_t ldy) {
+  // Loops unrolled by pragma so that the accumulators stay in registers (GCC spilled them otherwise).
   __m512 acc[P][R];
   const uint32_t* mask[P];
   const uint8_t* values[P];
+  #pragma GCC unroll 2
   for (int p = 0; p < P; ++p) {
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
     mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
     values[p] = c.values + (j + p) * c.values_row_bytes;
@@ -367,17 +390,22 @@ void columns_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, in
   for (int64_t w = 0; w < c.words; ++w) {
     __m512bh v[P];
     uint32_t any = 0;
+    #pragma GCC unroll 2
     for (int p = 0; p < P; ++p) {
       any |= mask[p][w];
       v[p] = word_values_bf16(mask[p][w], &values[p], c);
     }
     const uint16_t* zw = zrow + w * 32;
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512bh zr = (__m512bh)_mm512_maskz_loadu_epi16(any, zw + r * ldz);
+      #pragma GCC unroll 2
       for (int p = 0; p < P; ++p) acc[p][r] = _mm512_dpbf16_ps(acc[p][r], v[p], zr);
     }
   }
+  #pragma GCC unroll 2
   for (int p = 0; p < P; ++p)
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + j + p] = _mm512_reduce_add_ps(acc[p][r]) * c.scales[j + p];
 }
 
@@ -1051,6 +1079,21 @@ at::Tensor coef_product_expanded(const Coefficients& c, const at::Tensor& z_in, 
   return y;
 }
 
+// L1 is 8-way with 4 KiB per way: rows of Z whose byte stride is within 512 bytes of a multiple of 4 KiB put
+// the same atoms of every row in the same few sets, and the stream of C evicts them (SmolLM2's gate_up
+// at CR 0.3: 1036 float32 atoms, 4144 bytes per row; NOTES.md item 46). Such a Z is copied with its rows
+// 4 KiB + 512 bytes apart, which spreads 8 rows over all 64 sets; a [8, K] copy costs far less than
+// the misses.
+at::Tensor spread_rows(const at::Tensor& z) {
+  const int64_t row_bytes = z.size(1) * z.element_size();
+  const int64_t phase = row_bytes % 4096;
+  if (z.size(0) < 2 || (phase >= 512 && phase <= 4096 - 512)) return z;
+  const int64_t stride = ((row_bytes + 4095) / 4096 * 4096 + 512) / z.element_size();
+  at::Tensor spread = at::empty({z.size(0), stride}, z.options()).narrow(1, 0, z.size(1));
+  spread.copy_(z);
+  return spread;
+}
+
 // y [M, N] = z [M, K] · C, float32 if float_out else in z's dtype. Up to direct_max_rows rows of Z the
 // direct kernels, above it expanded tiles + GEMM (the caller passes the crossover measured for the
 // kernel that serves its dtypes: cospadi_vllm/ops.py).
@@ -1065,8 +1108,8 @@ at::Tensor coef_product(const at::Tensor& z_in, const at::Tensor& coef_mask, con
   if (z_in.size(0) <= direct_max_rows) {
     // bfloat16 Z goes to the kernels as it is where the CPU has AVX-512 BF16; anything else as float32.
     const bool keep_bf16 = z_in.scalar_type() == at::kBFloat16 && COSPADI_AVX512_BF16 && !portable;
-    y = coef_product_direct(c, z_in.to(keep_bf16 ? at::kBFloat16 : at::kFloat).contiguous(), value_kind, portable,
-                            float_out);
+    y = coef_product_direct(c, spread_rows(z_in.to(keep_bf16 ? at::kBFloat16 : at::kFloat).contiguous()),
+                            value_kind, portable, float_out);
   } else {
     y = coef_product_expanded(c, z_in, portable);
   }
