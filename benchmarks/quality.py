@@ -9,6 +9,9 @@ first scored). Bytes are real stored bytes: compressed layers as stored, everyth
 Rows (each one resumable: finished rows are kept in the JSON and skipped on the next run):
   dense               the original weights, counted at bf16
   rtn-int8            round-to-nearest int8 per output channel (fp32 scale) on the same target layers
+  rtn-int4-gG, rtn-int3-gG    round-to-nearest, asymmetric groups of G inputs (benchmarks/baselines.py)
+  gptq-int4-gG, gptq-int3-gG  GPTQ from llm-compressor, same groups (needs `make baselines-setup` once;
+                              skipped with a note without it)
   svd-llm@CR          whitened truncated SVD at the CR's byte budget
   cospadi-int8@CR     K-SVD dictionary + int8 coefficient values
   cospadi-bf16@CR     K-SVD dictionary + bf16 coefficient values
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from baselines import BASELINES_PYTHON, baseline_rows, gptq_row, group_size_for, rtn_, stored_bytes
 
 from offline_compress import assets
 from offline_compress.evaluate import evaluation_windows, perplexity
@@ -74,31 +78,37 @@ def target_linears(model) -> list[torch.nn.Linear]:
     return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)]
 
 
-@torch.no_grad()
-def rtn_int8_(model) -> int:
-    """Quantize the target linears in place (int8, symmetric per output channel); → their stored bytes."""
-    stored = 0
-    for linear in target_linears(model):
-        weight = linear.weight
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-        weight.copy_((weight / scale).round().clamp(-127, 127) * scale)
-        stored += weight.numel() + 4 * weight.shape[0]  # int8 values + one fp32 scale per channel
-    return stored
+def target_shapes(model_dir: Path) -> list[tuple[int, int]]:
+    """[out, in] of every target linear, read from the config alone (an empty model on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return [tuple(m.weight.shape) for m in target_linears(model)]
 
 
-def evaluate_dense(model_dir: Path, windows, device, rtn: bool) -> dict:
+def evaluate_baseline(model_dir: Path, windows, args, method: str, bits: int, group_size: int | None) -> dict:
+    """dense (method "dense"), RTN in place, or GPTQ through llm-compressor; bytes by baselines' rule."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
     total = model_bytes(model)
-    layer_dense = 2 * sum(m.weight.numel() for m in target_linears(model))
-    layer_stored = rtn_int8_(model) if rtn else layer_dense
-    return {
-        "model_bytes": total - layer_dense + layer_stored,
-        "layer_bytes": layer_stored,
-        "layer_bytes_dense_bf16": layer_dense,
-        "perplexity": perplexity(model, windows, desc="rtn-int8" if rtn else "dense"),
-    }
+    shapes = [tuple(m.weight.shape) for m in target_linears(model)]
+    layer_dense = 2 * sum(o * i for o, i in shapes)
+    row = {"layer_bytes_dense_bf16": layer_dense}
+    if method == "dense":
+        row["layer_bytes"] = layer_dense
+        row["perplexity"] = perplexity(model, windows, desc="dense")
+    elif method == "rtn":
+        row["layer_bytes"] = rtn_(target_linears(model), bits, group_size)
+        row["perplexity"] = perplexity(model, windows, desc=f"rtn-int{bits}")
+    else:
+        del model
+        calibration = {"calib_samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
+        row.update(gptq_row(model_dir, bits, group_size, args.work_dir / "gptq", calibration, DEFAULT_TARGETS))
+        row["layer_bytes"] = sum(stored_bytes(o, i, bits, group_size) for o, i in shapes)
+    row["model_bytes"] = total - layer_dense + row["layer_bytes"]
+    return row
 
 
 def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: float, windows, args) -> dict:
@@ -140,6 +150,17 @@ def model_bytes_of(row: dict, dense: dict | None) -> int:
     return dense["model_bytes"] - row["layer_bytes_dense_bf16"] + row["layer_bytes"]
 
 
+def pareto_frontier(results: dict) -> list[str]:
+    """Rows no other row beats on both model bytes and perplexity, smallest first."""
+    dense = results.get("dense")
+    frontier, best = [], math.inf
+    for rid, row in sorted(results.items(), key=lambda item: (model_bytes_of(item[1], dense), item[1]["perplexity"])):
+        if row["perplexity"] < best:
+            frontier.append(rid)
+            best = row["perplexity"]
+    return frontier
+
+
 def markdown(results: dict, meta: dict, missing: list[str]) -> str:
     dense = results.get("dense")
     lines = [
@@ -148,16 +169,24 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
         f"Held-out Wikipedia split, {meta['windows']} windows × {meta['seq_len']} tokens, no BOS. "
         f"Machine: {meta['machine']}. Bytes: compressed layers as stored, the rest at bf16.",
         "",
-        "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | mean whitened error | compress time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | mean whitened error | compress time "
+        "| Pareto |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    frontier = pareto_frontier(results)
     for rid, r in sorted(results.items(), key=lambda item: -model_bytes_of(item[1], dense)):
         cr = 1 - r["layer_bytes"] / r["layer_bytes_dense_bf16"]
         delta = f"{r['perplexity'] - dense['perplexity']:+.2f}" if dense else "–"
         secs = f"{r['compress_seconds'] / 60:.1f} min" if "compress_seconds" in r else "–"
         err = f"{r['mean_whitened_rel_error']:.4f}" if "mean_whitened_rel_error" in r else "–"
         lines.append(f"| {rid} | {model_bytes_of(r, dense) / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
-                     f"{r['perplexity']:.2f} | {delta} | {err} | {secs} |")
+                     f"{r['perplexity']:.2f} | {delta} | {err} | {secs} | {'●' if rid in frontier else ''} |")
+    lines += ["", "Pareto (●): no other row is both smaller and lower in perplexity; the plot draws the frontier."]
+    gptq_dense = sorted({f"{r['dense_perplexity_same_env']:.2f}" for r in results.values()
+                         if "dense_perplexity_same_env" in r})
+    if gptq_dense:
+        lines[-1] += (" GPTQ rows come from llm-compressor in its own environment, whose transformers scores the "
+                      f"dense model at {', '.join(gptq_dense)} on the same windows.")
     sharing = []
     for ratio in meta["ratios"]:
         for variant, what, reference in (
@@ -223,10 +252,20 @@ def plot(results: dict, meta: dict, path: Path) -> None:
         if pts:
             label = f"{variant.removesuffix(KEPT_SUFFIX)} (previous compressor)" if variant.endswith(KEPT_SUFFIX) else variant
             ax.plot(*zip(*pts, strict=True), marker=marker, color=color, linestyle=line, label=label, alpha=0.6 if line == ":" else 1)
-    for rid, color in (("dense", "black"), ("rtn-int8", "tab:gray")):
-        if rid in results:
-            ax.scatter(results[rid]["model_bytes"] / 1e6, results[rid]["perplexity"], color=color, marker="*", s=120,
-                       label=f"{rid} (bf16)" if rid == "dense" else rid, zorder=3)
+    dense = results.get("dense")
+    for prefix, color, marker in (("rtn-", "tab:gray", "x"), ("gptq-", "tab:brown", "+")):
+        pts = sorted((model_bytes_of(r, dense) / 1e6, r["perplexity"], rid.removeprefix(prefix))
+                     for rid, r in results.items() if rid.startswith(prefix))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="--", markersize=9,
+                    label=f"{prefix.rstrip('-').upper()} ({', '.join(p[2] for p in pts)})")
+    if dense:
+        ax.scatter(dense["model_bytes"] / 1e6, dense["perplexity"], color="black", marker="*", s=120, label="dense (bf16)",
+                   zorder=3)
+    frontier = [(model_bytes_of(results[rid], dense) / 1e6, results[rid]["perplexity"]) for rid in pareto_frontier(results)]
+    if len(frontier) > 1:
+        ax.step(*zip(*frontier, strict=True), where="post", color="black", linestyle=":", linewidth=1.2,
+                label="Pareto frontier", zorder=1)
     ppl = [r["perplexity"] for r in results.values()]
     if ppl and max(ppl) / min(ppl) > 10:
         ax.set_yscale("log")
@@ -234,7 +273,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
     ax.set_ylabel("perplexity (Wikipedia held-out)")
     ax.set_title(f"{meta['model']}: perplexity vs bytes")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -258,14 +297,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(the previous perplexity is kept in the row as previous_perplexity)")
     args = parser.parse_args(argv)
 
-    planned = ["dense", "rtn-int8"] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
-    unknown = [rid for rid in args.rows or [] if rid not in planned]
-    if unknown:
-        parser.error(f"--rows {' '.join(unknown)}: not a row of this run (rows: {' '.join(planned)})")
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: no config.json there (expected a Hugging Face model directory)")
-    work_dir = args.work_dir or assets.cache_dir() / "quality" / name
+    baselines = baseline_rows(group_size_for([i for _, i in target_shapes(model_dir)]))
+    planned = ["dense", *baselines] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
+    unknown = [rid for rid in args.rows or [] if rid not in planned]
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: not a row of this run (rows: {' '.join(planned)})")
+    args.work_dir = args.work_dir or assets.cache_dir() / "quality" / name
     from transformers import AutoTokenizer
 
     windows = evaluation_windows(AutoTokenizer.from_pretrained(model_dir))
@@ -279,16 +319,24 @@ def main(argv: list[str] | None = None) -> int:
     todo = [rid for rid in planned if (not args.rows or rid in args.rows) and (rid not in results or args.redo)]
     if args.redo and not args.rows:
         parser.error("--redo needs --rows (which rows to evaluate again)")
+    gptq = [rid for rid in todo if baselines.get(rid, ("",))[0] == "gptq"]
+    if gptq and not BASELINES_PYTHON.exists():
+        if args.rows:
+            parser.error(f"--rows {' '.join(gptq)}: GPTQ rows need llm-compressor (run `make baselines-setup` once)")
+        print(f"quality: skipping {' '.join(gptq)} (llm-compressor not set up: `make baselines-setup`)", file=sys.stderr)
+        todo = [rid for rid in todo if rid not in gptq]
     previous = {rid: results[rid] for rid in todo if rid in results}
     args.out.mkdir(parents=True, exist_ok=True)
     for rid in todo:
         started = time.perf_counter()
         print(f"== {rid}", file=sys.stderr, flush=True)
-        if rid in ("dense", "rtn-int8"):
-            results[rid] = evaluate_dense(model_dir, windows, args.device, rtn=rid == "rtn-int8")
+        if rid == "dense":
+            results[rid] = evaluate_baseline(model_dir, windows, args, "dense", 16, None)
+        elif rid in baselines:
+            results[rid] = evaluate_baseline(model_dir, windows, args, *baselines[rid])
         else:
             variant, _, ratio = rid.partition("@")
-            results[rid] = evaluate_compressed(model_dir, work_dir, variant, float(ratio), windows, args)
+            results[rid] = evaluate_compressed(model_dir, args.work_dir, variant, float(ratio), windows, args)
         results[rid]["wall_seconds"] = round(time.perf_counter() - started, 1)
         if rid in previous:
             old = previous[rid]
