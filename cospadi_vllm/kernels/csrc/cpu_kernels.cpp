@@ -166,7 +166,9 @@ void column_portable(const Coefficients& c, int64_t j, const float* z, int64_t l
 
 #if COSPADI_AVX2
 // For each mask byte, the packed value that lands in each of its 8 atom lanes: lane i takes value
-// number popcount(bits below i) (lanes of clear bits are zeroed after the permute).
+// number popcount(bits below i). The sign bit of a lane's entry says whether its bit is set (the
+// permute reads only the low 3 bits): the entry is at once the permute index, the masked-load mask and
+// the blend mask, one load instead of a broadcast, an AND and a compare per byte (NOTES.md item 47).
 struct ByteLanes {
   alignas(32) int32_t index[256][8];
 };
@@ -175,18 +177,18 @@ constexpr ByteLanes make_byte_lanes() {
   for (int byte = 0; byte < 256; ++byte) {
     int rank = 0;
     for (int lane = 0; lane < 8; ++lane) {
-      t.index[byte][lane] = (byte >> lane & 1) ? rank : 0;
-      rank += byte >> lane & 1;
+      const bool set = byte >> lane & 1;
+      t.index[byte][lane] = set ? static_cast<int32_t>(0x80000000u | static_cast<uint32_t>(rank)) : 0;
+      rank += set;
     }
   }
   return t;
 }
 constexpr ByteLanes kByteLanes = make_byte_lanes();
 
-// All-ones in the lanes whose bit is set in byte.
-inline __m256i byte_lane_mask(uint32_t byte) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), bit), bit);
+// The permute index of a mask byte, sign bit set in the lanes whose bit is set.
+inline __m256i byte_lanes(uint32_t byte) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteLanes.index[byte]));
 }
 
 // Up to 8 packed values at p as float32 lanes 0..count-1. Near the end of the tensor a plain 8- or
@@ -211,9 +213,8 @@ inline __m256 packed8(const uint8_t* p, const uint8_t* end, int count, int kind,
 inline __m256 byte_values(uint32_t byte, const uint8_t** values, const Coefficients& c, __m256i lanes) {
   const int count = __builtin_popcount(byte);
   const __m256 packed = packed8(*values, c.values_end, count, c.kind, c.table);
-  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteLanes.index[byte]));
   *values += count * (c.kind == kBf16 ? 2 : 1);
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_castsi256_ps(lanes));
+  return _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(packed, lanes), _mm256_castsi256_ps(lanes));
 }
 
 template <int R>
@@ -235,7 +236,7 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
     for (int b = 0; b < 4; ++b) {
       const uint32_t byte = mask[w] >> (8 * b) & 0xFF;
       if (!byte) continue;
-      const __m256i lanes = byte_lane_mask(byte);
+      const __m256i lanes = byte_lanes(byte);
       const __m256 v = byte_values(byte, &values, c, lanes);
       // Masked loads: lanes of clear bits are neither read nor faulted (the shard may end here).
       const float* zb = zrow + w * 32 + 8 * b;
@@ -263,7 +264,7 @@ void expand_row_avx2(const Coefficients& c, int64_t j, int64_t width, T* row) {
   for (int64_t start = 0; start < width; start += 8) {
     const int64_t w = start / 32;
     const uint32_t byte = w < c.words ? mask[w] >> (start % 32) & 0xFF : 0;
-    const __m256 v = _mm256_mul_ps(scale, byte_values(byte, &values, c, byte_lane_mask(byte)));
+    const __m256 v = _mm256_mul_ps(scale, byte_values(byte, &values, c, byte_lanes(byte)));
     const int64_t inside = std::min<int64_t>(8, width - start);
     if constexpr (std::is_same_v<T, float>) {
       if (inside == 8) {
