@@ -217,7 +217,7 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                                 f"{svd['perplexity']:.2f} → **{'CoSpaDi lower' if better else 'CoSpaDi NOT lower'}**")
     if verdicts:
         lines += ["", "CoSpaDi against SVD-LLM at the same byte budget:", "", *verdicts]
-    through = [r for r in results.values() if "evaluated_with" in r]
+    through = [r for r in results.values() if r.get("evaluated_with", "").startswith("transformers cospadi")]
     if through:
         lines += ["", "Compressed rows are evaluated on the checkpoint as stored, through transformers' `cospadi` "
                   "quantizer (the serving kernels, float32 activations)."]
