@@ -1080,17 +1080,18 @@ at::Tensor coef_product_expanded(const Coefficients& c, const at::Tensor& z_in, 
   return y;
 }
 
-// L1 is 8-way with 4 KiB per way: rows of Z whose byte stride is within 512 bytes of a multiple of 4 KiB put
-// the same atoms of every row in the same few sets, and the stream of C evicts them (SmolLM2's gate_up
-// at CR 0.3: 1036 float32 atoms, 4144 bytes per row; NOTES.md item 46). Such a Z is copied with its rows
-// 4 KiB + 512 bytes apart, which spreads 8 rows over all 64 sets; a [8, K] copy costs far less than
-// the misses.
-at::Tensor spread_rows(const at::Tensor& z) {
-  const int64_t row_bytes = z.size(1) * z.element_size();
+// Z for the direct kernels: in ``dtype``, contiguous — or, where that would put its rows within 512 bytes
+// of a multiple of 4 KiB apart, with rows 4 KiB + 512 bytes apart (one copy either way). L1 is 8-way with
+// 4 KiB per way: such rows put the same atoms of every row in the same few sets, and the stream of C
+// evicts them (SmolLM2's gate_up at CR 0.3: 1036 float32 atoms, 4144 bytes per row; NOTES.md item 46);
+// the spread rows cover all 64 sets with 8 rows.
+at::Tensor direct_z(const at::Tensor& z, at::ScalarType dtype) {
+  const int64_t element = c10::elementSize(dtype);
+  const int64_t row_bytes = z.size(1) * element;
   const int64_t phase = row_bytes % 4096;
-  if (z.size(0) < 2 || (phase >= 512 && phase <= 4096 - 512)) return z;
-  const int64_t stride = ((row_bytes + 4095) / 4096 * 4096 + 512) / z.element_size();
-  at::Tensor spread = at::empty({z.size(0), stride}, z.options()).narrow(1, 0, z.size(1));
+  if (z.size(0) < 2 || (phase >= 512 && phase <= 4096 - 512)) return z.to(dtype).contiguous();
+  const int64_t stride = ((row_bytes + 4095) / 4096 * 4096 + 512) / element;
+  at::Tensor spread = at::empty({z.size(0), stride}, z.options().dtype(dtype)).narrow(1, 0, z.size(1));
   spread.copy_(z);
   return spread;
 }
@@ -1109,8 +1110,8 @@ at::Tensor coef_product(const at::Tensor& z_in, const at::Tensor& coef_mask, con
   if (z_in.size(0) <= direct_max_rows) {
     // bfloat16 Z goes to the kernels as it is where the CPU has AVX-512 BF16; anything else as float32.
     const bool keep_bf16 = z_in.scalar_type() == at::kBFloat16 && COSPADI_AVX512_BF16 && !portable;
-    y = coef_product_direct(c, spread_rows(z_in.to(keep_bf16 ? at::kBFloat16 : at::kFloat).contiguous()),
-                            value_kind, portable, float_out);
+    y = coef_product_direct(c, direct_z(z_in, keep_bf16 ? at::kBFloat16 : at::kFloat), value_kind, portable,
+                            float_out);
   } else {
     y = coef_product_expanded(c, z_in, portable);
   }
