@@ -79,13 +79,10 @@ def rtn_grid(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.T
 
 
 @torch.no_grad()
-def rtn_(linears: list[torch.nn.Linear], bits: int, group_size: int | None) -> int:
-    """Round every linear's weight to its grid in place; → their stored bytes."""
-    stored = 0
+def rtn_(linears: list[torch.nn.Linear], bits: int, group_size: int | None) -> None:
+    """Round every linear's weight to its grid in place."""
     for linear in linears:
         linear.weight.copy_(rtn_grid(linear.weight.float(), bits, group_size))
-        stored += stored_bytes(*linear.weight.shape, bits, group_size)
-    return stored
 
 
 def gptq_row(model_dir: Path, bits: int, group_size: int, work_dir: Path, calibration: dict,

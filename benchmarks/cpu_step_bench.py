@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"q/k/v/o/gate/up/down layer compressed)")
     dense = {g: [dense_layer(weights, p, dtype) for p in per_layer] for g, per_layer in names.items()}
     cospadi = {g: [cospadi_layer(tensors, p, dtype) for p in per_layer] for g, per_layer in names.items()}
-    in_features = {g: sum(weights[f"{p}.weight"].shape[1] for p in names[g][0][:1]) for g in GROUPS}
+    in_features = {g: weights[f"{names[g][0][0]}.weight"].shape[1] for g in GROUPS}  # layer 0's first module
     del weights, tensors
 
     from vllm import _custom_ops as ops

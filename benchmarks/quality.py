@@ -78,36 +78,34 @@ def target_linears(model) -> list[torch.nn.Linear]:
     return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)]
 
 
-def target_shapes(model_dir: Path) -> list[tuple[int, int]]:
-    """[out, in] of every target linear, read from the config alone (an empty model on the meta device)."""
+def empty_model(model_dir: Path):
+    """The model built from its config alone, on the meta device: shapes and parameter counts, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return [tuple(m.weight.shape) for m in target_linears(model)]
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
-def evaluate_baseline(model_dir: Path, windows, args, method: str, bits: int, group_size: int | None) -> dict:
+def evaluate_baseline(model_dir: Path, windows, args, method: str = "dense", bits: int = 16,
+                      group_size: int | None = None) -> dict:
     """dense (method "dense"), RTN in place, or GPTQ through llm-compressor; bytes by baselines' rule."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
-    total = model_bytes(model)
-    shapes = [tuple(m.weight.shape) for m in target_linears(model)]
+    skeleton = empty_model(model_dir)
+    shapes = [tuple(m.weight.shape) for m in target_linears(skeleton)]
     layer_dense = 2 * sum(o * i for o, i in shapes)
-    row = {"layer_bytes_dense_bf16": layer_dense}
-    if method == "dense":
-        row["layer_bytes"] = layer_dense
-        row["perplexity"] = perplexity(model, windows, desc="dense")
-    elif method == "rtn":
-        row["layer_bytes"] = rtn_(target_linears(model), bits, group_size)
-        row["perplexity"] = perplexity(model, windows, desc=f"rtn-int{bits}")
-    else:
-        del model
+    row = {"layer_bytes_dense_bf16": layer_dense,
+           "layer_bytes": layer_dense if method == "dense" else sum(stored_bytes(o, i, bits, group_size)
+                                                                   for o, i in shapes)}
+    if method == "gptq":
         calibration = {"calib_samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
         row.update(gptq_row(model_dir, bits, group_size, args.work_dir / "gptq", calibration, DEFAULT_TARGETS))
-        row["layer_bytes"] = sum(stored_bytes(o, i, bits, group_size) for o, i in shapes)
-    row["model_bytes"] = total - layer_dense + row["layer_bytes"]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
+        if method == "rtn":
+            rtn_(target_linears(model), bits, group_size)
+        row["perplexity"] = perplexity(model, windows, desc=method if method == "dense" else f"rtn-int{bits}")
+    row["model_bytes"] = model_bytes(skeleton) - layer_dense + row["layer_bytes"]
     return row
 
 
@@ -300,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: no config.json there (expected a Hugging Face model directory)")
-    baselines = baseline_rows(group_size_for([i for _, i in target_shapes(model_dir)]))
+    baselines = baseline_rows(group_size_for([m.in_features for m in target_linears(empty_model(model_dir))]))
     planned = ["dense", *baselines] + [row_id(v, r) for r in args.ratios for v in VARIANTS]
     unknown = [rid for rid in args.rows or [] if rid not in planned]
     if unknown:
@@ -331,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         print(f"== {rid}", file=sys.stderr, flush=True)
         if rid == "dense":
-            results[rid] = evaluate_baseline(model_dir, windows, args, "dense", 16, None)
+            results[rid] = evaluate_baseline(model_dir, windows, args)
         elif rid in baselines:
             results[rid] = evaluate_baseline(model_dir, windows, args, *baselines[rid])
         else:

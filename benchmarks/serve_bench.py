@@ -46,9 +46,8 @@ def platform_line() -> str:
         return torch.cuda.get_device_name()
     from cospadi_vllm.kernels import cpu_library
 
-    width = cpu_library.vector_width()
-    kernels = {512: "AVX-512", 256: "AVX2 + FMA"}.get(width, "portable")
-    line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CoSpaDi CPU kernels {kernels}"
+    line = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CoSpaDi CPU kernels "
+            f"{cpu_library.build_name()}")
     if os.environ.get("COSPADI_CPU_ARCH"):
         line += f" (built with COSPADI_CPU_ARCH={os.environ['COSPADI_CPU_ARCH']})"
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):

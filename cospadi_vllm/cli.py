@@ -29,20 +29,25 @@ def _version(distribution_name: str) -> str:
         raise
 
 
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``name`` (e.g. "--port") on a command line, as ``--port V`` or ``--port=V``; the last one
+    wins, as in argparse. None if it is not there."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def _port_in_use(argv: list[str]) -> str | None:
     """'host:port' if ``serve`` was asked for a port something already listens on."""
     import socket
 
     if not argv or argv[0] != "serve":
         return None
-    host, port = "0.0.0.0", 8000
-    for i, arg in enumerate(argv):
-        if arg in ("--port", "--host") and i + 1 < len(argv):
-            host, port = (host, int(argv[i + 1])) if arg == "--port" else (argv[i + 1], port)
-        elif arg.startswith("--port="):
-            port = int(arg.split("=", 1)[1])
-        elif arg.startswith("--host="):
-            host = arg.split("=", 1)[1]
+    host, port = _option(argv, "--host") or "0.0.0.0", int(_option(argv, "--port") or 8000)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -75,22 +80,17 @@ def _serve_checkpoint_problems(argv: list[str]) -> list[str]:
 
 
 def _requested_dtype(argv: list[str]) -> str:
-    """The --dtype of a serve command line (or of its --config file); "auto" if none."""
-    for i, arg in enumerate(argv):
-        if arg == "--dtype" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--dtype="):
-            return arg.split("=", 1)[1]
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            from pathlib import Path
+    """The --dtype of a serve command line (or of its --config file, YAML as vLLM reads it); "auto" if none."""
+    dtype = _option(argv, "--dtype")
+    config = _option(argv, "--config")
+    if dtype is None and config is not None:
+        from pathlib import Path
 
-            with contextlib.suppress(OSError):
-                for line in Path(argv[i + 1]).read_text().splitlines():
-                    key, _, value = line.partition("#")[0].partition(":")
-                    if key.strip() == "dtype":
-                        return value.strip()
-    return "auto"
+        import yaml
+
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+            dtype = yaml.safe_load(Path(config).read_text()).get("dtype")
+    return str(dtype) if dtype is not None else "auto"
 
 
 def _bf16_on_cpu_warning(argv: list[str]) -> str | None:

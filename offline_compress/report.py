@@ -14,16 +14,17 @@ def module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
     """The report entry of one module (a ``layer.CompressedLinear``); ``owner``: the module whose
     dictionary it uses, if not its own."""
     shape = result.shape
+    dense = fmt.dense_bf16_bytes(shape.in_features, shape.out_features)
+    stored = fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None)
     stats = {
         "k": shape.k,
         "s": shape.s,
         "structure": result.structure,
         "in_features": shape.in_features,
         "out_features": shape.out_features,
-        "bytes_dense_bf16": fmt.dense_bf16_bytes(shape.in_features, shape.out_features),
-        "bytes_stored": fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None),
-        "compression_ratio": round(1 - fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None)
-                                   / fmt.dense_bf16_bytes(shape.in_features, shape.out_features), 6),
+        "bytes_dense_bf16": dense,
+        "bytes_stored": stored,
+        "compression_ratio": round(1 - stored / dense, 6),
         "whitened_rel_error": result.whitened_rel_error,
         "unquantized_rel_error": result.unquantized_rel_error,
         "candidates": {name: round(err, 6) for name, err in result.candidates.items()},

@@ -49,12 +49,17 @@ _loaded = False
 _features: dict[str, bool | int] = {}
 
 
-def cpu_flags() -> set[str]:
+def _flags_line() -> str | None:
+    """The ``flags`` line of /proc/cpuinfo (None where there is none)."""
     try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+        return None
+
+
+def cpu_flags() -> set[str]:
+    line = _flags_line()
+    return set(line.split(":", 1)[1].split()) if line else set()
 
 
 def has_bf16_matmul() -> bool:
@@ -76,10 +81,7 @@ def cflags() -> list[str]:
 
 
 def _cpu_tag() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = os.uname().machine
+    flags = _flags_line() or os.uname().machine
     tag = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return tag if arch() == "native" else f"{tag}-{arch()}"
 
@@ -185,6 +187,11 @@ def vector_width() -> int:
     return _features["vector_width"]
 
 
+def build_name() -> str:
+    """Which kernels were compiled in, in words: AVX-512, AVX2 + FMA or portable (scalar bit walk)."""
+    return {512: "AVX-512", 256: "AVX2 + FMA", 0: "portable (scalar bit walk)"}[vector_width()]
+
+
 def has_bf16_kernel() -> bool:
     """Whether ``coef_product`` takes bfloat16 Z directly (AVX-512 BF16: vdpbf16ps)."""
     return _feature("has_bf16_kernel")
@@ -198,7 +205,7 @@ def has_int16_kernel() -> bool:
 def main() -> int:
     """Build now (``make setup`` calls this), print what was built."""
     load()
-    kind = {512: "AVX-512", 256: "AVX2 + FMA", 0: "portable (scalar bit walk)"}[vector_width()]
+    kind = build_name()
     kind += " + BF16 dot products" if has_bf16_kernel() else ""
     kind += " + int16 dot products for int8 values" if has_int16_kernel() else ""
     print(f"[setup] CoSpaDi CPU kernels built in {build_directory()}: {kind}; value dtypes "
