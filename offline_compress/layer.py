@@ -19,7 +19,13 @@ import torch
 
 from cospadi_vllm import format as fmt
 from offline_compress.budget import SVD_STRUCTURE, layer_shape
-from offline_compress.dictionary import DEFAULT_WORKSPACE_BYTES, learn_dictionary, relative_error
+from offline_compress.dictionary import (
+    DEFAULT_WORKSPACE_BYTES,
+    initial_dictionary,
+    learn_dictionary,
+    relative_error,
+    sparse_code,
+)
 from offline_compress.options import DEFAULT_K_OVER_S
 from offline_compress.quantization import quantize, quantize_and_refit
 from offline_compress.whitening import unwhiten, whiten, whitening_factor
@@ -185,7 +191,8 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
         svd, candidates[SVD_STRUCTURE] = quantized(problem, SVD_STRUCTURE, svd_shape,
                                                    problem.svd_factorization(svd_shape.k), settings)
     # Full rank leaves only the rounding of its coefficients: a learned structure whose trial error
-    # (before quantization) is not below that is not learned further (STOP_RULE).
+    # (before quantization) is not below that is not learned further, nor trialled when its first coding
+    # (estimated on a column sample) is far above it (STOP_RULE).
     full_rank = svd is not None and svd.shape.k == min(problem.in_features, problem.out_features)
     learned = learn_best_structure(problem, ratio, settings, candidates,
                                    stop_above=candidates[SVD_STRUCTURE] if full_rank else None)
@@ -210,13 +217,32 @@ def better(error_a: float, shape_a: fmt.LayerShape, error_b: float, shape_b: fmt
     return error_a < error_b
 
 
-STOP_RULE = "a trial not below full-rank SVD's quantized error is not continued"
+STOP_RULE = ("a trial not below full-rank SVD's quantized error is not continued, and one whose first coding "
+             "(estimated on a column sample) is ESTIMATE_MARGIN × that error or more is not trialled at all")
+# Coding is per column, so the first coding's error (the trial's starting atoms, coded as learn_dictionary
+# starts) is estimated on every j-th output column (j ≤ 8, ≥ 512 columns kept), at 1/j of the cost. A trial's
+# error after its iterations was ≥ 1/2.1 of its first coding's on every SmolLM2 and Qwen2.5-0.5B trial
+# measured (benchmarks/results/NOTES.md item 50): an estimate ≥ 2.5 × full rank's error marks a trial that
+# would lose to full rank anyway, so skipping it changes no choice.
+ESTIMATE_MAX_STRIDE, ESTIMATE_MIN_COLUMNS = 8, 512
+ESTIMATE_MARGIN = 2.5
+
+
+def first_coding_estimate(problem: WhitenedProblem, shape: fmt.LayerShape, generator: torch.Generator,
+                          settings: LayerSettings) -> float:
+    """Whitened error of structure ``shape``'s first coding on a column sample; ``generator`` advances as the
+    trial's start would advance it."""
+    atoms = initial_dictionary(problem.target, shape.k, generator, problem.left)
+    stride = max(1, min(ESTIMATE_MAX_STRIDE, problem.out_features // ESTIMATE_MIN_COLUMNS))
+    sample = problem.target[:, ::stride]
+    coef, _ = sparse_code(atoms, sample, shape.s, workspace_bytes=settings.workspace_bytes)
+    return relative_error(sample, atoms, coef)
 
 
 def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: LayerSettings, candidates: dict[str, float],
                          stop_above: float | None = None) -> tuple[str, fmt.LayerShape, Factorization] | None:
     """Trial of every k/s (``candidates`` gets each one's error), then the best learned to the full count;
-    None if the best trial's error is ``stop_above`` or more (see STOP_RULE).
+    None if no trial's error is below ``stop_above`` (see STOP_RULE).
 
     At most two candidates' factorizations (the best so far and the one in trial) are alive at once."""
     generator = torch.Generator().manual_seed(settings.seed)
@@ -225,15 +251,22 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
     for k_over_s in settings.k_over_s:
         name = f"k/s={k_over_s:g}"
         shape = layer_shape(problem.in_features, problem.out_features, ratio, k_over_s, settings.value_dtype)
+        if stop_above is not None:
+            before = generator.get_state()  # a skipped trial leaves the generator as the trial would
+            estimate = first_coding_estimate(problem, shape, generator, settings)
+            if estimate >= ESTIMATE_MARGIN * stop_above:
+                candidates[f"{name} estimate"] = estimate
+                continue
+            generator.set_state(before)
         learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s, trial, generator,
                                                   settings.workspace_bytes, left=problem.left))
         candidates[f"{name} trial"] = relative_error(problem.target, learned.dictionary, learned.coef)
         if best is None or candidates[f"{name} trial"] < candidates[f"{best[0]} trial"]:
             best = (name, shape, learned)
         del learned
-    structure, shape, learned = best
-    if stop_above is not None and candidates[f"{structure} trial"] >= stop_above:
+    if best is None or (stop_above is not None and candidates[f"{best[0]} trial"] >= stop_above):
         return None
+    structure, shape, learned = best
     if settings.searches and settings.iterations > settings.trial_iterations:
         start = (learned.dictionary, learned.coef, learned.mask)
         learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,

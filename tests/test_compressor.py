@@ -282,23 +282,37 @@ def test_kill_9_then_same_command_gives_the_uninterrupted_checkpoint(tiny_models
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("spectrum", ["random", "decaying"])
-def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
-    """out = 6·in at CR 0.2: full-rank s = k (k = in) fits the budget with bytes to spare. The default
-    search stores nothing with a higher whitened error than full rank quantized as SVD-LLM does (an
-    independent recomputation: the svd-llm method, no balancing or refit), and nothing over the budget."""
-    from offline_compress.layer import LayerSettings, compress_linear
-
+def wide_layer(spectrum: str, nonzeros: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 64 → 384 layer (out = 6·in; at CR 0.2 full rank fits with bytes to spare) and its input Gram:
+    (weight [384, 64], Gram [64, 64] float64). Spectrum "random", "decaying" (singular values 1/i) or
+    "sparse": every output column a combination of ``nonzeros`` of 48 random atoms (where a learned
+    structure beats full rank)."""
     g = torch.Generator().manual_seed(len(spectrum))
     n, m = 64, 384
     if spectrum == "random":
         weight = torch.randn(m, n, generator=g)
-    else:  # singular values 1/i
+    elif spectrum == "decaying":
         u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
         v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         weight = (u * (1.0 / torch.arange(1, n + 1, dtype=torch.float64)) @ v.T).float()
+    else:
+        atoms = torch.randn(n, 48, generator=g)
+        picks = torch.rand(m, 48, generator=g).argsort(1)[:, :nonzeros]
+        coef = torch.zeros(m, 48).scatter_(1, picks, torch.randn(m, nonzeros, generator=g))
+        weight = coef @ (atoms / atoms.norm(dim=0)).T
     x = torch.randn(2048, n, generator=g) * torch.linspace(0.2, 3.0, n)
-    gram = (x.double().T @ x.double())
+    return weight, x.double().T @ x.double()
+
+
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
+    """Full-rank s = k (k = in) fits the budget. The default search stores nothing with a higher whitened
+    error than full rank quantized as SVD-LLM does (an independent recomputation: the svd-llm method, no
+    balancing or refit), and nothing over the budget."""
+    from offline_compress.layer import LayerSettings, compress_linear
+
+    weight, gram = wide_layer(spectrum)
+    n, m = weight.shape[1], weight.shape[0]
     result = compress_linear(weight, gram, 0.2, LayerSettings())
     baseline = compress_linear(weight, gram, 0.2, LayerSettings(method="svd-llm"))
     assert baseline.shape.k == baseline.shape.s == n  # full rank fits: the case under test
@@ -306,6 +320,46 @@ def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
     assert fmt.stored_bytes(result.shape, "int8") <= budget
     assert result.whitened_rel_error <= baseline.whitened_rel_error * (1 + 1e-9), (
         result.structure, result.whitened_rel_error, baseline.whitened_rel_error)
+
+
+@pytest.mark.parametrize("k_over_s", [(1.5, 2.0), (3.0, 1.5)])  # (3, 1.5): a skipped trial, then a trialled one
+@pytest.mark.parametrize("spectrum", ["random", "decaying", "sparse"])
+def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
+    """Skipping the trials whose quick first coding is far above full rank's error (layer.STOP_RULE)
+    stores the very tensors the full trials store, and every trial it skipped would have lost to full
+    rank after its trial iterations anyway."""
+    from offline_compress import layer
+
+    weight, gram = wide_layer(spectrum)
+    settings = layer.LayerSettings(k_over_s=k_over_s)
+    ruled = layer.compress_linear(weight, gram, 0.2, settings)
+    ended = [key.removesuffix(" estimate") for key in ruled.candidates if key.endswith(" estimate")]
+    if spectrum == "sparse":  # a learned structure beats full rank here: the rule must leave its trial alone
+        assert ruled.structure != "svd", ruled.candidates
+    else:
+        assert ended, ruled.candidates  # the rule fired: the case under test
+    monkeypatch.setattr(layer, "ESTIMATE_MARGIN", float("inf"))
+    full = layer.compress_linear(weight, gram, 0.2, settings)
+    assert not any(key.endswith(" estimate") for key in full.candidates)
+    assert ruled.structure == full.structure
+    assert ruled.tensors.keys() == full.tensors.keys()
+    for name, tensor in full.tensors.items():
+        assert torch.equal(ruled.tensors[name], tensor), name
+    for name in ended:
+        assert full.candidates[f"{name} trial"] >= full.candidates["svd"], (name, full.candidates)
+
+
+def test_exactly_sparse_layer_compresses_to_finite_values():
+    """Columns that are exact 8-term combinations under an identity Gram: the coding solves some rows
+    exactly, and the CG step of such a row (curvature rounding to ≤ 0) once went to Inf and the
+    dictionary update failed. The stored layer must be finite and no worse than full rank."""
+    from offline_compress.layer import LayerSettings, compress_linear
+
+    weight, _ = wide_layer("sparse", nonzeros=8)
+    gram = 2048.0 * torch.eye(weight.shape[1], dtype=torch.float64)
+    result = compress_linear(weight, gram, 0.2, LayerSettings())
+    assert all(torch.isfinite(t.float()).all() for t in result.tensors.values())
+    assert result.whitened_rel_error <= result.candidates["svd"] * 1.1, result.candidates
 
 
 def test_summary_says_when_the_checkpoint_is_smaller_than_asked():

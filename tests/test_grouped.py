@@ -268,4 +268,6 @@ def test_ratio_is_a_ceiling_not_a_quota():
     baseline = compress_linear(weight, gram, 0.05, LayerSettings(method="svd-llm"))
     assert 1 - fmt.stored_bytes(result.shape, "int8") / dense >= 0.05
     assert result.whitened_rel_error <= baseline.whitened_rel_error * (1 + 1e-9)
-    assert set(result.candidates) >= {"svd", "k/s=1.5 trial", "k/s=2 trial"}
+    assert "svd" in result.candidates
+    for name in ("k/s=1.5", "k/s=2"):  # every k/s was a candidate: trialled, or skipped on its estimate
+        assert {f"{name} trial", f"{name} estimate"} & set(result.candidates), result.candidates
