@@ -49,7 +49,9 @@ def compare(cospadi: dict, svd: dict, ratio: float) -> dict:
             "svd_same_gram": stats.get("candidates", {}).get("svd"),
         })
     worse_run = [r for r in rows if r["cospadi"] > r["svd_llm_run"]]
-    worse_same = [r for r in rows if r["svd_same_gram"] is not None and r["cospadi"] > r["svd_same_gram"] * (1 + 1e-3)]
+    # A module that stores SVD's structure is that candidate (its stored error only adds the bf16 rounding of D).
+    worse_same = [r for r in rows if r["structure"] != "svd" and r["svd_same_gram"] is not None
+                  and r["cospadi"] > r["svd_same_gram"] * (1 + 1e-3)]
     return {"modules": rows, "violations_vs_svd_llm_run": len(worse_run), "violations_vs_same_gram": len(worse_same),
             "worst_vs_run": sorted(worse_run, key=lambda r: r["svd_llm_run"] / r["cospadi"])[:5]}
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "`--method svd-llm` checkpoint, calibrated the same way (sequential, the default: each run on its own "
         "compressed earlier layers, so the two runs' Grams differ after layer 0; `--one-shot`: both on the "
         "original model's activations, identical Grams); `vs same Gram`: SVD-LLM's structure evaluated inside "
-        "the CoSpaDi run on the same Gram.", "",
+        "the CoSpaDi run on the same Gram (modules that store it are not counted: they are that candidate, plus the bf16 "
+        "rounding of D).", "",
         "| CR | modules | worse than SVD-LLM run | worse than SVD on the same Gram | mean error CoSpaDi | mean error SVD-LLM run | structures chosen |",
         "|---|---|---|---|---|---|---|",
     ]
