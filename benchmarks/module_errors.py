@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in result["worst_vs_run"]:
             lines.append(f"|  | {r['module']} | {r['cospadi']:.4f} vs {r['svd_llm_run']:.4f} | | | | |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"module-errors-{args.name}"
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    # Suffixes appended, not swapped: with_suffix would cut a name like "qwen2.5-coder-0.5b" at its last dot.
+    (RESULTS / f"module-errors-{args.name}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"module-errors-{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
