@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,7 @@ def greedy_agreement(checkpoint: Path) -> dict:
     from transformers import AutoTokenizer
 
     from offline_compress.reader import load_reconstructed_model
-    from tests.vllm_helpers import PROMPTS, hf_reference, run_vllm
+    from tests.vllm_helpers import PROMPTS, hf_reference, run_vllm, untied_prefix
 
     served = run_vllm(checkpoint, max_tokens=MAX_TOKENS)
     if "error" in served:
@@ -42,7 +43,7 @@ def greedy_agreement(checkpoint: Path) -> dict:
     rows = []
     for prompt, got, want, margins in zip(PROMPTS, served["tokens"], reference["tokens"], reference["margins"],
                                           strict=True):
-        compared = next((i for i, m in enumerate(margins) if m < 1e-3), len(want))
+        compared = untied_prefix(margins)
         rows.append({"prompt": prompt, "vllm": got, "dense_rebuild": want, "compared": compared,
                      "same": got[:compared] == want[:compared]})
     return {"plugin_picked": "quantization=cospadi" in served["stderr"], "prompts": rows}
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
     result = {"name": args.name, "checkpoint": str(args.checkpoint),
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "greedy": greedy_agreement(args.checkpoint), "chat": chat_answer(args.checkpoint)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"serve-check-{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")

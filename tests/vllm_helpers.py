@@ -54,10 +54,15 @@ def hf_reference(model, tokenizer, prompts=PROMPTS, max_tokens: int = 8) -> dict
     return result
 
 
+def untied_prefix(margins: list[float], min_margin: float = 1e-3) -> int:
+    """How many greedy tokens to compare: those before the first step whose top-2 logit gap is below
+    min_margin (a numerical tie, where either pick is right)."""
+    return next((i for i, m in enumerate(margins) if m < min_margin), len(margins))
+
+
 def assert_same_greedy(vllm_tokens, hf, min_margin: float = 1e-3):
-    """Tokens must match; where HF's top-2 logit gap is below min_margin the pick is a numerical tie,
-    so only the prefix before the first such tie is compared."""
+    """Tokens must match up to the first numerical tie of HF's picks (``untied_prefix``)."""
     for got, want, margins in zip(vllm_tokens, hf["tokens"], hf["margins"], strict=True):
-        n = next((i for i, m in enumerate(margins) if m < min_margin), len(want))
+        n = untied_prefix(margins, min_margin)
         assert got[:n] == want[:n], (got, want, margins)
         assert n >= 1
