@@ -18,6 +18,8 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   cospadi-int8-g2@CR  dictionaries of q/k/v/gate/up shared by 2 consecutive layers (--group-size 2)
   cospadi-int8-sens@CR  per-module ratios by sensitivity, same total bytes (--allocation sensitivity)
   cospadi-int8-g2-sens@CR  both
+  cospadi-int8-d8@CR  int8 dictionary (one scale per atom) + int8 values (--dictionary-dtype int8): the
+                      byte D saves buys more atoms and non-zeros at the same CR
   cospadi-int8-1shot@CR, cospadi-int8-g2-1shot@CR  per-layer and grouped, both calibrated --one-shot
 
     python benchmarks/quality.py                          # SmolLM2-135M, CR 0.2 0.3 0.4
@@ -54,6 +56,8 @@ VARIANTS: dict[str, dict] = {
     # per-module ratios from the whitened spectra, same total bytes
     "cospadi-int8-sens": {"method": "cospadi", "value_dtype": "int8", "allocation": "sensitivity"},
     "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity"},
+    # stacked with quantization: an int8 dictionary (one scale per atom)
+    "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
     # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
     # activations), so a group's second layer sees the same inputs in both
     "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False},

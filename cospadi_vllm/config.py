@@ -49,6 +49,7 @@ class CoSpaDiConfig(QuantizationConfig):
         self.modules = modules
         self.value_dtype_name = value_dtype
         self.value_dtype = fmt.value_dtype_from_name(value_dtype)
+        self.dictionary_dtype_name = dictionary_dtype
         self.dictionary_dtype = fmt.dictionary_dtype_from_name(dictionary_dtype)
         self.ignore = ignore
         # Layers that store a dictionary, by vLLM prefix, once processed: the layers that share it
@@ -175,7 +176,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         owns = self.dictionary_owner is None
-        for role in [r for r in fmt.TENSOR_SUFFIXES if owns or r not in fmt.DICTIONARY_SUFFIXES]:  # what it loads
+        roles = list(self.layout.stored_specs(self.layout.shards[0]))  # the tensors its modules store
+        for role in [r for r in roles if owns or r not in fmt.DICTIONARY_SUFFIXES]:  # what it loads
             missing = getattr(layer, role).missing()
             if missing:
                 raise fmt.FormatError(fmt.missing_tensor(f"{missing[0]}.{role}"))
@@ -183,12 +185,13 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         for shard in self.layout.shards:
             fmt.check_mask_bits(shard.name, layer.coef_mask.data.narrow(0, shard.out_offset, shard.out_size),
                                 shard.k, shard.s)
-        for role in fmt.TENSOR_SUFFIXES:  # plain parameters from here on (no loader state)
+        for role in roles:  # plain parameters from here on (no loader state)
             data = getattr(layer, role).data
             delattr(layer, role)
             layer.register_parameter(role, torch.nn.Parameter(data, requires_grad=False))
         if not owns:
-            layer.dictionary = self._owner_dictionary()
+            for role, tensor in self._owner_dictionary().items():
+                setattr(layer, role, tensor)
         device = layer.coef_mask.device
         layer.atom_offsets = layer.atom_offsets.to(device)
         if hasattr(layer, "atom_gather_index"):
@@ -199,8 +202,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         if owns:
             self.quant_config.dictionary_layers[self.prefix] = layer
 
-    def _owner_dictionary(self) -> torch.nn.Parameter:
-        """The (already processed) dictionary of the layer this one shares: one tensor for the whole
+    def _owner_dictionary(self) -> dict[str, torch.nn.Parameter]:
+        """The (already processed) dictionary tensors of the layer this one shares: one copy for the whole
         group. vLLM processes layers in model order, and a group's dictionary is stored by its first layer."""
         owner = self.dictionary_owner
         source = self.quant_config.dictionary_layers.get(owner)
@@ -212,7 +215,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
             raise fmt.FormatError(f"{self.prefix} uses the dictionary of {owner}, whose shape "
                                   f"{(theirs.input_size_per_partition, theirs.local_atoms)} differs from "
                                   f"{(mine.input_size_per_partition, mine.local_atoms)}")
-        return source.dictionary
+        return {role: getattr(source, role) for role in fmt.DICTIONARY_SUFFIXES if hasattr(source, role)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

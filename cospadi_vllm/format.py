@@ -3,7 +3,8 @@
 A compressed linear ``y = x · Wᵀ`` (W: [out, in]) stores Wᵀ ≈ D · C as ``<prefix>.dictionary`` D [in, k],
 ``<prefix>.coef_mask`` [out, ceil(k/32)] int32 (bit t%32 of word t//32 in row j ⇔ atom t used by output j),
 ``<prefix>.coef_values`` [out, s] (row j: column j's s non-zeros in increasing atom order) and
-``<prefix>.coef_scales`` [out] float32: ``C[t, j] = coef_values[j, rank of t] · coef_scales[j]``. A shared
+``<prefix>.coef_scales`` [out] float32: ``C[t, j] = coef_values[j, rank of t] · coef_scales[j]``. An int8
+dictionary comes with ``<prefix>.dictionary_scales`` [k] float32 (D[:, t] = dictionary[:, t] · scale[t]). A shared
 dictionary is stored once, by the module that ``quantization_config.modules[name]["dictionary"]`` names.
 
 The compressor writes what this module describes and every reader (vLLM plugin, transformers, ``check``,
@@ -21,18 +22,19 @@ FORMAT_VERSION = 1
 BITS_PER_WORD = 32
 
 DICTIONARY = "dictionary"
+DICTIONARY_SCALES = "dictionary_scales"  # only with a scaled dictionary dtype (int8): one per atom
 COEF_MASK = "coef_mask"
 COEF_VALUES = "coef_values"
 COEF_SCALES = "coef_scales"
 BIAS = "bias"
-TENSOR_SUFFIXES = (DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES)
-DICTIONARY_SUFFIXES = (DICTIONARY,)  # stored once per shared dictionary, by its owner
+TENSOR_SUFFIXES = (DICTIONARY, DICTIONARY_SCALES, COEF_MASK, COEF_VALUES, COEF_SCALES)  # every name there is
+DICTIONARY_SUFFIXES = (DICTIONARY, DICTIONARY_SCALES)  # stored once per shared dictionary, by its owner
 COEF_SUFFIXES = (COEF_MASK, COEF_VALUES, COEF_SCALES)
 # What each axis of a layer's tensors runs over; readers that split or merge layers (tensor parallelism,
 # fused q/k/v) place every tensor by these. PACKED: one output's mask words or values (never split).
 IN, ATOMS, OUT, PACKED = "in", "atoms", "out", "packed"
 TENSOR_AXES: dict[str, tuple[str, ...]] = {
-    DICTIONARY: (IN, ATOMS), COEF_MASK: (OUT, PACKED), COEF_VALUES: (OUT, PACKED), COEF_SCALES: (OUT,),
+    DICTIONARY: (IN, ATOMS), DICTIONARY_SCALES: (ATOMS,), COEF_MASK: (OUT, PACKED), COEF_VALUES: (OUT, PACKED), COEF_SCALES: (OUT,),
 }
 # Key of a module's quantization_config entry naming the module whose stored dictionary it uses.
 SHARED_DICTIONARY_KEY = "dictionary"
@@ -57,10 +59,10 @@ VALUE_TYPES: dict[str, StorageType] = {
     "float8_e4m3fn": StorageType(torch.float8_e4m3fn, 448.0),
     "bfloat16": StorageType(torch.bfloat16),
 }
-# dictionary: int8 (one scale per atom) is reserved for the stacking work and not served yet.
+# dictionary: int8 has one scale per atom (dictionary_scales), symmetric.
 DICTIONARY_TYPES: dict[str, StorageType] = {
     "bfloat16": StorageType(torch.bfloat16),
-    "int8": StorageType(torch.int8, 127.0, supported=False),
+    "int8": StorageType(torch.int8, 127.0),
 }
 VALUE_DTYPES: dict[str, torch.dtype] = {name: t.dtype for name, t in VALUE_TYPES.items()}
 DEFAULT_VALUE_DTYPE = "int8"
@@ -98,6 +100,11 @@ def dictionary_dtype_from_name(name: str) -> torch.dtype:
     return _storage_type(DICTIONARY_TYPES, "dictionary_dtype", name)
 
 
+def dictionary_is_scaled(dictionary_dtype: torch.dtype) -> bool:
+    """Whether a dictionary of this dtype is stored with ``dictionary_scales`` (one per atom)."""
+    return any(t.dtype == dictionary_dtype and t.max_abs is not None for t in DICTIONARY_TYPES.values())
+
+
 def fused_group(leaf: str) -> tuple[str, ...]:
     """The checkpoint modules fused with ``leaf`` (e.g. q_proj → q/k/v), ``(leaf,)`` if none."""
     return next((group for group in FUSED_MODULES.values() if leaf in group), (leaf,))
@@ -119,13 +126,18 @@ class LayerShape:
 
     def tensor_specs(self, value_dtype: torch.dtype, dictionary_dtype: torch.dtype = torch.bfloat16
                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """{suffix: (shape, dtype)} of the layer's four tensors (the dictionary may be another module's)."""
-        return {
+        """{suffix: (shape, dtype)} of the layer's tensors, in TENSOR_SUFFIXES order (the dictionary's may
+        be another module's; ``dictionary_scales`` only with a scaled dictionary dtype)."""
+        specs = {
             DICTIONARY: ((self.in_features, self.k), dictionary_dtype),
+            DICTIONARY_SCALES: ((self.k,), SCALES_DTYPE),
             COEF_MASK: ((self.out_features, mask_words(self.k)), MASK_DTYPE),
             COEF_VALUES: ((self.out_features, self.s), value_dtype),
             COEF_SCALES: ((self.out_features,), SCALES_DTYPE),
         }
+        if not dictionary_is_scaled(dictionary_dtype):
+            del specs[DICTIONARY_SCALES]
+        return specs
 
 
 def dictionary_owner(modules: dict[str, dict], name: str) -> str:
@@ -144,9 +156,10 @@ def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool
 
     A layer that uses another module's dictionary (``owns_dictionary=False``) stores no dictionary.
     """
-    dictionary_bytes = DICTIONARY_TYPES[dictionary_dtype_name].dtype.itemsize
+    dictionary = DICTIONARY_TYPES[dictionary_dtype_name]
+    scale_bytes = SCALES_DTYPE.itemsize if dictionary.max_abs is not None else 0
     return (
-        shape.in_features * shape.k * dictionary_bytes * owns_dictionary
+        (shape.in_features * dictionary.dtype.itemsize + scale_bytes) * shape.k * owns_dictionary
         + shape.out_features * mask_words(shape.k) * MASK_DTYPE.itemsize
         + shape.out_features * shape.s * VALUE_TYPES[value_dtype_name].dtype.itemsize
         + shape.out_features * SCALES_DTYPE.itemsize
@@ -235,10 +248,23 @@ def decode_coefficients(
     return dense_t.t().contiguous()
 
 
+def dictionary_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dictionary's tensors of one layer's {suffix: tensor} (what a shared dictionary's owner stores)."""
+    return {suffix: tensors[suffix] for suffix in DICTIONARY_SUFFIXES if suffix in tensors}
+
+
+def dequantize_dictionary(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """{DICTIONARY[, DICTIONARY_SCALES]} → D [in, k] float32 (an int8 dictionary times its atoms' scales)."""
+    dictionary = tensors[DICTIONARY].float()
+    if DICTIONARY_SCALES in tensors:
+        dictionary = dictionary * tensors[DICTIONARY_SCALES].float()
+    return dictionary
+
+
 def reconstruct_weight_t(tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
     """{suffix: tensor} of one layer → W^T ≈ D · C as float32 [in, out]."""
     coef = decode_coefficients(tensors[COEF_MASK], tensors[COEF_VALUES], tensors[COEF_SCALES], k)
-    return tensors[DICTIONARY].float() @ coef
+    return dequantize_dictionary(tensors) @ coef
 
 
 # ---------------------------------------------------------------- validation of stored tensors
@@ -284,7 +310,8 @@ def layer_problems(
     """
     problems = []
     owner = owner or prefix
-    for suffix, (want_shape, want_dtype) in shape.tensor_specs(value_dtype, dictionary_dtype).items():
+    specs = shape.tensor_specs(value_dtype, dictionary_dtype)
+    for suffix, (want_shape, want_dtype) in specs.items():
         shared = suffix in DICTIONARY_SUFFIXES
         name = f"{owner if shared else prefix}.{suffix}"
         if name not in found:
@@ -295,6 +322,10 @@ def layer_problems(
         problem = tensor_problem(name, got_shape, got_dtype, want_shape, want_dtype)
         if problem:
             problems.append(problem)
+    for suffix in DICTIONARY_SUFFIXES:  # e.g. dictionary_scales beside a bfloat16 dictionary: no reader loads it
+        if suffix not in specs and f"{owner}.{suffix}" in found:
+            problems.append(f"tensor {owner}.{suffix} is stored, but a {_dtype_name(dictionary_dtype)} dictionary "
+                            "has none (quantization_config.dictionary_dtype)")
     if f"{prefix}.weight" in found:
         problems.append(f"tensor {prefix}.weight is present next to the compressed tensors of {prefix}")
     for suffix in DICTIONARY_SUFFIXES if owner != prefix else ():

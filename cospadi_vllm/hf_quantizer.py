@@ -173,12 +173,14 @@ class CoSpaDiHfQuantizer(HfQuantizer):
             owner = fmt.dictionary_owner(config.modules, name)
             if owner != name:
                 module.share_dictionary_of(model.get_submodule(owner))
+            shape = fmt.LayerShape(module.in_features, module.out_features, module.k, module.s)
+            suffixes = (*shape.tensor_specs(config.value_dtype, config.dictionary_dtype),
+                        *(("bias",) if module.bias is not None else ()))
             loaded = {f"{owner if suffix in fmt.DICTIONARY_SUFFIXES else name}.{suffix}": getattr(module, suffix)
-                      for suffix in (*fmt.TENSOR_SUFFIXES, *(("bias",) if module.bias is not None else ()))}
+                      for suffix in suffixes}
             for tensor_name, tensor in loaded.items():
                 if tensor.is_meta or not getattr(tensor, "_is_hf_initialized", True):
                     raise fmt.FormatError(fmt.missing_tensor(tensor_name))
-            shape = fmt.LayerShape(module.in_features, module.out_features, module.k, module.s)
             found = {tensor_name: (t.dtype, tuple(t.shape)) for tensor_name, t in loaded.items()}
             problems = fmt.layer_problems(name, found, shape, config.value_dtype, config.dictionary_dtype, owner)
             if problems:

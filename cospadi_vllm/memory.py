@@ -52,13 +52,16 @@ def count_weight_bytes(model) -> dict:
             result["cospadi_linear"] += held
             stored = sum(
                 fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name,
-                                 owns_dictionary=method.dictionary_owner is None)
+                                 owns_dictionary=method.dictionary_owner is None,
+                                 dictionary_dtype_name=method.quant_config.dictionary_dtype_name)
                 for s in method.layout.shards
             )
             result["cospadi_layers"][name] = {
                 "held_bytes": held, "stored_bytes_tp1": stored,
                 # layers of a shared-dictionary group hold the very same tensor
                 "dictionary_data_ptr": module.dictionary.data_ptr(), "dictionary_numel": module.dictionary.numel(),
+                "dictionary_dtype": str(module.dictionary.dtype).removeprefix("torch."),
+                "dictionary_bytes": module.dictionary.numel() * module.dictionary.element_size(),
             }
         elif isinstance(module, LinearBase):
             weight = getattr(module, "weight", None)

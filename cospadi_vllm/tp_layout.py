@@ -81,8 +81,8 @@ class LayerLayout:
         """{role: (shape, dtype)} this rank holds, by the format's axes (a layer using another layer's
         dictionary loads none of the dictionary's tensors: its atoms axis is empty)."""
         specs = {}
-        for role, axes in fmt.TENSOR_AXES.items():
-            dtype = self.stored_specs(self.shards[0])[role][1]
+        for role, (_, dtype) in self.stored_specs(self.shards[0]).items():
+            axes = fmt.TENSOR_AXES[role]
             sizes = {fmt.IN: self.input_size_per_partition, fmt.OUT: self.local_outputs,
                      fmt.ATOMS: self.local_atoms if owns_dictionary or role not in fmt.DICTIONARY_SUFFIXES else 0}
             shape = tuple(sizes[a] if a in sizes else max(self.stored_specs(s)[role][0][i] for s in self.shards)

@@ -59,7 +59,8 @@ def ratio_grid(target: float) -> list[float]:
     return [round(lo + i * STEP, 4) for i in range(steps + 1)]
 
 
-def error_curve(unit: UnitSpectrum, ratios: list[float], value_dtype: str) -> list[float]:
+def error_curve(unit: UnitSpectrum, ratios: list[float], value_dtype: str,
+                dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE) -> list[float]:
     """e_u(r)² for each ratio: the whitened energy left outside SVD's rank at that byte budget."""
     tail = unit.energy.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j ≥ i} σ_j²
     total = float(tail[0]) if tail.numel() else 0.0
@@ -67,18 +68,19 @@ def error_curve(unit: UnitSpectrum, ratios: list[float], value_dtype: str) -> li
     for ratio in ratios:
         try:
             rank = solve_k_s(unit.in_features, unit.out_features, ratio, 1.0, value_dtype,
-                                 dense_coefficients=True).k
+                             dense_coefficients=True, dictionary_dtype_name=dictionary_dtype).k
         except BudgetError:  # not even one atom fits: everything is lost
             rank = 0
         errors.append(float(tail[rank]) / total if rank < tail.numel() and total > 0 else 0.0)
     return errors
 
 
-def allocate(units: list[UnitSpectrum], target: float, value_dtype: str) -> dict[str, float]:
+def allocate(units: list[UnitSpectrum], target: float, value_dtype: str,
+             dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE) -> dict[str, float]:
     """{unit key: ratio}: Σ_u (1 − r_u)·dense_u ≤ (1 − target)·Σ_u dense_u, Σ_u e_u(r_u)² minimal on the grid."""
     grid = ratio_grid(target)
     dense_total = sum(u.dense_bytes for u in units)
-    curves = [error_curve(u, grid, value_dtype) for u in units]
+    curves = [error_curve(u, grid, value_dtype, dictionary_dtype) for u in units]
 
     def choose(price: float) -> list[float]:
         chosen = []

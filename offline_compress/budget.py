@@ -18,12 +18,14 @@ def solve_k_s(
     k_over_s: float,
     value_dtype_name: str,
     dense_coefficients: bool = False,
+    dictionary_dtype_name: str = fmt.DEFAULT_DICTIONARY_DTYPE,
 ) -> fmt.LayerShape:
     """Largest (k, s) whose stored bytes fit in ``(1 - ratio)`` of the dense bf16 layer.
 
     k is the largest atom count with s = floor(k / k_over_s) that fits; s is then raised
     while it still fits (by at most a few), so the budget is used up to one atom's bytes.
-    ``dense_coefficients`` gives the SVD-LLM case s = k (k ≤ min(in, out)).
+    ``dense_coefficients`` gives the SVD-LLM case s = k (k ≤ min(in, out)). A smaller dictionary dtype
+    (int8) buys more atoms at the same budget.
     """
     if not 0.0 < ratio < 1.0:
         raise BudgetError(f"compression ratio must be in (0, 1), got {ratio}")
@@ -34,8 +36,12 @@ def solve_k_s(
     def s_for(k: int) -> int:
         return k if dense_coefficients else max(1, min(in_features, int(k / k_over_s)))
 
+    def stored(k: int, s: int) -> int:
+        shape = fmt.LayerShape(in_features, out_features, k, s)
+        return fmt.stored_bytes(shape, value_dtype_name, dictionary_dtype_name=dictionary_dtype_name)
+
     def fits(k: int) -> bool:
-        return fmt.stored_bytes(fmt.LayerShape(in_features, out_features, k, s_for(k)), value_dtype_name) <= budget
+        return stored(k, s_for(k)) <= budget
 
     k_cap = min(in_features, out_features) if dense_coefficients else 4 * max(in_features, out_features)
     lo, hi = 0, k_cap
@@ -50,16 +56,14 @@ def solve_k_s(
         raise BudgetError(f"ratio {ratio} leaves no room for even one atom in a {in_features}->{out_features} layer")
     s = s_for(k)
     if not dense_coefficients:
-        while s < min(k, in_features) and fmt.stored_bytes(
-            fmt.LayerShape(in_features, out_features, k, s + 1), value_dtype_name
-        ) <= budget:
+        while s < min(k, in_features) and stored(k, s + 1) <= budget:
             s += 1
     return fmt.LayerShape(in_features, out_features, k, s)
 
 
 def layer_shape(in_features: int, out_features: int, ratio: float, structure: str | float,
-                value_dtype: str) -> fmt.LayerShape:
+                value_dtype: str, dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE) -> fmt.LayerShape:
     """The (k, s) of one candidate structure (a k/s value, or ``SVD_STRUCTURE``) at the layer's budget."""
     dense = structure == SVD_STRUCTURE
     return solve_k_s(in_features, out_features, ratio, 1.0 if dense else float(structure), value_dtype,
-                     dense_coefficients=dense)
+                     dense_coefficients=dense, dictionary_dtype_name=dictionary_dtype)

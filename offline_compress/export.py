@@ -72,7 +72,7 @@ def quantization_config(shapes: dict[str, fmt.LayerShape], options, dictionary_o
     fields, then how the checkpoint was made (informational)."""
     k_over_s = options.k_over_s
     return fmt.build_quantization_config(
-        shapes, options.value_dtype, dictionary_owners,
+        shapes, options.value_dtype, dictionary_owners, options.dictionary_dtype,
         # The k/s tried per module (the chosen k and s of each module are in ``modules``).
         k_over_s=k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
         target_compression_ratio=options.ratio,

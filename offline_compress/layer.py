@@ -27,7 +27,7 @@ from offline_compress.dictionary import (
     sparse_code,
 )
 from offline_compress.options import DEFAULT_K_OVER_S
-from offline_compress.quantization import quantize, quantize_and_refit
+from offline_compress.quantization import quantize, quantize_and_refit, quantize_dictionary, resolve_values
 from offline_compress.whitening import unwhiten, whiten, whitening_factor
 
 
@@ -35,6 +35,7 @@ from offline_compress.whitening import unwhiten, whiten, whitening_factor
 class LayerSettings:
     method: str = "cospadi"
     value_dtype: str = "int8"
+    dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE
     k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S  # one value forces that structure (no search)
     iterations: int = 8
     trial_iterations: int = 2  # after 1, low k/s always looks better; after 2 the ranking matches T = 8
@@ -46,6 +47,13 @@ class LayerSettings:
     @property
     def searches(self) -> bool:
         return self.method == "cospadi" and len(self.k_over_s) > 1
+
+    def shape(self, in_features: int, out_features: int, ratio: float, structure: str | float) -> fmt.LayerShape:
+        """(k, s) of ``structure`` at this layer's byte budget, in these settings' storage dtypes."""
+        return layer_shape(in_features, out_features, ratio, structure, self.value_dtype, self.dictionary_dtype)
+
+    def stored_bytes(self, shape: fmt.LayerShape) -> int:
+        return fmt.stored_bytes(shape, self.value_dtype, dictionary_dtype_name=self.dictionary_dtype)
 
 
 @dataclass
@@ -80,6 +88,9 @@ class QuantizedStructure:
     dictionary: torch.Tensor  # [in, k], whitened space
     stored: dict[str, torch.Tensor]  # {COEF_MASK, COEF_VALUES, COEF_SCALES}
     unquantized_error: float
+    # {DICTIONARY, DICTIONARY_SCALES} where the dictionary was rounded before the values were solved (int8);
+    # None: ``pack`` un-whitens ``dictionary`` and rounds it to bfloat16.
+    stored_dictionary: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -157,11 +168,12 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
 
 def svd_llm(problem: WhitenedProblem, ratio: float, settings: LayerSettings) -> QuantizedStructure:
     """The baseline as published: truncated SVD at the budget's rank, quantized without balancing or refit."""
-    shape = layer_shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
+    shape = settings.shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE)
     svd = problem.svd_factorization(shape.k)
-    stored, _ = quantize(svd.coef, svd.mask, settings.value_dtype)
-    return QuantizedStructure(SVD_STRUCTURE, shape, svd.dictionary, stored,
-                              relative_error(problem.target, svd.dictionary, svd.coef))
+    stored, dequantized = quantize(svd.coef, svd.mask, settings.value_dtype)
+    structure = QuantizedStructure(SVD_STRUCTURE, shape, svd.dictionary, stored,
+                                   relative_error(problem.target, svd.dictionary, svd.coef))
+    return with_rounded_dictionary(problem, structure, svd.mask, dequantized, settings)[0]
 
 
 def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, learned: Factorization,
@@ -171,8 +183,26 @@ def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, l
     dictionary, stored, dequantized = quantize_and_refit(problem.target, learned.dictionary, learned.coef,
                                                          learned.mask, settings.value_dtype,
                                                          rounds=settings.refit_rounds)
-    error = relative_error(problem.target, dictionary, dequantized)
-    return QuantizedStructure(structure, shape, dictionary, stored, unquantized), error
+    chosen = QuantizedStructure(structure, shape, dictionary, stored, unquantized)
+    return with_rounded_dictionary(problem, chosen, learned.mask, dequantized, settings)
+
+
+def with_rounded_dictionary(problem: WhitenedProblem, structure: QuantizedStructure, mask: torch.Tensor,
+                            coef: torch.Tensor, settings: LayerSettings) -> tuple[QuantizedStructure, float]:
+    """A quantized structure whose dictionary is stored in an integer dtype: round D (un-whitened, as stored),
+    then re-solve the values on their support for the rounded D, so that they absorb its rounding error.
+    → (the structure as stored, its whitened error). bfloat16 dictionaries are left to ``pack``.
+
+    mask / coef [m, k]: the support and the dequantized values of ``structure``."""
+    if fmt.DICTIONARY_TYPES[settings.dictionary_dtype].max_abs is None:
+        return structure, relative_error(problem.target, structure.dictionary, coef)
+    stored_dictionary = quantize_dictionary(unwhiten(structure.dictionary.double(), problem.factor),
+                                            settings.dictionary_dtype)
+    rounded = whiten(fmt.dequantize_dictionary(stored_dictionary).double(), problem.factor).to(problem.target.dtype)
+    stored, coef = resolve_values(problem.target, rounded, coef, mask, settings.value_dtype)
+    structure = QuantizedStructure(structure.structure, structure.shape, rounded, stored, structure.unquantized_error,
+                                   stored_dictionary)
+    return structure, relative_error(problem.target, rounded, coef)
 
 
 def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
@@ -187,7 +217,7 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
     candidates: dict[str, float] = {}
     svd = None
     if settings.searches:
-        svd_shape = layer_shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE, settings.value_dtype)
+        svd_shape = settings.shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE)
         svd, candidates[SVD_STRUCTURE] = quantized(problem, SVD_STRUCTURE, svd_shape,
                                                    problem.svd_factorization(svd_shape.k), settings)
     # Full rank leaves only the rounding of its coefficients: a learned structure whose trial error
@@ -202,7 +232,7 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
     chosen, error = quantized(problem, structure, shape, factorization, settings)
     if svd is not None:  # keep whichever structure is better after quantization
         candidates[structure] = error
-        if better(candidates[SVD_STRUCTURE], svd.shape, error, shape, settings.value_dtype):
+        if better(candidates[SVD_STRUCTURE], settings.stored_bytes(svd.shape), error, settings.stored_bytes(shape)):
             chosen = svd
     return chosen, candidates
 
@@ -210,10 +240,10 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
 TIE = 1e-3  # relative: errors closer than this are equal, and the structure with fewer bytes is stored
 
 
-def better(error_a: float, shape_a: fmt.LayerShape, error_b: float, shape_b: fmt.LayerShape, value_dtype: str) -> bool:
+def better(error_a: float, bytes_a: int, error_b: float, bytes_b: int) -> bool:
     """Whether structure a is to be stored rather than b: a lower error, or an equal one in fewer bytes."""
     if abs(error_a - error_b) <= TIE * max(error_a, error_b):
-        return fmt.stored_bytes(shape_a, value_dtype) < fmt.stored_bytes(shape_b, value_dtype)
+        return bytes_a < bytes_b
     return error_a < error_b
 
 
@@ -250,7 +280,7 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
     best: tuple[str, fmt.LayerShape, Factorization] | None = None
     for k_over_s in settings.k_over_s:
         name = f"k/s={k_over_s:g}"
-        shape = layer_shape(problem.in_features, problem.out_features, ratio, k_over_s, settings.value_dtype)
+        shape = settings.shape(problem.in_features, problem.out_features, ratio, k_over_s)
         if stop_above is not None:
             before = generator.get_state()  # a skipped trial leaves the generator as the trial would
             estimate = first_coding_estimate(problem, shape, generator, settings)
@@ -277,9 +307,11 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
 
 def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStructure, candidates: dict[str, float],
          started: float) -> CompressedLinear:
-    """Un-whiten the chosen dictionary (D = L⁻ᵀD̃, stored in bf16) and measure the stored layer's error."""
-    dictionary = unwhiten(chosen.dictionary.double(), problem.factor).to(torch.bfloat16)
-    tensors = {name: t.contiguous().cpu() for name, t in {fmt.DICTIONARY: dictionary, **chosen.stored}.items()}
+    """Un-whiten the chosen dictionary (D = L⁻ᵀD̃, stored in bf16) unless it is stored rounded already, and
+    measure the stored layer's error."""
+    stored_dictionary = chosen.stored_dictionary or {
+        fmt.DICTIONARY: unwhiten(chosen.dictionary.double(), problem.factor).to(torch.bfloat16)}
+    tensors = {name: t.contiguous().cpu() for name, t in {**stored_dictionary, **chosen.stored}.items()}
     approx_t = fmt.reconstruct_weight_t(tensors, chosen.shape.k).to(problem.factor.device)
     return CompressedLinear(
         tensors=tensors,
@@ -323,7 +355,7 @@ def compress_shared(
         row = rows.stop
         tensors = {suffix: group.tensors[suffix][rows].contiguous() for suffix in fmt.COEF_SUFFIXES}
         if index == 0:
-            tensors = {fmt.DICTIONARY: group.tensors[fmt.DICTIONARY], **tensors}
+            tensors = {**fmt.dictionary_tensors(group.tensors), **tensors}
         factor, damping = whitening_factor(gram)
         results.append(CompressedLinear(
             tensors=tensors,

@@ -54,6 +54,9 @@ class CompressOptions:
         "quantization; one value forces that structure everywhere", kind="floats")
     value_dtype: str = option(fmt.DEFAULT_VALUE_DTYPE, "storage type of the coefficient values",
                               choices=tuple(sorted(fmt.VALUE_DTYPES)))
+    dictionary_dtype: str = option(fmt.DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale "
+                                   "per atom; a 1-byte dictionary buys more atoms and non-zeros at the same --ratio)",
+                                   choices=tuple(sorted(fmt.DICTIONARY_TYPES)))
     iterations: int = option(8, "dictionary-learning iterations T (each: dictionary update + sparse coding)")
     calib: str = option(BUILTIN_CALIBRATION,
                         f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), '{CHAT_CALIBRATION}' (the same "
@@ -125,6 +128,9 @@ def validate_options(options: CompressOptions) -> torch.device:
         raise CompressError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.value_dtype not in fmt.VALUE_DTYPES:
         raise CompressError(f"--value-dtype must be one of {sorted(fmt.VALUE_DTYPES)}, got {options.value_dtype!r}")
+    if options.dictionary_dtype not in fmt.DICTIONARY_TYPES:
+        raise CompressError(f"--dictionary-dtype must be one of {sorted(fmt.DICTIONARY_TYPES)}, "
+                            f"got {options.dictionary_dtype!r}")
     if options.iterations < 0:
         raise CompressError(f"--iterations must be >= 0, got {options.iterations}")
     if options.calib_samples < 1 or options.seq_len < 2:

@@ -88,7 +88,8 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
         model.model.rotary_emb.to(device)
     inputs = capture_layer_inputs(model, input_ids.to(device), options.batch_size)
     release(embed)
-    settings = LayerSettings(method=options.method, value_dtype=options.value_dtype, k_over_s=tuple(options.k_over_s),
+    settings = LayerSettings(method=options.method, value_dtype=options.value_dtype,
+                             dictionary_dtype=options.dictionary_dtype, k_over_s=tuple(options.k_over_s),
                              iterations=options.iterations, seed=options.seed,
                              workspace_bytes=workspace_bytes(options.max_memory_gb, device))
     loop = LayerLoop(layers, source, options, device, settings, inputs, layer_ids,
@@ -174,7 +175,7 @@ def compress_group(loop: LayerLoop, group: list[int], bar) -> tuple[Tensors, dic
                     members.setdefault(name, []).append((prefix, weight, gram))
                     continue
                 result = _compress(loop, prefix, compress_linear, weight, gram, loop.ratio(prefix), loop.settings)
-                tensors[prefix], stats[prefix] = result.tensors, module_stats(result, options.value_dtype)
+                tensors[prefix], stats[prefix] = result.tensors, module_stats(result, options)
                 del result
                 return_free_memory()
             del grams
@@ -191,7 +192,7 @@ def compress_group(loop: LayerLoop, group: list[int], bar) -> tuple[Tensors, dic
                             loop.ratio(owner), loop.settings)
         for (prefix, _, _), result in zip(items, results, strict=True):
             tensors[prefix] = result.tensors
-            stats[prefix] = module_stats(result, options.value_dtype, owner if prefix != owner else None)
+            stats[prefix] = module_stats(result, options, owner if prefix != owner else None)
         del results
         return_free_memory()
     return tensors, stats, outputs
@@ -234,7 +235,7 @@ def swap_in(layer: torch.nn.Module, index: int, tensors: Tensors, stats: dict[st
         if not prefix.startswith(marker):
             continue
         owner = stats[prefix].get("dictionary", prefix)
-        layer_tensors = {**layer_tensors, fmt.DICTIONARY: tensors[owner][fmt.DICTIONARY]}
+        layer_tensors = {**layer_tensors, **fmt.dictionary_tensors(tensors[owner])}
         weight_t = fmt.reconstruct_weight_t(layer_tensors, stats[prefix]["k"])
         layer.get_submodule(prefix[len(marker):]).weight.data = weight_t.T.contiguous().to(device)
 

@@ -11,6 +11,10 @@ more between atoms; one absmax scale per output column then rounds the small ato
 * :func:`quantize_and_refit` quantizes per column (:func:`encode_coefficients`), then refits the
   dictionary by least squares to the *dequantized* coefficients, so the bf16 dictionary absorbs the
   rounding error. ``rounds`` > 1 re-solves the values on the fixed support and repeats.
+
+An int8 dictionary (:func:`quantize_dictionary`, one scale per atom) is rounded after that, in the stored
+(un-whitened) space; the caller then re-solves the values on their support for the rounded dictionary
+(:func:`resolve_values`), so the coefficients absorb the dictionary's rounding error.
 """
 
 from __future__ import annotations
@@ -106,11 +110,48 @@ def quantize_and_refit(
     stored: dict[str, torch.Tensor] = {}
     for round_index in range(rounds):
         if round_index:
-            gram = dictionary.T @ dictionary
-            coef = least_squares_on_support(gram, target.T @ dictionary, mask, coef, 50, 1e-5)
+            coef = solve_on_support(target, dictionary, mask, coef)
         dictionary, coef = balance_atom_scales(dictionary, coef, mask)
         stored, dequantized = quantize(coef, mask, value_dtype)
         if refit:
             dictionary = least_squares_dictionary(target, dequantized)
         coef = dequantized
     return dictionary, stored, coef
+
+
+def quantize_dictionary(dictionary: torch.Tensor, dictionary_dtype_name: str) -> dict[str, torch.Tensor]:
+    """D [in, k] float (as stored: un-whitened) → {DICTIONARY[, DICTIONARY_SCALES]} in the format's dtype.
+
+    bfloat16: rounded. int8: symmetric per atom (column), scale = max |D[:, t]| / 127, so that
+    ``format.dequantize_dictionary`` gives D back up to half a step per entry. Per atom rather than per
+    group: the atoms' scales were balanced into D (``balance_atom_scales``), so a column's entries share one.
+    """
+    storage = fmt.DICTIONARY_TYPES[dictionary_dtype_name]
+    if storage.max_abs is None:
+        return {fmt.DICTIONARY: dictionary.to(storage.dtype)}
+    absmax = dictionary.abs().amax(0).float()
+    scales = torch.where(absmax > 0, absmax / storage.max_abs, torch.ones_like(absmax))
+    quantized = (dictionary.float() / scales).round().clamp(-storage.max_abs, storage.max_abs).to(storage.dtype)
+    return {fmt.DICTIONARY: quantized, fmt.DICTIONARY_SCALES: scales.to(fmt.SCALES_DTYPE)}
+
+
+def resolve_values(target: torch.Tensor, dictionary: torch.Tensor, coef: torch.Tensor, mask: torch.Tensor,
+                   value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Values re-solved on their fixed support for a fixed (rounded) dictionary, then quantized.
+
+    target [n, m], dictionary [n, k] (whitened space), coef/mask [m, k] (coef: the start) →
+    (stored coefficient tensors, their dequantized values as coef [m, k])."""
+    return quantize(solve_on_support(target, dictionary, mask, coef), mask, value_dtype)
+
+
+def solve_on_support(target: torch.Tensor, dictionary: torch.Tensor, mask: torch.Tensor, start: torch.Tensor
+                     ) -> torch.Tensor:
+    """argmin ‖target − dictionary·coefᵀ‖ over coef [m, k] supported on mask (CG from ``start``; on a dense
+    support, SVD's s = k, one Cholesky solve of the normal equations instead)."""
+    gram = dictionary.T @ dictionary
+    alpha = target.T @ dictionary
+    if bool(mask.all()):
+        factor, info = torch.linalg.cholesky_ex(gram.double())
+        if int(info) == 0:
+            return torch.cholesky_solve(alpha.T.double(), factor).T.to(alpha.dtype)
+    return least_squares_on_support(gram, alpha, mask, start, 50, 1e-5)

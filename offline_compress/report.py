@@ -10,12 +10,13 @@ from offline_compress.options import RUN_ONLY_OPTIONS, CompressOptions
 SMALLER_THAN_ASKED = 0.005  # the summary says so when the stored CR exceeds --ratio by more than this
 
 
-def module_stats(result, value_dtype: str, owner: str | None = None) -> dict:
-    """The report entry of one module (a ``layer.CompressedLinear``); ``owner``: the module whose
-    dictionary it uses, if not its own."""
+def module_stats(result, options: CompressOptions, owner: str | None = None) -> dict:
+    """The report entry of one module (a ``layer.CompressedLinear`` made with ``options``); ``owner``: the
+    module whose dictionary it uses, if not its own."""
     shape = result.shape
     dense = fmt.dense_bf16_bytes(shape.in_features, shape.out_features)
-    stored = fmt.stored_bytes(shape, value_dtype, owns_dictionary=owner is None)
+    stored = fmt.stored_bytes(shape, options.value_dtype, owns_dictionary=owner is None,
+                              dictionary_dtype_name=options.dictionary_dtype)
     stats = {
         "k": shape.k,
         "s": shape.s,

@@ -47,7 +47,7 @@ def sensitivity_ratios(loop, groups: list[list[int]], partial: Path, log) -> dic
         del members
         return_free_memory()
     inputs.hidden = hidden
-    ratios = allocation.allocate(spectra, options.ratio, options.value_dtype)
+    ratios = allocation.allocate(spectra, options.ratio, options.value_dtype, options.dictionary_dtype)
     by_kind: dict[str, list[float]] = {}
     for key, ratio in ratios.items():
         by_kind.setdefault(key.rsplit(".", 1)[1], []).append(ratio)

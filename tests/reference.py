@@ -6,7 +6,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import merge_shards
-from offline_compress.quantization import encode_coefficients
+from offline_compress.quantization import encode_coefficients, quantize_dictionary
 
 SHARDS = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples of 32, s differ
 
@@ -29,17 +29,24 @@ def reference_coefficients(
     return dense
 
 
-def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48):
-    """A merged layer of len(shards) shards (k, out, s) with random D and random supports / values, laid out
-    as every kernel takes it (kernels.merge_shards) → (dictionary [in, K], (mask, values, scales, atom
-    offsets), K)."""
+def merged_layer_tensors(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48,
+                         dictionary_dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
+    """A merged layer of len(shards) shards (k, out, s) with random D (atoms of different scales) and random
+    supports / values, laid out as every kernel takes it (kernels.merge_shards)."""
     stored = []
     for k, out, s in shards:
         idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
         shard = encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
-        shard[fmt.DICTIONARY] = torch.randn(in_features, k, generator=g).to(torch.bfloat16)
+        atoms = torch.randn(in_features, k, generator=g) * torch.rand(k, generator=g).add(0.05)
+        shard.update(quantize_dictionary(atoms, dictionary_dtype))
         stored.append(shard)
-    layer = merge_shards(stored)
+    return merge_shards(stored)
+
+
+def merged_layer(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48):
+    """:func:`merged_layer_tensors` with a bf16 dictionary → (dictionary [in, K], (mask, values, scales, atom
+    offsets), K)."""
+    layer = merged_layer_tensors(value_dtype, g, shards, in_features)
     coef = tuple(layer[name] for name in (fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets"))
     return layer[fmt.DICTIONARY], coef, layer[fmt.DICTIONARY].shape[1]
 
@@ -53,3 +60,12 @@ class HeldLayer(torch.nn.Module):
         self.register_buffer(fmt.DICTIONARY, dictionary.clone())
         for name, tensor in zip((fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets"), coef, strict=True):
             self.register_buffer(name, tensor.clone())
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> HeldLayer:
+        """From a merged layer's {name: tensor} (any dictionary dtype)."""
+        coef = tuple(tensors[name] for name in (fmt.COEF_MASK, fmt.COEF_VALUES, fmt.COEF_SCALES, "atom_offsets"))
+        layer = cls(tensors[fmt.DICTIONARY], coef)
+        if fmt.DICTIONARY_SCALES in tensors:
+            layer.register_buffer(fmt.DICTIONARY_SCALES, tensors[fmt.DICTIONARY_SCALES].clone())
+        return layer

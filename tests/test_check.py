@@ -111,9 +111,11 @@ def variants(k_down: int) -> dict[str, tuple]:
                          f"tensor {L0}.mlp.up_proj.weight is present next to the compressed tensors"),
         "value-dtype": (_config(lambda qc, c: qc.__setitem__("value_dtype", "int4")), "value_dtype 'int4'"),
         "format-version": (_config(lambda qc, c: qc.__setitem__("format_version", 99)), "format_version 99"),
-        # A name the format reserves (docs/format.md, "Extending the format") but this build does not serve.
+        # The config says int8 dictionaries, the tensors are bfloat16 (and have no scales).
         "dictionary-int8": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int8")),
-                            "dictionary_dtype 'int8' is not supported yet (this build serves bfloat16)"),
+                            f"tensor {L0}.self_attn.q_proj.dictionary has dtype bfloat16, expected int8"),
+        "dictionary-dtype": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int4")),
+                             "dictionary_dtype 'int4' is not one of"),
         "fused-group": (_fused_group, "must be compressed together"),
     })
     return out

@@ -38,12 +38,16 @@ def test_logits_equal_dense_rebuild(tiny_checkpoints, arch):
 
 
 def test_save_pretrained_round_trips_compressed_tensors(tiny_checkpoints, tmp_path):
-    checkpoint = tiny_checkpoints["qwen2"]
+    assert_save_pretrained_round_trips(tiny_checkpoints["qwen2"], tmp_path)
+
+
+def assert_save_pretrained_round_trips(checkpoint, tmp_path):
+    """save_pretrained of the loaded model writes every compressed tensor byte-identical to the checkpoint."""
     AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).save_pretrained(tmp_path)
     before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     config_before = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == config_before
-    names = [f"{m}.{s}" for m in config_before["modules"] for s in fmt.TENSOR_SUFFIXES]
+    names = [n for n in before if n.rpartition(".")[0] in config_before["modules"]]
     assert names and all(n in after for n in names)
     for name in names:
         assert after[name].dtype == before[name].dtype, name
@@ -83,15 +87,15 @@ def test_bad_checkpoint_fails_naming_the_tensor(tiny_checkpoints, tmp_path, edit
         AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
 
 
-def test_reserved_dictionary_dtype_fails_in_one_line(tiny_checkpoints, tmp_path):
-    """dictionary_dtype "int8" is in the format's table but not served yet: one line saying so."""
+def test_dictionary_dtype_disagreeing_with_the_tensors_fails_in_one_line(tiny_checkpoints, tmp_path):
+    """A config saying int8 dictionaries over bfloat16 tensors: one line naming the first such tensor."""
     broken = tmp_path / "int8-dictionary"
     shutil.copytree(tiny_checkpoints["llama"], broken)
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"]["dictionary_dtype"] = "int8"
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(fmt.FormatError, match=r"^dictionary_dtype 'int8' is not supported yet \(this build serves "
-                                              r"bfloat16\)$"):
+    with pytest.raises(fmt.FormatError, match=r"^tensor model\.layers\.\d+\.\w+\.\w+\.dictionary has dtype "
+                                              r"bfloat16, expected int8$"):
         AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
 
 

@@ -115,6 +115,29 @@ def choose_kernel(config: KernelConfig, name: str | None = None) -> CoSpaDiKerne
                        f"activations on {config.device} ({'; '.join(reasons)})")
 
 
+# x·D with an int8 D: torch's int8-weight GEMM (``_weight_int8pack_mm``) for up to this many rows of bf16 / fp16
+# x; above it, and for float32 x (its float32 kernel is 7–40× slower than a GEMM), tiles of INT8_TILE_ATOMS
+# atoms widened to x's dtype and torch's GEMM (benchmarks/results/NOTES.md item 53).
+INT8_GEMM_MAX_ROWS = 128
+INT8_TILE_ATOMS = 256
+
+
+@torch.no_grad()  # an inference kernel (its output feeds ops that refuse tensors requiring grad)
+def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, in] · D with D = (dictionary_t [K, in] int8)ᵀ · diag(scales [K], in x's dtype) → Z [M, K] in x's dtype.
+
+    The int8 GEMM reads D as held (per-output-channel scales: the layout of D held transposed); it needs
+    ``in`` to be a multiple of 16 (it crashes otherwise, torch 2.13). The tiles hold at most INT8_TILE_ATOMS·in
+    widened entries at a time (freed after the call), never the whole D."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= INT8_GEMM_MAX_ROWS and x.shape[1] % 16 == 0:
+        return torch._weight_int8pack_mm(x.contiguous(), dictionary_t, scales)
+    z = x.new_empty(x.shape[0], dictionary_t.shape[0])
+    for start in range(0, dictionary_t.shape[0], INT8_TILE_ATOMS):
+        tile = dictionary_t[start: start + INT8_TILE_ATOMS]
+        z[:, start: start + tile.shape[0]] = (x @ tile.t().to(x.dtype)) * scales[start: start + tile.shape[0]]
+    return z
+
+
 def replace_tensor(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:
     """Put ``data`` under ``name`` as the same kind of attribute it was (parameter, buffer), so that
     TorchDynamo and ``state_dict`` see what they saw before."""
@@ -131,14 +154,17 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     {DICTIONARY: [in, k_i], COEF_MASK: [out_i, W_i], COEF_VALUES: [out_i, s_i], COEF_SCALES: [out_i]})
     in the layout kernels take: dictionaries side by side [in, Σ k_i], masks and values zero-padded per
     row to the widest shard ([Σ out_i, max W_i], [Σ out_i, max s_i]), scales concatenated, and
-    "atom_offsets" [Σ out_i] int32: each output's first atom in the merged dictionary."""
+    "atom_offsets" [Σ out_i] int32: each output's first atom in the merged dictionary. An int8 dictionary's
+    "dictionary_scales" ([k_i] each) go side by side like its atoms."""
     words = max(shard[fmt.COEF_MASK].shape[1] for shard in shards)
     s_max = max(shard[fmt.COEF_VALUES].shape[1] for shard in shards)
-    merged: dict[str, list[torch.Tensor]] = {name: [] for name in (*fmt.TENSOR_SUFFIXES, "atom_offsets")}
+    names = [name for name in fmt.TENSOR_SUFFIXES if name in shards[0]]  # dictionary_scales: int8 dictionaries
+    merged: dict[str, list[torch.Tensor]] = {name: [] for name in (*names, "atom_offsets")}
     k_offset = 0
     for shard in shards:
         mask, values = shard[fmt.COEF_MASK], shard[fmt.COEF_VALUES]
-        merged[fmt.DICTIONARY].append(shard[fmt.DICTIONARY])
+        for name in fmt.DICTIONARY_SUFFIXES if fmt.DICTIONARY_SCALES in names else (fmt.DICTIONARY,):
+            merged[name].append(shard[name])
         merged[fmt.COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
         merged[fmt.COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
         merged[fmt.COEF_SCALES].append(shard[fmt.COEF_SCALES])

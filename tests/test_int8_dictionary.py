@@ -1,0 +1,176 @@
+"""int8 dictionaries (one float32 scale per atom): the format, the compressor, the CPU kernel, transformers,
+``check`` and vLLM, each against an independent reference (float64 dense math, the dense rebuild)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
+from cospadi_vllm import format as fmt
+from cospadi_vllm.check import check_checkpoint
+from cospadi_vllm.kernels import KernelConfig, choose_kernel
+from offline_compress.layer import LayerSettings, compress_linear
+from offline_compress.options import CompressOptions
+from offline_compress.pipeline import compress_model
+from offline_compress.reader import load_reconstructed_model
+from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
+from tests.test_compressor import wide_layer
+from tests.test_hf_quantizer import assert_save_pretrained_round_trips
+from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
+
+LOGITS_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def int8_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, object]:
+    """Tiny Llama and Qwen2 (q/k/v biases) with int8 dictionaries, and Qwen2 with dictionaries shared by
+    its two layers (--group-size 2)."""
+    root = tmp_path_factory.mktemp("cospadi-int8-dictionary")
+    variants = {"llama": ("llama", 1), "qwen2": ("qwen2", 1), "qwen2-shared": ("qwen2", 2)}
+    out = {}
+    for name, (arch, group_size) in variants.items():
+        out[name] = root / name
+        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
+                                  dictionary_dtype="int8", group_size=group_size)
+        compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
+    return out
+
+
+def dense_reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """W^T [in, N] in float64 of a merged layer: int8 atoms times their scales, times C."""
+    dictionary = tensors[fmt.DICTIONARY].double() * tensors[fmt.DICTIONARY_SCALES].double()
+    coef = reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES],
+                                  tensors["atom_offsets"], dictionary.shape[1])
+    return dictionary @ coef
+
+
+@pytest.mark.parametrize("in_features", [48, 40])  # 40: not a multiple of 16, the tiled x·D path
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype, in_features):
+    g = torch.Generator().manual_seed(31 + in_features + len(value_dtype))
+    tensors = merged_layer_tensors(value_dtype, g, in_features=in_features, dictionary_dtype="int8")
+    dense = dense_reference(tensors)
+    layer = HeldLayer.of(tensors)
+    kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, tensors[fmt.COEF_VALUES].dtype, torch.int8))
+    kernel.process_weights_after_loading(layer)
+    assert layer.dictionary.dtype == torch.int8  # held as stored: 1 byte per entry, never widened
+    assert layer.dictionary.numel() == tensors[fmt.DICTIONARY].numel()
+    stored = kernel.stored_tensors(layer)
+    for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
+        assert stored[name].dtype == tensors[name].dtype and stored[name].equal(tensors[name]), name
+    bound = 1e-5 if act_dtype == torch.float32 else 3e-2
+    for rows in (1, 3, 16, 17, 130):
+        x = torch.randn(rows, in_features, generator=g).to(act_dtype)
+        reference = x.double() @ dense
+        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
+            assert y.dtype == act_dtype and y.shape == reference.shape
+            assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, act_dtype)
+
+
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_compressed_layer_with_int8_dictionary(spectrum):
+    """The stored layer: int8 atoms in [-127, 127] with positive float32 scales, stored bytes within the
+    budget, and the reported whitened error is the one of the stored tensors (rebuilt in float64)."""
+    weight, gram = wide_layer(spectrum)
+    ratio = 0.3
+    result = compress_linear(weight, gram, ratio, LayerSettings(dictionary_dtype="int8", iterations=2))
+    dictionary, scales = result.tensors[fmt.DICTIONARY], result.tensors[fmt.DICTIONARY_SCALES]
+    assert dictionary.dtype == torch.int8 and dictionary.shape == (weight.shape[1], result.shape.k)
+    assert scales.dtype == torch.float32 and scales.shape == (result.shape.k,) and bool((scales > 0).all())
+    assert int(dictionary.abs().max()) <= 127
+    stored = fmt.stored_bytes(result.shape, "int8", dictionary_dtype_name="int8")
+    assert stored <= (1 - ratio) * fmt.dense_bf16_bytes(*weight.shape[::-1])
+    approx = fmt.reconstruct_weight_t(result.tensors, result.shape.k).double()
+    error = ((weight.double().T - approx).T @ gram.double() @ (weight.double().T - approx)).trace()
+    reference = (weight.double() @ gram.double() @ weight.double().T).trace()
+    assert abs(float((error / reference).sqrt()) - result.whitened_rel_error) <= 1e-3 * result.whitened_rel_error
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen2-shared"])
+def test_transformers_logits_match_dense_rebuild(int8_checkpoints, variant):
+    checkpoint = int8_checkpoints[variant]
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["dictionary_dtype"] == "int8"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    held = [m for m in model.modules() if type(m).__name__ == "CoSpaDiLinear" and m.owns_dictionary]
+    assert held and all(m.dictionary.dtype == torch.int8 for m in held)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model(ids).logits.double()
+        want = load_reconstructed_model(checkpoint)(ids).logits.double()
+    assert float((got - want).abs().max() / want.abs().max()) <= LOGITS_RTOL
+    assert check_checkpoint(checkpoint) == []
+
+
+def test_save_pretrained_round_trips_int8_dictionary(int8_checkpoints, tmp_path):
+    assert_save_pretrained_round_trips(int8_checkpoints["qwen2-shared"], tmp_path)
+
+
+def _edit_tensors(source, target, edit):
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_check_names_a_bad_dictionary_scale(int8_checkpoints, tiny_checkpoints, tmp_path):
+    prefix = "model.layers.0.mlp.down_proj"
+    name = f"{prefix}.{fmt.DICTIONARY_SCALES}"
+    cases = {
+        "shape": (lambda t: t.__setitem__(name, t[name][:-1].contiguous()), f"tensor {name} has shape"),
+        "dtype": (lambda t: t.__setitem__(name, t[name].to(torch.int32)), f"tensor {name} has dtype int32"),
+        "missing": (lambda t: t.pop(name), f"missing tensor {name}"),
+    }
+    for case, (edit, needle) in cases.items():
+        broken = _edit_tensors(int8_checkpoints["llama"], tmp_path / case, edit)
+        problems = check_checkpoint(broken)
+        assert any(needle in p for p in problems), (case, problems)
+    # a bfloat16-dictionary checkpoint carrying scales no reader would load
+    stray = _edit_tensors(tiny_checkpoints["llama"], tmp_path / "stray",
+                          lambda t: t.__setitem__(name, torch.rand(t[f"{prefix}.dictionary"].shape[1])))
+    assert any(f"tensor {name} is stored, but a bfloat16 dictionary has none" in p for p in check_checkpoint(stray))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["llama", "qwen2-shared"])
+def test_vllm_serves_int8_dictionary(int8_checkpoints, variant):
+    """vLLM (CPU) at TP = 1 gives the greedy tokens of transformers on the dense rebuild; TP = 2 the same tokens
+    as TP = 1."""
+    from transformers import AutoTokenizer
+
+    checkpoint = int8_checkpoints[variant]
+    tp1 = run_vllm(checkpoint, tp=1)
+    assert "error" not in tp1, tp1.get("error")
+    assert "quantization=cospadi" in tp1["stderr"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
+    tp2 = run_vllm(checkpoint, tp=2)
+    assert "error" not in tp2, tp2.get("error")
+    assert tp2["tokens"] == tp1["tokens"]
+
+
+@pytest.mark.slow
+def test_vllm_holds_the_dictionary_in_int8(int8_checkpoints):
+    """Every vLLM layer holds its dictionary as int8 (one byte per entry), the two layers of a group hold one
+    copy, and the compressed layers hold no more than their stored bytes + 10 % (a member of a group stores
+    only coefficients, so the value padding of fused shards is counted over the group, not per layer)."""
+    from cospadi_vllm.memory import run_isolated
+
+    layers = run_isolated(int8_checkpoints["qwen2-shared"], "float32", tp=1)["ranks"][0]["cospadi_layers"]
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        assert layer["dictionary_dtype"] == "int8", (name, layer)
+        assert layer["dictionary_bytes"] == layer["dictionary_numel"] > 0, (name, layer)
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):  # shared by the group (o / down stay per layer)
+        first, second = layers[f"model.layers.0.{fused}"], layers[f"model.layers.1.{fused}"]
+        assert first["dictionary_data_ptr"] == second["dictionary_data_ptr"], fused
+    held, stored = (sum(layer[key] for layer in layers.values()) for key in ("held_bytes", "stored_bytes_tp1"))
+    assert held <= 1.10 * stored, (held, stored)
