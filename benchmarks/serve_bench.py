@@ -7,6 +7,8 @@ server settings for both models.
 
     python benchmarks/serve_bench.py --checkpoint ./smollm2-cospadi          # dense = SmolLM2 from assets
     python benchmarks/serve_bench.py --model /models/Llama-3.1-8B --checkpoint ./llama-cospadi --gpu
+    python benchmarks/serve_bench.py --checkpoint ./smollm2-int8-dictionary --also bf16-dictionary=./smollm2-cospadi \
+        --name smollm2-int8-dictionary --rounds 3      # a second checkpoint in the same alternating rounds
 
 Then it loads each model once more with ``cospadi-vllm memory`` (parameter + buffer bytes as
 loaded by vLLM). Writes benchmarks/results/serve-<name>-<label>.json (vLLM's result file, one per
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="dense and CoSpaDi served this many times, alternating; the tables show the round "
                              "with the median CoSpaDi / dense ratio and list every round's (these machines are noisy)")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=CHECKPOINT",
+                        help="another checkpoint served in the same rounds, after dense and --checkpoint (repeatable)")
     parser.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -103,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16" if args.gpu or has_bf16_matmul() else "float32"
     print(f"== serving dtype: {args.dtype}", flush=True)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
-    for path in (model_dir, args.checkpoint):
+    models = [("dense", model_dir), ("cospadi", args.checkpoint)]
+    for also in args.also:
+        label, _, path = also.partition("=")
+        if not path or label in dict(models):
+            parser.error(f"--also {also}: expected LABEL=CHECKPOINT with a new label")
+        models.append((label, Path(path)))
+    for _, path in models:
         if not (path / "config.json").is_file():
             parser.error(f"{path}: no config.json there (expected a model or checkpoint directory)")
     args.out.mkdir(parents=True, exist_ok=True)
     rounds, memory = [], {}
-    models = (("dense", model_dir), ("cospadi", args.checkpoint))
     try:
         for _ in range(args.rounds):
             rounds.append({label: bench_one(label, path, args, name) for label, path in models})
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`vllm bench serve --dataset-name random`: {args.num_prompts} prompts, {args.input_len} input / "
         f"{args.output_len} output tokens (ignore EOS), max concurrency {args.max_concurrency}, seed 0; "
-        f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml with --dtype {args.dtype}; both runs back "
+        f"server config {'single-gpu' if args.gpu else 'cpu-demo'}.yaml with --dtype {args.dtype}; all runs back "
         f"to back on one machine ({platform_line()}).",
         "",
         "| model | " + " | ".join(title for _, title in METRICS) + " |",
@@ -140,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(rounds) > 1:
         lines[-1] += (f" (the median of {len(rounds)} rounds, dense and CoSpaDi alternating; every round: "
                       + ", ".join(f"{x:.3f}" for x in ratios) + "; the table shows that round)")
-    for label in ("dense", "cospadi"):  # vLLM's result files: the median round's
+    for label, _ in models[2:]:
+        also = [r[label]["output_throughput"] / r["dense"]["output_throughput"] for r in rounds]
+        lines += ["", f"{label} / dense output throughput, every round: " + ", ".join(f"{x:.3f}" for x in also)
+                  + f" (median {sorted(also)[len(also) // 2]:.3f})"]
+    for label, _ in models:  # vLLM's result files: the median round's
         (args.out / f"serve-{name}-{label}.json").write_text(json.dumps(results[label], indent=1))
     if memory:
         dense, cospadi = (memory[label]["ranks"][0] for label in ("dense", "cospadi"))

@@ -74,3 +74,21 @@ def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Pat
         compress_model(tiny_models[arch], out[arch], CompressOptions(iterations=1, calib=str(calib_file),
                                                                      calib_samples=4, seq_len=64), log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def int8_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama and Qwen2 (q/k/v biases) with int8 dictionaries, and Qwen2 with dictionaries shared by
+    its two layers (--group-size 2)."""
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_model
+
+    root = tmp_path_factory.mktemp("cospadi-int8-dictionary")
+    variants = {"llama": ("llama", 1), "qwen2": ("qwen2", 1), "qwen2-shared": ("qwen2", 2)}
+    out = {}
+    for name, (arch, group_size) in variants.items():
+        out[name] = root / name
+        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
+                                  dictionary_dtype="int8", group_size=group_size)
+        compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
+    return out

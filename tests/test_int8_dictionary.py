@@ -16,8 +16,6 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
-from offline_compress.options import CompressOptions
-from offline_compress.pipeline import compress_model
 from offline_compress.reader import load_reconstructed_model
 from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
 from tests.test_compressor import wide_layer
@@ -25,21 +23,6 @@ from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
 
 LOGITS_RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def int8_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, object]:
-    """Tiny Llama and Qwen2 (q/k/v biases) with int8 dictionaries, and Qwen2 with dictionaries shared by
-    its two layers (--group-size 2)."""
-    root = tmp_path_factory.mktemp("cospadi-int8-dictionary")
-    variants = {"llama": ("llama", 1), "qwen2": ("qwen2", 1), "qwen2-shared": ("qwen2", 2)}
-    out = {}
-    for name, (arch, group_size) in variants.items():
-        out[name] = root / name
-        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
-                                  dictionary_dtype="int8", group_size=group_size)
-        compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
-    return out
 
 
 def dense_reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +126,8 @@ def test_check_names_a_bad_dictionary_scale(int8_checkpoints, tiny_checkpoints, 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-shared"])
 def test_vllm_serves_int8_dictionary(int8_checkpoints, variant):
     """vLLM (CPU) at TP = 1 gives the greedy tokens of transformers on the dense rebuild; TP = 2 the same tokens
-    as TP = 1."""
+    as TP = 1 (on the shared-dictionary Qwen2: int8 atoms and their scales split by atoms in q/k/v and gate/up,
+    by input rows in o/down, and one dictionary per group)."""
     from transformers import AutoTokenizer
 
     checkpoint = int8_checkpoints[variant]
@@ -152,6 +136,8 @@ def test_vllm_serves_int8_dictionary(int8_checkpoints, variant):
     assert "quantization=cospadi" in tp1["stderr"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
+    if variant != "qwen2-shared":
+        return
     tp2 = run_vllm(checkpoint, tp=2)
     assert "error" not in tp2, tp2.get("error")
     assert tp2["tokens"] == tp1["tokens"]

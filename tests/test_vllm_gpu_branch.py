@@ -19,11 +19,13 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dictionary", ["bfloat16", "int8"])
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))
-def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, dtype):
+def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_checkpoints, dtype, dictionary):
+    checkpoint = (tiny_checkpoints if dictionary == "bfloat16" else int8_checkpoints)["llama"]
     env = {**os.environ, "TRITON_INTERPRET": "1", "COSPADI_KERNEL": "triton", "PYTHONPATH": str(ROOT),
            "VLLM_HOST_IP": "127.0.0.1"}
-    run = subprocess.run([sys.executable, "-m", "tests.vllm_gpu_branch", str(tiny_checkpoints["llama"]), dtype],
+    run = subprocess.run([sys.executable, "-m", "tests.vllm_gpu_branch", str(checkpoint), dtype],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-3000:]
@@ -36,6 +38,7 @@ def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, dtype):
         words, outputs = held["coef_mask"][0]
         assert outputs == held["coef_scales"][0][0] and words < outputs, (name, held)
         assert {"value_starts", "shard_table"} <= set(held), (name, held)
+        assert held["dictionary"][1] == f"torch.{dictionary}", (name, held)  # never widened at load
         assert held["shard_table"][0][0] == {"qkv_proj": 3, "gate_up_proj": 2}.get(name, 1), (name, held)
         for rows, error in layer["relative_error"].items():
             assert error < TOLERANCE[dtype], (name, rows, error)

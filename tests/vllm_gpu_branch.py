@@ -56,6 +56,8 @@ def dense_reference(tensors: dict, module: str) -> torch.Tensor:
 
     mask, values, scales = (tensors[f"{module}.{s}"] for s in fmt.COEF_SUFFIXES)
     dictionary = tensors[f"{module}.{fmt.DICTIONARY}"].double()
+    if f"{module}.{fmt.DICTIONARY_SCALES}" in tensors:  # an int8 dictionary: times each atom's scale
+        dictionary = dictionary * tensors[f"{module}.{fmt.DICTIONARY_SCALES}"].double()
     offsets = torch.zeros(mask.shape[0], dtype=torch.int32)
     return dictionary @ reference_coefficients(mask, values, scales, offsets, dictionary.shape[1])
 

@@ -126,10 +126,11 @@ INT8_TILE_ATOMS = 256
 def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D with D = (dictionary_t [K, in] int8)ᵀ · diag(scales [K], in x's dtype) → Z [M, K] in x's dtype.
 
-    The int8 GEMM reads D as held (per-output-channel scales: the layout of D held transposed); it needs
-    ``in`` to be a multiple of 16 (it crashes otherwise, torch 2.13). The tiles hold at most INT8_TILE_ATOMS·in
+    The int8 GEMM (CPU) reads D as held (per-output-channel scales: the layout of D held transposed); it needs
+    ``in`` to be a multiple of 16 (it crashes otherwise, torch 2.13). GPUs take the tiles (cuBLAS). The tiles hold at most INT8_TILE_ATOMS·in
     widened entries at a time (freed after the call), never the whole D."""
-    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= INT8_GEMM_MAX_ROWS and x.shape[1] % 16 == 0:
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= INT8_GEMM_MAX_ROWS
+            and x.shape[1] % 16 == 0):
         return torch._weight_int8pack_mm(x.contiguous(), dictionary_t, scales)
     z = x.new_empty(x.shape[0], dictionary_t.shape[0])
     for start in range(0, dictionary_t.shape[0], INT8_TILE_ATOMS):
