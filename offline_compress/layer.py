@@ -173,7 +173,7 @@ def svd_llm(problem: WhitenedProblem, ratio: float, settings: LayerSettings) -> 
     stored, dequantized = quantize(svd.coef, svd.mask, settings.value_dtype)
     structure = QuantizedStructure(SVD_STRUCTURE, shape, svd.dictionary, stored,
                                    relative_error(problem.target, svd.dictionary, svd.coef))
-    return with_rounded_dictionary(problem, structure, svd.mask, dequantized, settings)[0]
+    return with_rounded_dictionary(problem, structure, svd.mask, dequantized, settings)[0]  # no error needed
 
 
 def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, learned: Factorization,
@@ -183,26 +183,28 @@ def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, l
     dictionary, stored, dequantized = quantize_and_refit(problem.target, learned.dictionary, learned.coef,
                                                          learned.mask, settings.value_dtype,
                                                          rounds=settings.refit_rounds)
-    chosen = QuantizedStructure(structure, shape, dictionary, stored, unquantized)
-    return with_rounded_dictionary(problem, chosen, learned.mask, dequantized, settings)
+    chosen, dequantized = with_rounded_dictionary(problem, QuantizedStructure(structure, shape, dictionary, stored,
+                                                                              unquantized),
+                                                  learned.mask, dequantized, settings)
+    return chosen, relative_error(problem.target, chosen.dictionary, dequantized)
 
 
 def with_rounded_dictionary(problem: WhitenedProblem, structure: QuantizedStructure, mask: torch.Tensor,
-                            coef: torch.Tensor, settings: LayerSettings) -> tuple[QuantizedStructure, float]:
+                            coef: torch.Tensor, settings: LayerSettings) -> tuple[QuantizedStructure, torch.Tensor]:
     """A quantized structure whose dictionary is stored in an integer dtype: round D (un-whitened, as stored),
     then re-solve the values on their support for the rounded D, so that they absorb its rounding error.
-    → (the structure as stored, its whitened error). bfloat16 dictionaries are left to ``pack``.
+    → (the structure as stored, its dequantized values [m, k]). bfloat16 dictionaries are left to ``pack``.
 
     mask / coef [m, k]: the support and the dequantized values of ``structure``."""
     if fmt.DICTIONARY_TYPES[settings.dictionary_dtype].max_abs is None:
-        return structure, relative_error(problem.target, structure.dictionary, coef)
+        return structure, coef
     stored_dictionary = quantize_dictionary(unwhiten(structure.dictionary.double(), problem.factor),
                                             settings.dictionary_dtype)
     rounded = whiten(fmt.dequantize_dictionary(stored_dictionary).double(), problem.factor).to(problem.target.dtype)
     stored, coef = resolve_values(problem.target, rounded, coef, mask, settings.value_dtype)
     structure = QuantizedStructure(structure.structure, structure.shape, rounded, stored, structure.unquantized_error,
                                    stored_dictionary)
-    return structure, relative_error(problem.target, rounded, coef)
+    return structure, coef
 
 
 def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
@@ -309,8 +311,8 @@ def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStruct
          started: float) -> CompressedLinear:
     """Un-whiten the chosen dictionary (D = L⁻ᵀD̃, stored in bf16) unless it is stored rounded already, and
     measure the stored layer's error."""
-    stored_dictionary = chosen.stored_dictionary or {
-        fmt.DICTIONARY: unwhiten(chosen.dictionary.double(), problem.factor).to(torch.bfloat16)}
+    stored_dictionary = chosen.stored_dictionary or quantize_dictionary(
+        unwhiten(chosen.dictionary.double(), problem.factor), "bfloat16")
     tensors = {name: t.contiguous().cpu() for name, t in {**stored_dictionary, **chosen.stored}.items()}
     approx_t = fmt.reconstruct_weight_t(tensors, chosen.shape.k).to(problem.factor.device)
     return CompressedLinear(

@@ -50,6 +50,9 @@ class CoSpaDiKernel(ABC):
 
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
+        # An int8 D is held transposed ([K, in] int8, the same bytes) by every implementation, its float32
+        # scales as stored (k numbers, cast to the activation dtype per call).
+        self.int8_dictionary = config.dictionary_dtype == torch.int8
 
     @classmethod
     @abstractmethod
@@ -76,6 +79,15 @@ class CoSpaDiKernel(ABC):
     @abstractmethod
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         """{DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES} in their stored layout (for saving)."""
+
+    def hold_int8_dictionary(self, layer: torch.nn.Module) -> None:
+        replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
+
+    def int8_dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return int8_dictionary_product(x, layer.dictionary, layer.dictionary_scales.to(x.dtype))
+
+    def stored_int8_dictionary(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {fmt.DICTIONARY: layer.dictionary.t().contiguous(), fmt.DICTIONARY_SCALES: layer.dictionary_scales}
 
     def held_dictionary_dtype(self) -> torch.dtype:
         """The dtype D is held in: float16 activations get D in float16 once (same bytes) instead of a
@@ -127,8 +139,8 @@ def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales:
     """x [M, in] · D with D = (dictionary_t [K, in] int8)ᵀ · diag(scales [K], in x's dtype) → Z [M, K] in x's dtype.
 
     The int8 GEMM (CPU) reads D as held (per-output-channel scales: the layout of D held transposed); it needs
-    ``in`` to be a multiple of 16 (it crashes otherwise, torch 2.13). GPUs take the tiles (cuBLAS). The tiles hold at most INT8_TILE_ATOMS·in
-    widened entries at a time (freed after the call), never the whole D."""
+    ``in`` to be a multiple of 16 (it crashes otherwise, torch 2.13). GPUs take the tiles (cuBLAS). The tiles
+    hold at most INT8_TILE_ATOMS·in widened entries at a time (freed after the call), never the whole D."""
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= INT8_GEMM_MAX_ROWS
             and x.shape[1] % 16 == 0):
         return torch._weight_int8pack_mm(x.contiguous(), dictionary_t, scales)
@@ -164,8 +176,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     k_offset = 0
     for shard in shards:
         mask, values = shard[fmt.COEF_MASK], shard[fmt.COEF_VALUES]
-        for name in fmt.DICTIONARY_SUFFIXES if fmt.DICTIONARY_SCALES in names else (fmt.DICTIONARY,):
-            merged[name].append(shard[name])
+        for name, tensor in fmt.dictionary_tensors(shard).items():
+            merged[name].append(tensor)
         merged[fmt.COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
         merged[fmt.COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
         merged[fmt.COEF_SCALES].append(shard[fmt.COEF_SCALES])

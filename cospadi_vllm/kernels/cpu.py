@@ -16,7 +16,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import cpu_library
-from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, int8_dictionary_product, replace_tensor
+from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
 
 # Up to this many rows of Z the direct sparse kernels win; above it, tiles of C expanded to bf16/float32
 # (≤ 8 MiB, freed after the call) and multiplied by torch's GEMM. Measured on the 2-core AVX-512 machine.
@@ -51,11 +51,10 @@ class CPUKernel(CoSpaDiKernel):
     def __init__(self, config: KernelConfig) -> None:
         super().__init__(config)
         # D held transposed ([K, in], the same bytes) for the C++ x·D kernels: bf16 activations, and float32
-        # ones (D widened in registers for few rows, instead of a float32 copy of D per call); an int8 D for
-        # torch's int8-weight GEMM (its layout: one scale per row of the held [K, in]).
-        self.int8_dictionary = config.dictionary_dtype == torch.int8
-        self.dictionary_transposed = self.int8_dictionary or (
-            config.dictionary_dtype == torch.bfloat16 and config.act_dtype in (torch.bfloat16, torch.float32))
+        # ones (D widened in registers for few rows, instead of a float32 copy of D per call). An int8 D is
+        # held transposed too (CoSpaDiKernel.hold_int8_dictionary).
+        self.dictionary_transposed = config.dictionary_dtype == torch.bfloat16 and config.act_dtype in (
+            torch.bfloat16, torch.float32)
         self.value_table: torch.Tensor | None = None
         self.value_kind = 0
         self.direct_max_rows = DIRECT_MAX_ROWS
@@ -66,15 +65,15 @@ class CPUKernel(CoSpaDiKernel):
         self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
         if not owns_dictionary:
             return
-        if self.int8_dictionary:  # its float32 scales stay as stored (k numbers, cast per call)
-            replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
+        if self.int8_dictionary:
+            self.hold_int8_dictionary(layer)
             return
         dictionary = self.held_dictionary(layer.dictionary.data)
         replace_tensor(layer, fmt.DICTIONARY, dictionary.t().contiguous() if self.dictionary_transposed else dictionary)
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.int8_dictionary:
-            return int8_dictionary_product(x, layer.dictionary, layer.dictionary_scales.to(x.dtype))
+            return self.int8_dictionary_product(layer, x)
         if self.dictionary_transposed:
             return torch.ops.cospadi_cpu.dictionary_product(x, layer.dictionary)
         dictionary = layer.dictionary
@@ -86,16 +85,16 @@ class CPUKernel(CoSpaDiKernel):
             self.value_kind, False, z.dtype == torch.float32, self.direct_max_rows)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_dictionary or not self.dictionary_transposed:
+        if not self.dictionary_transposed:  # (an int8 D: x·D and Z·C as two ops)
             return super().apply(layer, x)
         return torch.ops.cospadi_cpu.linear(x, layer.dictionary, layer.coef_mask, layer.coef_values,
                                             layer.coef_scales, layer.atom_offsets, self.value_table,
                                             self.value_kind, self.direct_max_rows)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        dictionary = layer.dictionary.t() if self.dictionary_transposed else layer.dictionary
-        stored = {fmt.DICTIONARY: dictionary.to(self.config.dictionary_dtype).contiguous(),
-                  fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: layer.coef_values, fmt.COEF_SCALES: layer.coef_scales}
+        coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: layer.coef_values,
+                        fmt.COEF_SCALES: layer.coef_scales}
         if self.int8_dictionary:
-            stored[fmt.DICTIONARY_SCALES] = layer.dictionary_scales
-        return stored
+            return {**self.stored_int8_dictionary(layer), **coefficients}
+        dictionary = layer.dictionary.t() if self.dictionary_transposed else layer.dictionary
+        return {fmt.DICTIONARY: dictionary.to(self.config.dictionary_dtype).contiguous(), **coefficients}

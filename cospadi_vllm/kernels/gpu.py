@@ -18,7 +18,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import gpu_layout
-from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, int8_dictionary_product, replace_tensor
+from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
 
 OP_NAME = "cospadi_packed_coefficient_product"
 # Which decode kernel (M ≤ 16) serves: "lanes" (every atom position) or "bitwalk" (only the set bits);
@@ -93,12 +93,11 @@ class TritonKernel(CoSpaDiKernel):
         decode = os.environ.get(DECODE_KERNEL_ENV, "lanes")
         if decode not in ("lanes", "bitwalk"):
             raise ValueError(f"{DECODE_KERNEL_ENV}={decode!r} is not 'lanes' or 'bitwalk'")
-        self.int8_dictionary = config.dictionary_dtype == torch.int8
         self.bitwalk = decode == "bitwalk"
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
-        if owns_dictionary and self.int8_dictionary:  # held transposed, [K, in] int8 (the same bytes)
-            replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
+        if owns_dictionary and self.int8_dictionary:
+            self.hold_int8_dictionary(layer)
         elif owns_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
             replace_tensor(layer, fmt.DICTIONARY, self.held_dictionary(layer.dictionary.data))
         self.value_columns = layer.coef_values.shape[1]
@@ -114,7 +113,7 @@ class TritonKernel(CoSpaDiKernel):
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dictionary = layer.dictionary
         if self.int8_dictionary:  # widened tile by tile for cuBLAS (a fused int8 x·D kernel is not written yet)
-            return int8_dictionary_product(x, dictionary, layer.dictionary_scales.to(x.dtype))
+            return self.int8_dictionary_product(layer, x)
         if dictionary.dtype == x.dtype:
             return x @ dictionary  # cuBLAS
         if x.dtype == torch.float32:  # D stays bfloat16 (half the bytes): widened tile by tile, never copied
@@ -131,11 +130,8 @@ class TritonKernel(CoSpaDiKernel):
             list(self.packed.shard_outputs), self.bitwalk)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        dictionary = layer.dictionary.t().contiguous() if self.int8_dictionary else layer.dictionary
-        stored = {fmt.DICTIONARY: dictionary.to(self.config.dictionary_dtype),
-                  fmt.COEF_MASK: layer.coef_mask.t().contiguous(),
-                  fmt.COEF_VALUES: layer.coef_values[:, : self.value_columns].contiguous(),
-                  fmt.COEF_SCALES: layer.coef_scales}
-        if self.int8_dictionary:
-            stored[fmt.DICTIONARY_SCALES] = layer.dictionary_scales
-        return stored
+        dictionary = (self.stored_int8_dictionary(layer) if self.int8_dictionary
+                      else {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype)})
+        return {**dictionary, fmt.COEF_MASK: layer.coef_mask.t().contiguous(),
+                fmt.COEF_VALUES: layer.coef_values[:, : self.value_columns].contiguous(),
+                fmt.COEF_SCALES: layer.coef_scales}
