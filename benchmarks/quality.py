@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity"},
     # stacked with quantization: an int8 dictionary (one scale per atom)
     "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
+    # ... and int4 values (two per byte, one scale per output column)
+    "cospadi-int4-d8": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int8"},
     # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
     # activations), so a group's second layer sees the same inputs in both
     "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False},

@@ -51,11 +51,15 @@ class StorageType:
     dtype: torch.dtype
     max_abs: float | None = None
     supported: bool = True
+    per_byte: int = 1  # values packed per stored element (int4: two per uint8)
 
 
-# coef_values: one scale per output column (coef_scales).
+# coef_values: one scale per output column (coef_scales). int4: two values per byte, value r of a row in
+# byte r // 2, the low nibble for even r, two's complement in [-7, 7] (symmetric: -8 is never written);
+# stored as uint8, the only value type with that torch dtype.
 VALUE_TYPES: dict[str, StorageType] = {
     "int8": StorageType(torch.int8, 127.0),
+    "int4": StorageType(torch.uint8, 7.0, per_byte=2),
     "float8_e4m3fn": StorageType(torch.float8_e4m3fn, 448.0),
     "bfloat16": StorageType(torch.bfloat16),
 }
@@ -100,6 +104,32 @@ def dictionary_dtype_from_name(name: str) -> torch.dtype:
     return _storage_type(DICTIONARY_TYPES, "dictionary_dtype", name)
 
 
+def values_per_byte(value_dtype: torch.dtype) -> int:
+    """How many values one stored element of ``coef_values`` holds (2 for int4, stored as uint8)."""
+    return next((t.per_byte for t in VALUE_TYPES.values() if t.dtype == value_dtype), 1)
+
+
+def value_columns(s: int, value_dtype: torch.dtype) -> int:
+    """Stored columns of ``coef_values`` for s values per row (ceil(s / 2) for int4)."""
+    per_byte = values_per_byte(value_dtype)
+    return (s + per_byte - 1) // per_byte
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """int8 [rows, s] in [-7, 7] → uint8 [rows, ceil(s/2)]: value 2i in the low nibble of byte i, 2i+1 in the high."""
+    if values.shape[1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    nibbles = values.to(torch.int16) & 0xF
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, s: int | None = None) -> torch.Tensor:
+    """uint8 [rows, B] → int8 [rows, s] (s defaults to 2·B; inverse of :func:`pack_int4`)."""
+    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=2).reshape(packed.shape[0], -1).to(torch.int8)
+    values = torch.where(nibbles > 7, nibbles - 16, nibbles)
+    return values if s is None else values[:, :s]
+
+
 def dictionary_is_scaled(dictionary_dtype: torch.dtype) -> bool:
     """Whether a dictionary of this dtype is stored with ``dictionary_scales`` (one per atom)."""
     return any(t.dtype == dictionary_dtype and t.max_abs is not None for t in DICTIONARY_TYPES.values())
@@ -132,7 +162,7 @@ class LayerShape:
             DICTIONARY: ((self.in_features, self.k), dictionary_dtype),
             DICTIONARY_SCALES: ((self.k,), SCALES_DTYPE),
             COEF_MASK: ((self.out_features, mask_words(self.k)), MASK_DTYPE),
-            COEF_VALUES: ((self.out_features, self.s), value_dtype),
+            COEF_VALUES: ((self.out_features, value_columns(self.s, value_dtype)), value_dtype),
             COEF_SCALES: ((self.out_features,), SCALES_DTYPE),
         }
         if not dictionary_is_scaled(dictionary_dtype):
@@ -161,7 +191,8 @@ def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool
     return (
         (shape.in_features * dictionary.dtype.itemsize + scale_bytes) * shape.k * owns_dictionary
         + shape.out_features * mask_words(shape.k) * MASK_DTYPE.itemsize
-        + shape.out_features * shape.s * VALUE_TYPES[value_dtype_name].dtype.itemsize
+        + shape.out_features * value_columns(shape.s, VALUE_TYPES[value_dtype_name].dtype)
+        * VALUE_TYPES[value_dtype_name].dtype.itemsize
         + shape.out_features * SCALES_DTYPE.itemsize
     )
 
@@ -226,8 +257,10 @@ def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per
 # ---------------------------------------------------------------- reading C and W back
 
 
-def dequantize_values(coef_values: torch.Tensor, coef_scales: torch.Tensor) -> torch.Tensor:
-    """[out, s] stored values + [out] scales → [out, s] float32."""
+def dequantize_values(coef_values: torch.Tensor, coef_scales: torch.Tensor, s: int | None = None) -> torch.Tensor:
+    """[out, s] stored values (int4: [out, ceil(s/2)] packed, ``s`` given) + [out] scales → [out, s] float32."""
+    if coef_values.dtype == VALUE_TYPES["int4"].dtype:
+        coef_values = unpack_int4(coef_values, s)
     return coef_values.float() * coef_scales.float()[:, None]
 
 
@@ -237,14 +270,15 @@ def decode_coefficients(
     """Stored mask/values/scales → dense C [k, out] float32 (dequantized)."""
     support = unpack_mask(coef_mask, k)
     counts = support.sum(1)
-    if not bool((counts == coef_values.shape[1]).all()):
-        bad = int((counts != coef_values.shape[1]).nonzero()[0, 0])
+    s = int(counts[0]) if counts.numel() else 0
+    if not bool((counts == s).all()) or value_columns(s, coef_values.dtype) != coef_values.shape[1]:
+        bad = int((counts != s).nonzero()[0, 0]) if not bool((counts == s).all()) else 0
         raise FormatError(
             f"coef_mask row {bad} has {int(counts[bad])} set bits but coef_values has "
-            f"{coef_values.shape[1]} values per row"
+            f"{coef_values.shape[1]} columns per row"
         )
     dense_t = torch.zeros(support.shape, dtype=torch.float32, device=coef_mask.device)
-    dense_t[support] = dequantize_values(coef_values, coef_scales).reshape(-1)
+    dense_t[support] = dequantize_values(coef_values, coef_scales, s).reshape(-1)
     return dense_t.t().contiguous()
 
 

@@ -25,11 +25,14 @@ from cospadi_vllm import format as fmt
 from offline_compress.dictionary import least_squares_dictionary, least_squares_on_support
 
 
-def quantize_values(values: torch.Tensor, value_dtype_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-column symmetric quantization.
 
-    values: [out, s] float → (coef_values [out, s] value_dtype, coef_scales [out] float32)
-    with ``values ≈ coef_values.float() * coef_scales[:, None]`` (format.dequantize_values).
+    values: [out, s] float → (coef_values [out, s] value_dtype (int4: [out, ceil(s/2)] packed uint8),
+    coef_scales [out] float32) with ``values ≈ format.dequantize_values(coef_values, coef_scales, s)``.
+    ``atoms`` = (support_idx [out, s], gram [k, k] = DᵀD of the whitened dictionary): codes of ≤ 4 bits are
+    rounded with error feedback (:func:`feedback_codes`) instead of to nearest.
     """
     dtype = fmt.value_dtype_from_name(value_dtype_name)
     values = values.float()
@@ -38,16 +41,85 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str) -> tuple[torch.
         return values.to(dtype), torch.ones(values.shape[0], dtype=fmt.SCALES_DTYPE, device=values.device)
     absmax = values.abs().amax(dim=1)
     scales = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    if qmax <= CLIP_SEARCH_MAX_LEVEL:
+        scales = clipped_scales(values, scales, qmax)
     scaled = values / scales[:, None]
-    if dtype == torch.int8:
-        quantized = scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    else:
+    if dtype.is_floating_point:
         quantized = scaled.clamp(-qmax, qmax).to(dtype)
+    else:
+        codes = (feedback_codes(scaled, *atoms, qmax) if atoms is not None and qmax <= FEEDBACK_MAX_LEVEL
+                 else scaled.round().clamp(-qmax, qmax))
+        quantized = codes.to(torch.int8)
+        if fmt.values_per_byte(dtype) == 2:
+            quantized = fmt.pack_int4(quantized)
     return quantized, scales.to(fmt.SCALES_DTYPE)
 
 
+# Codes up to this magnitude get a searched clipping scale (int4: 15 levels). With absmax scaling one large
+# value per column sets a step of absmax / 7 for all ~s values (rounding noise ≈ 0.12 of a typical value); a
+# smaller scale that clips the few largest values halves the squared error (Gaussian values: clipping at
+# ≈ 2.5σ instead of ≈ 3.5σ). With int8's 255 levels the step is already far below the spread: nothing to
+# gain, and its checkpoints stay byte-identical.
+CLIP_SEARCH_MAX_LEVEL = 7
+# Codes up to this magnitude are rounded with error feedback when the dictionary is known (feedback_codes).
+FEEDBACK_MAX_LEVEL = 7
+CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5 of absmax
+
+
+def clipped_scales(values: torch.Tensor, scales: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Per row of values [out, s], the scale among ``CLIP_FRACTIONS`` · (absmax / qmax) with the least squared
+    rounding error (clamped codes included). scales [out] (absmax / qmax) → [out]."""
+    best, best_error = scales, torch.full_like(scales, float("inf"))
+    for fraction in CLIP_FRACTIONS:
+        trial = scales * fraction
+        codes = (values / trial[:, None]).round().clamp(-qmax, qmax)
+        error = ((codes * trial[:, None] - values) ** 2).sum(1)
+        better = error < best_error
+        best, best_error = torch.where(better, trial, best), torch.where(better, error, best_error)
+    return best
+
+
+def feedback_codes(scaled: torch.Tensor, support_idx: torch.Tensor, gram: torch.Tensor, qmax: float,
+                   block: int = 256, damp: float = 0.01) -> torch.Tensor:
+    """Each column's values rounded for the error that matters, ‖D_S·(c − q)‖ (the whitened error of the
+    column's atoms S), not ‖c − q‖: an over-complete dictionary's atoms are far from orthogonal, so the
+    rounding error of one value can be partly undone by moving the others. This is GPTQ's error feedback,
+    computed in its Cholesky form (Babai's nearest plane; one Cholesky per column, no inverse): with the
+    atoms in reverse order, P·D_SᵀD_S·P = RᵀR (R upper), (R·e)_i = R_ii·e_i + Σ_{j>i} R_ij·e_j, and the values
+    are rounded from the last row to the first — i.e. from the column's first atom to its last — each to
+    cancel what the already rounded ones left in its row. The order matters (the first atoms come from the
+    SVD start and carry most of a column): rounding them first, as GPTQ does, measured 0.037 against 0.105
+    the other way on a SmolLM2 q_proj (benchmarks/results/NOTES.md item 60).
+
+    scaled [out, s] values in code units, support_idx [out, s], gram [k, k] = DᵀD (whitened D) → codes [out, s]
+    float (integers in [-qmax, qmax]). ``damp``: fraction of the mean diagonal added, as GPTQ does. Columns
+    that share their atoms (a dense support: SVD's s = k) share one factorisation."""
+    out, s = scaled.shape
+    reverse = torch.arange(s - 1, -1, -1, device=scaled.device)
+    scaled, support_idx = scaled[:, reverse], support_idx[:, reverse]
+    codes = torch.empty_like(scaled)
+    shared = bool((support_idx == support_idx[:1]).all())
+    eye = torch.eye(s, dtype=torch.float32, device=gram.device)
+    factor = None
+    for start in range(0, out, block):
+        if factor is None or not shared:
+            idx = support_idx[start: start + (1 if shared else block)]
+            hessian = gram[idx[:, :, None], idx[:, None, :]].float()  # [B, s, s]: the Gram of each column's atoms
+            hessian = hessian + damp * hessian.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
+            factor = torch.linalg.cholesky(hessian, upper=True)
+        values = scaled[start: start + block].float()
+        error = torch.zeros_like(values)  # c − q of the values already rounded (zero for the rest)
+        for i in range(s - 1, -1, -1):
+            shifted = values[:, i] + (factor[:, i, i + 1:] * error[:, i + 1:]).sum(1) / factor[:, i, i]
+            rounded = shifted.round().clamp(-qmax, qmax)
+            error[:, i] = values[:, i] - rounded
+            codes[start: start + block, i] = rounded.to(codes.dtype)
+    return codes[:, reverse]
+
+
 def encode_coefficients(
-    support_idx: torch.Tensor, support_values: torch.Tensor, k: int, value_dtype_name: str
+    support_idx: torch.Tensor, support_values: torch.Tensor, k: int, value_dtype_name: str,
+    gram: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Column-sparse C given as (atom index, value) pairs → the stored mask / values / scales tensors.
 
@@ -59,7 +131,8 @@ def encode_coefficients(
     values_sorted = support_values.gather(1, order)
     support = torch.zeros(support_idx.shape[0], k, dtype=torch.bool, device=support_idx.device)
     support.scatter_(1, idx_sorted, True)
-    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name)
+    atoms = None if gram is None else (idx_sorted, gram)
+    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name, atoms)
     return {fmt.COEF_MASK: fmt.pack_mask(support), fmt.COEF_VALUES: coef_values, fmt.COEF_SCALES: coef_scales}
 
 
@@ -82,10 +155,13 @@ def support_indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero()[:, 1].view(m, -1)
 
 
-def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float)."""
+def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str, dictionary: torch.Tensor | None = None
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float).
+    ``dictionary`` [n, k] (whitened space): ≤ 4-bit values are rounded for it (:func:`feedback_codes`)."""
     idx = support_indices(mask)
-    stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype)
+    gram = None if dictionary is None else dictionary.T @ dictionary
+    stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype, gram)
     dequantized = fmt.decode_coefficients(
         stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
     ).T.to(coef.dtype)
@@ -112,7 +188,7 @@ def quantize_and_refit(
         if round_index:
             coef = solve_on_support(target, dictionary, mask, coef)
         dictionary, coef = balance_atom_scales(dictionary, coef, mask)
-        stored, dequantized = quantize(coef, mask, value_dtype)
+        stored, dequantized = quantize(coef, mask, value_dtype, dictionary)
         if refit:
             dictionary = least_squares_dictionary(target, dequantized)
         coef = dequantized
@@ -141,7 +217,7 @@ def resolve_values(target: torch.Tensor, dictionary: torch.Tensor, coef: torch.T
 
     target [n, m], dictionary [n, k] (whitened space), coef/mask [m, k] (coef: the start) →
     (stored coefficient tensors, their dequantized values as coef [m, k])."""
-    return quantize(solve_on_support(target, dictionary, mask, coef), mask, value_dtype)
+    return quantize(solve_on_support(target, dictionary, mask, coef), mask, value_dtype, dictionary)
 
 
 def solve_on_support(target: torch.Tensor, dictionary: torch.Tensor, mask: torch.Tensor, start: torch.Tensor

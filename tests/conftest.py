@@ -92,3 +92,21 @@ def int8_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Pat
                                   dictionary_dtype="int8", group_size=group_size)
         compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def int4_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints with int4 values (two per byte): Llama with a bfloat16 dictionary, and Qwen2 with
+    int8 dictionaries shared by its two layers (--group-size 2), the stacked case."""
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_model
+
+    root = tmp_path_factory.mktemp("cospadi-int4-values")
+    variants = {"llama": ("llama", 1, "bfloat16"), "qwen2-shared": ("qwen2", 2, "int8")}
+    out = {}
+    for name, (arch, group_size, dictionary_dtype) in variants.items():
+        out[name] = root / name
+        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64, value_dtype="int4",
+                                  dictionary_dtype=dictionary_dtype, group_size=group_size)
+        compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
+    return out

@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 
-from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import gpu_layout
 from cospadi_vllm.launch import ROOT
-from tests.reference import merged_layer, reference_coefficients
+from tests.reference import RAW_VALUE_DTYPES, merged_layer, reference_coefficients
 
 
 def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> torch.Tensor:
@@ -31,7 +30,7 @@ def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> to
     return dense
 
 
-@pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
+@pytest.mark.parametrize("value_dtype", RAW_VALUE_DTYPES)
 def test_repacked_layout_holds_the_same_coefficients(value_dtype):
     g = torch.Generator().manual_seed(len(value_dtype))
     shards = [(300, 13, 120), (70, 20, 11), (33, 9, 2)]  # 10 mask words: two value groups

@@ -19,10 +19,13 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dictionary", ["bfloat16", "int8"])
-@pytest.mark.parametrize("dtype", sorted(TOLERANCE))
-def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_checkpoints, dtype, dictionary):
-    checkpoint = (tiny_checkpoints if dictionary == "bfloat16" else int8_checkpoints)["llama"]
+@pytest.mark.parametrize(("variant", "dtype"), [(variant, dtype) for variant in ("bfloat16", "int8") for dtype in TOLERANCE]
+                         + [("int4-values", "bfloat16")])
+def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_checkpoints, int4_checkpoints, dtype,
+                                                     variant):
+    """variant: the dictionary dtype (int8 values), or int4 values with a bfloat16 dictionary."""
+    checkpoint = {"bfloat16": tiny_checkpoints, "int8": int8_checkpoints, "int4-values": int4_checkpoints}[variant]["llama"]
+    dictionary = "int8" if variant == "int8" else "bfloat16"
     env = {**os.environ, "TRITON_INTERPRET": "1", "COSPADI_KERNEL": "triton", "PYTHONPATH": str(ROOT),
            "VLLM_HOST_IP": "127.0.0.1"}
     run = subprocess.run([sys.executable, "-m", "tests.vllm_gpu_branch", str(checkpoint), dtype],

@@ -16,7 +16,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import cpu_library
-from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
+from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, held_value_dtype, replace_tensor
 
 # Up to this many rows of Z the direct sparse kernels win; above it, tiles of C expanded to bf16/float32
 # (≤ 8 MiB, freed after the call) and multiplied by torch's GEMM. Measured on the 2-core AVX-512 machine.
@@ -43,7 +43,7 @@ class CPUKernel(CoSpaDiKernel):
         if config.dictionary_dtype not in (torch.bfloat16, torch.int8):
             return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16 or int8 only)"
         try:
-            cpu_library.value_kind(config.value_dtype)
+            cpu_library.value_kind(held_value_dtype(config.value_dtype))
         except TypeError as err:
             return False, str(err)
         return True, None
@@ -61,8 +61,9 @@ class CPUKernel(CoSpaDiKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
         # Build / load the C++ library now, not inside the first forward.
-        self.value_table, self.value_kind = cpu_library.value_decoding(self.config.value_dtype)
-        self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
+        self.value_table, self.value_kind = cpu_library.value_decoding(self.held_value_dtype())
+        self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.held_value_dtype())
+        self.hold_values(layer)
         if not owns_dictionary:
             return
         if self.int8_dictionary:
@@ -92,7 +93,7 @@ class CPUKernel(CoSpaDiKernel):
                                             self.value_kind, self.direct_max_rows)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: layer.coef_values,
+        coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: self.stored_values(layer.coef_values),
                         fmt.COEF_SCALES: layer.coef_scales}
         if self.int8_dictionary:
             return {**self.stored_int8_dictionary(layer), **coefficients}
