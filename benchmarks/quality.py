@@ -249,7 +249,8 @@ def plot(results: dict, meta: dict, path: Path) -> None:
     styles = {"svd-llm": ("tab:orange", "s", "-"), "cospadi-int8": ("tab:blue", "o", "-"),
               "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
               f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":"), "cospadi-int8-g2": ("tab:green", "D", "-"),
-              "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-")}
+              "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-"),
+              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int4-d8": ("tab:pink", "X", "-")}
     for variant, (color, marker, line) in styles.items():
         pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])
                      for rid, r in results.items() if rid.startswith(variant + "@"))

@@ -37,7 +37,8 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     model = tiny_models["llama"]
     out, work = tmp_path / "results", tmp_path / "work"
     rows = ["dense", "rtn-int8", "rtn-int4-g128", "rtn-int3-g128", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-g2@0.3",
-            "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3", "cospadi-int8-1shot@0.3", "cospadi-int8-g2-1shot@0.3", "cospadi-int8-d8@0.3"]
+            "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3", "cospadi-int8-1shot@0.3", "cospadi-int8-g2-1shot@0.3", "cospadi-int8-d8@0.3",
+            "cospadi-int4-d8@0.3"]
     common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
     run_quality(*common, "--iterations", "1", "--rows", *rows)
     result = json.loads((out / "quality-tiny.json").read_text())
@@ -61,18 +62,21 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
         row = got[rid]
         assert row["model_bytes"] == model_bf16 - layer_bf16 + row["layer_bytes"], rid
     assert got["cospadi-bf16@0.3"]["options"]["value_dtype"] == "bfloat16"
-    for rid in rows[4:-1]:
+    for rid in rows[4:-2]:
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
-    # int8 dictionary: the ratio is a ceiling (full rank may fit with bytes to spare)
-    assert got["cospadi-int8-d8@0.3"]["options"]["dictionary_dtype"] == "int8"
-    assert 1 - got["cospadi-int8-d8@0.3"]["layer_bytes"] / layer_bf16 >= 0.3
+    # int8 dictionary (and int4 values): the ratio is a ceiling (full rank may fit with bytes to spare)
+    for rid in rows[-2:]:
+        assert got[rid]["options"]["dictionary_dtype"] == "int8"
+        assert 1 - got[rid]["layer_bytes"] / layer_bf16 >= 0.3, rid
+    assert got["cospadi-int4-d8@0.3"]["options"]["value_dtype"] == "int4"
     assert got["cospadi-int8-g2@0.3"]["options"]["group_size"] == 2
     assert got["cospadi-int8-sens@0.3"]["options"]["allocation"] == "sensitivity"
     assert got["cospadi-int8-g2-1shot@0.3"]["options"]["sequential"] is False
 
     # Perplexity: the dense row equals HF's own loss; compressed rows are finite and differ from it (a random model need not get worse).
     assert math.isclose(got["dense"]["perplexity"], hf_perplexity(model), rel_tol=1e-4)
-    for rid in ("rtn-int4-g128", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-d8@0.3"):
+    for rid in ("rtn-int4-g128", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-d8@0.3",
+                "cospadi-int4-d8@0.3"):
         assert math.isfinite(got[rid]["perplexity"]) and got[rid]["perplexity"] != got["dense"]["perplexity"]
     table = (out / "quality-tiny.md").read_text()
     assert "- CR 0.3: CoSpaDi int8" in table and "- CR 0.3: CoSpaDi bf16" in table
