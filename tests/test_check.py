@@ -109,7 +109,10 @@ def variants(k_down: int) -> dict[str, tuple]:
         "missing-shard": (_missing_shard, "names model-00002-of-00002.safetensors, which does not exist"),
         "stray-weight": (_tensors(lambda t: t.__setitem__(f"{L0}.mlp.up_proj.weight", torch.randn(512, 256))),
                          f"tensor {L0}.mlp.up_proj.weight is present next to the compressed tensors"),
-        "value-dtype": (_config(lambda qc, c: qc.__setitem__("value_dtype", "int4")), "value_dtype 'int4'"),
+        "value-dtype": (_config(lambda qc, c: qc.__setitem__("value_dtype", "int2")), "value_dtype 'int2'"),
+        # The config says int4 values (packed, two per byte), the tensors hold int8 values.
+        "value-int4": (_config(lambda qc, c: qc.__setitem__("value_dtype", "int4")),
+                       f"tensor {L0}.self_attn.q_proj.coef_values has"),
         "format-version": (_config(lambda qc, c: qc.__setitem__("format_version", 99)), "format_version 99"),
         # The config says int8 dictionaries, the tensors are bfloat16 (and have no scales).
         "dictionary-int8": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int8")),
