@@ -259,7 +259,7 @@ def check_mask_bits(name: str, coef_mask: torch.Tensor, k: int, s: int, rows_per
 
 def dequantize_values(coef_values: torch.Tensor, coef_scales: torch.Tensor, s: int | None = None) -> torch.Tensor:
     """[out, s] stored values (int4: [out, ceil(s/2)] packed, ``s`` given) + [out] scales → [out, s] float32."""
-    if coef_values.dtype == VALUE_TYPES["int4"].dtype:
+    if values_per_byte(coef_values.dtype) == 2:
         coef_values = unpack_int4(coef_values, s)
     return coef_values.float() * coef_scales.float()[:, None]
 
@@ -271,8 +271,9 @@ def decode_coefficients(
     support = unpack_mask(coef_mask, k)
     counts = support.sum(1)
     s = int(counts[0]) if counts.numel() else 0
-    if not bool((counts == s).all()) or value_columns(s, coef_values.dtype) != coef_values.shape[1]:
-        bad = int((counts != s).nonzero()[0, 0]) if not bool((counts == s).all()) else 0
+    uneven = (counts != s).nonzero()
+    if uneven.numel() or value_columns(s, coef_values.dtype) != coef_values.shape[1]:
+        bad = int(uneven[0, 0]) if uneven.numel() else 0
         raise FormatError(
             f"coef_mask row {bad} has {int(counts[bad])} set bits but coef_values has "
             f"{coef_values.shape[1]} columns per row"

@@ -47,7 +47,7 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[to
     if dtype.is_floating_point:
         quantized = scaled.clamp(-qmax, qmax).to(dtype)
     else:
-        codes = (feedback_codes(scaled, *atoms, qmax) if atoms is not None and qmax <= FEEDBACK_MAX_LEVEL
+        codes = (feedback_codes(scaled, *atoms, qmax) if atoms is not None and rounds_with_feedback(value_dtype_name)
                  else scaled.round().clamp(-qmax, qmax))
         quantized = codes.to(torch.int8)
         if fmt.values_per_byte(dtype) == 2:
@@ -57,12 +57,19 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[to
 
 # Codes up to this magnitude get a searched clipping scale (int4: 15 levels). With absmax scaling one large
 # value per column sets a step of absmax / 7 for all ~s values (rounding noise ≈ 0.12 of a typical value); a
-# smaller scale that clips the few largest values halves the squared error (Gaussian values: clipping at
-# ≈ 2.5σ instead of ≈ 3.5σ). With int8's 255 levels the step is already far below the spread: nothing to
-# gain, and its checkpoints stay byte-identical.
+# smaller scale that clips the few largest values lowers the squared error of the values. Measured (NOTES.md
+# items 59–60): alone it does not lower the whitened error and raised SmolLM2's perplexity (30.21 → 33.07);
+# together with the feedback rounding it lowers the whitened error on 6 of 8 modules. With int8's 255 levels
+# the step is already far below the spread: nothing to gain, and its checkpoints stay byte-identical.
 CLIP_SEARCH_MAX_LEVEL = 7
 # Codes up to this magnitude are rounded with error feedback when the dictionary is known (feedback_codes).
 FEEDBACK_MAX_LEVEL = 7
+
+
+def rounds_with_feedback(value_dtype_name: str) -> bool:
+    """Whether values of this dtype are rounded with error feedback (then quantize needs the atoms' Gram)."""
+    qmax = fmt.VALUE_TYPES[value_dtype_name].max_abs
+    return qmax is not None and qmax <= FEEDBACK_MAX_LEVEL
 CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5 of absmax
 
 
@@ -160,7 +167,8 @@ def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str, dictionar
     """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float).
     ``dictionary`` [n, k] (whitened space): ≤ 4-bit values are rounded for it (:func:`feedback_codes`)."""
     idx = support_indices(mask)
-    gram = None if dictionary is None else dictionary.T @ dictionary
+    # The Gram only where the rounding reads it (≤ 4-bit values): int8 / fp8 / bf16 never pay for it.
+    gram = dictionary.T @ dictionary if dictionary is not None and rounds_with_feedback(value_dtype) else None
     stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype, gram)
     dequantized = fmt.decode_coefficients(
         stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
