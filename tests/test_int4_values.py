@@ -20,10 +20,9 @@ from offline_compress.reader import load_reconstructed_model
 from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
 from tests.test_compressor import wide_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
-from tests.test_int8_dictionary import _edit_tensors
+from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
 from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
 
-LOGITS_RTOL = 1e-4
 
 
 def test_int4_layout_is_low_nibble_first_twos_complement():
@@ -122,12 +121,7 @@ def test_transformers_logits_match_dense_rebuild(int4_checkpoints, variant):
     checkpoint = int4_checkpoints[variant]
     assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["value_dtype"] == "int4"
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        got = model(ids).logits.double()
-        want = load_reconstructed_model(checkpoint)(ids).logits.double()
-    assert float((got - want).abs().max() / want.abs().max()) <= LOGITS_RTOL
-    assert check_checkpoint(checkpoint) == []
+    assert_logits_match_dense_rebuild(model, checkpoint, seed=6)
 
 
 def test_save_pretrained_round_trips_int4_values(int4_checkpoints, tmp_path):

@@ -84,7 +84,12 @@ def test_transformers_logits_match_dense_rebuild(int8_checkpoints, variant):
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     held = [m for m in model.modules() if type(m).__name__ == "CoSpaDiLinear" and m.owns_dictionary]
     assert held and all(m.dictionary.dtype == torch.int8 for m in held)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    assert_logits_match_dense_rebuild(model, checkpoint, seed=5)
+
+
+def assert_logits_match_dense_rebuild(model, checkpoint, seed: int) -> None:
+    """The loaded checkpoint's logits within LOGITS_RTOL of the dense rebuild's on random ids, and `check` clean."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         got = model(ids).logits.double()
         want = load_reconstructed_model(checkpoint)(ids).logits.double()
