@@ -24,7 +24,6 @@ from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_
 from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
 
 
-
 def test_int4_layout_is_low_nibble_first_twos_complement():
     codes = torch.tensor([[1, -1, 7, -7, 0], [-3, 2, 0, 0, 5]], dtype=torch.int8)
     packed = fmt.pack_int4(codes)
