@@ -199,16 +199,17 @@ def cpu_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return ops.onednn_mm(_ONEDNN_HANDLES[id(w)][1], x, None)
 
 
-def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, ceilings) -> list[Row]:
+def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, ceilings,
+               value_dtype: str = "int8") -> list[Row]:
     bandwidth, rate = ceilings
     bf16 = 2
     _ONEDNN_HANDLES.clear()  # one case's weights at a time
     shard_outs = out_spec if isinstance(out_spec, tuple) else (out_spec,)
     out_f = sum(shard_outs)
-    shapes = [solve_k_s(in_f, out, ratio, 2.0, "int8") for out in shard_outs]
+    shapes = [solve_k_s(in_f, out, ratio, 2.0, value_dtype) for out in shard_outs]
     ranks = [int(ratio * in_f * out / (in_f + out)) for out in shard_outs]
     k_total, rank = sum(s.k for s in shapes), sum(ranks)
-    cospadi_bytes = sum(fmt.stored_bytes(shape, "int8") for shape in shapes)
+    cospadi_bytes = sum(fmt.stored_bytes(shape, value_dtype) for shape in shapes)
     weight_bytes = {"dense": in_f * out_f * bf16, "svd-llm": (in_f + out_f) * rank * bf16,
                     "cospadi-triton": cospadi_bytes, "cospadi-triton-bitwalk": cospadi_bytes, "cospadi-cpu": cospadi_bytes}
     inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": k_total, "cospadi-triton-bitwalk": k_total,
@@ -230,7 +231,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     def triton_operands():
         from cospadi_vllm.kernels.gpu_layout import repack
 
-        layer_tensors = random_cospadi(in_f, shard_outs, shapes, device)
+        layer_tensors = random_cospadi(in_f, shard_outs, shapes, device, value_dtype)
         coef = [layer_tensors[n] for n in ("coef_mask", "coef_values", "coef_scales", "atom_offsets")]
         return {"dictionary": layer_tensors["dictionary"], "packed": repack(*coef)}  # repacked once, as served
 
@@ -239,7 +240,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         "svd-llm": svd_operands,
         "cospadi-triton": triton_operands,
         "cospadi-triton-bitwalk": triton_operands,
-        "cospadi-cpu": lambda: cpu_operands(random_cospadi(in_f, shard_outs, shapes, device)),
+        "cospadi-cpu": lambda: cpu_operands(random_cospadi(in_f, shard_outs, shapes, device, value_dtype)),
     }
     matmul = cpu_matmul if device.type == "cpu" else (lambda x, w: x @ w)
 
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: dense svd-llm and cospadi-triton on CUDA, cospadi-cpu on CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (vLLM's CPU worker on a 2-core machine gets 1: "
                         "one core is reserved for its engine process)")
+    parser.add_argument("--value-dtype", default="int8", choices=sorted(fmt.VALUE_DTYPES),
+                        help="CoSpaDi's coefficient values (k and s solved for the same bytes); results of a dtype other "
+                             "than int8 go to kernels-<device>-<dtype>.*")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for layer, in_f, out_spec in MODELS[model]:
             for ratio in ratios:
-                case = bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, (bandwidth, rate))
+                case = bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, (bandwidth, rate),
+                                  args.value_dtype)
                 for r in case:
                     print(f"{model:12s} {layer:8s} CR {ratio} M={r.m:5d} {r.impl:15s} {r.seconds * 1e6:10.1f} µs "
                           f"{r.time_over_floor:6.2f}× floor  {r.speedup_vs_dense or 0:5.2f}× dense", flush=True)
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": device_label(device),
         "torch": torch.__version__,
+        "value_dtype": args.value_dtype,
         "bandwidth_gbs": bandwidth / 1e9,
         "matmul_tflops": rate / 1e12,
         "timing": "median CUDA-graph replay (one call per weight copy, copies rotated over ≥256 MB so weights "
@@ -374,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cospadi-cpu is the plugin's one C++ call (x·D by its own kernel up to 8 rows, torch's GEMM above; "
                 "Z·C by the int16 kernel up to 96 rows, expanded tiles + GEMM above).",
     }
-    write_results(args.out / f"kernels-{meta['device']}", meta, "rows", rows, markdown(rows, meta))
+    suffix = "" if args.value_dtype == "int8" else f"-{args.value_dtype}"
+    write_results(args.out / f"kernels-{meta['device']}{suffix}", meta, "rows", rows, markdown(rows, meta))
     return 0
 
 

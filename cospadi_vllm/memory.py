@@ -62,6 +62,7 @@ def count_weight_bytes(model) -> dict:
                 "dictionary_data_ptr": module.dictionary.data_ptr(), "dictionary_numel": module.dictionary.numel(),
                 "dictionary_dtype": str(module.dictionary.dtype).removeprefix("torch."),
                 "dictionary_bytes": module.dictionary.numel() * module.dictionary.element_size(),
+                "values_dtype": str(module.coef_values.dtype).removeprefix("torch."),
             }
         elif isinstance(module, LinearBase):
             weight = getattr(module, "weight", None)

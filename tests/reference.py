@@ -9,9 +9,7 @@ from cospadi_vllm.kernels import merge_shards
 from offline_compress.quantization import encode_coefficients, quantize_dictionary
 
 SHARDS = [(40, 13, 5), (70, 20, 11), (33, 9, 2)]  # (k, out, s): k not multiples of 32, s differ
-# Value dtypes the raw kernel ops take (int4 values are unpacked to int8 by the kernel classes at load:
-# the ops see int8; tests of the kernel classes run every format value dtype).
-RAW_VALUE_DTYPES = sorted(name for name, t in fmt.VALUE_TYPES.items() if t.per_byte == 1)
+VALUE_DTYPES = sorted(fmt.VALUE_DTYPES)  # every stored value dtype: the kernels read each as stored
 
 
 def reference_coefficients(
@@ -27,14 +25,18 @@ def reference_coefficients(
     rows, cols = bits.nonzero(as_tuple=True)  # row-major: each row's atoms in increasing order
     rank = bits.to(torch.int32).cumsum(1)[rows, cols].long() - 1  # position of the bit in its row
     dense = torch.zeros(k_total, out_features, dtype=torch.float64, device=coef_mask.device)
-    if coef_values.dtype == torch.uint8:  # int4: value r in byte r // 2, low nibble first, two's complement
-        nibbles = (coef_values[rows, rank // 2].long() >> (4 * (rank % 2))) & 0xF
-        codes = torch.where(nibbles >= 8, nibbles - 16, nibbles)
-    else:
-        codes = coef_values[rows, rank]
-    vals = codes.double() * coef_scales.double()[rows]
+    vals = stored_value(coef_values, rows, rank) * coef_scales.double()[rows]
     dense[atom_offsets.long()[rows] + cols, rows] = vals
     return dense
+
+
+def stored_value(coef_values: torch.Tensor, rows: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Value number ``rank`` of output ``rows`` as float64, read bit by bit from the stored row (int4: byte
+    rank // 2, low nibble for even rank, two's complement)."""
+    if coef_values.dtype == torch.uint8:
+        nibbles = (coef_values[rows, rank // 2].long() >> (4 * (rank % 2))) & 0xF
+        return torch.where(nibbles >= 8, nibbles - 16, nibbles).double()
+    return coef_values[rows, rank].double()
 
 
 def merged_layer_tensors(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48,

@@ -7,7 +7,7 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library
 from cospadi_vllm.kernels.cpu import direct_max_rows as serving_direct_max_rows
 from offline_compress.quantization import encode_coefficients
-from tests.reference import RAW_VALUE_DTYPES, SHARDS, HeldLayer, merged_layer, reference_coefficients
+from tests.reference import VALUE_DTYPES, SHARDS, HeldLayer, merged_layer, reference_coefficients
 
 
 def coefficient_product_cpu(z, coef_mask, coef_values, coef_scales, atom_offsets, out_dtype,
@@ -29,7 +29,7 @@ def int16_error_bound(z: torch.Tensor, dense_c: torch.Tensor) -> torch.Tensor:
     return step / 2 * dense_c.abs().sum(0, keepdim=True) + 1e-6 * (z.double().abs() @ dense_c.abs())
 
 
-@pytest.mark.parametrize("value_dtype", RAW_VALUE_DTYPES)
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 13, 40, 300])
 def test_cpu_coefficient_product_matches_float64(value_dtype, rows):
     g = torch.Generator().manual_seed(1000 * rows + len(value_dtype))
@@ -59,12 +59,12 @@ def test_cpu_coefficient_product_with_rows_of_z_4kib_apart(rows):
     assert err < 1e-6, err
 
 
-@pytest.mark.parametrize("value_dtype", RAW_VALUE_DTYPES)
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 def test_cpu_bf16_z_products_exact_sums_float32(value_dtype):
     """bf16 Z (vdpbf16ps kernel, one and two columns at a time): bf16 values and Z are exact, so only
     float32 summation separates it from the float64 product of the same numbers. int8 values on the
     int16 path: within the bound of rounding Z to int16 (int16_error_bound)."""
-    int16_path = value_dtype == "int8" and cpu_library.has_int16_kernel()  # Z rounded to int16 there
+    int16_path = value_dtype in ("int8", "int4") and cpu_library.has_int16_kernel()  # Z rounded to int16 there
     g = torch.Generator().manual_seed(len(value_dtype))
     _, coef, k_total = merged_layer(value_dtype, g)
     reference_c = reference_coefficients(*coef, k_total)
@@ -162,15 +162,17 @@ def test_float16_dictionary_out_of_range_fails_naming_the_layer():
         HeldLayer(dictionary, coef))
 
 
-def test_cpu_kernel_reads_only_the_stored_int8_values():
-    """int8 (bf16 Z: the int16 path where built): values past each row's popcount never reach a lane —
-    filling the padding with 127 changes nothing."""
+@pytest.mark.parametrize("value_dtype", ["int8", "int4"])
+def test_cpu_kernel_reads_only_the_stored_integer_values(value_dtype):
+    """int8 / int4 values (bf16 Z: the int16 path where built; int4 rows unpacked whole): values past each row's
+    popcount never reach a lane — filling the padding with the largest code changes nothing."""
     g = torch.Generator().manual_seed(4)
-    _, (mask, values, scales, offsets), k_total = merged_layer("int8", g)
+    _, (mask, values, scales, offsets), k_total = merged_layer(value_dtype, g)
     counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
-    poisoned = values.clone()
+    codes = fmt.unpack_int4(values) if value_dtype == "int4" else values.clone()
     for row, count in enumerate(counts.tolist()):
-        poisoned[row, count:] = 127
+        codes[row, count:] = 7 if value_dtype == "int4" else 127
+    poisoned = fmt.pack_int4(codes) if value_dtype == "int4" else codes
     assert not torch.equal(poisoned, values)
     for rows in (4, 40):  # values expanded in registers (decode) and into a buffer (many rows)
         z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
@@ -289,7 +291,7 @@ def test_cpu_dictionary_product_matches_float64():
             assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows)
 
 
-@pytest.mark.parametrize("value_dtype", RAW_VALUE_DTYPES)
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 def test_cpu_linear_matches_float64(value_dtype):
     """The fused layer op y = (x·D)·C against float64 dense math of the same stored numbers, every path:
     int8 values ≤ 8 rows keep Z in float32 and round it once to int16; otherwise Z is rounded to bf16
@@ -301,7 +303,7 @@ def test_cpu_linear_matches_float64(value_dtype):
     dictionary_t = dictionary.t().contiguous()
     dense_c = reference_coefficients(*coef, k_total)
     table, kind = cpu_library.value_decoding(coef[1].dtype)
-    int16 = value_dtype == "int8" and cpu_library.has_int16_kernel()
+    int16 = value_dtype in ("int8", "int4") and cpu_library.has_int16_kernel()
     for rows in (1, 2, 5, 8, 9, 40, 300):
         x = torch.randn(rows, dictionary.shape[0], generator=g).to(torch.bfloat16)
         y = torch.ops.cospadi_cpu.linear(x, dictionary_t, *coef, table, kind, 160)

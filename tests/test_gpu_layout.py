@@ -10,7 +10,7 @@ import torch
 
 from cospadi_vllm.kernels import gpu_layout
 from cospadi_vllm.launch import ROOT
-from tests.reference import RAW_VALUE_DTYPES, merged_layer, reference_coefficients
+from tests.reference import VALUE_DTYPES, merged_layer, reference_coefficients, stored_value
 
 
 def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> torch.Tensor:
@@ -25,12 +25,13 @@ def dense_from_packed(packed: gpu_layout.PackedCoefficients, k_total: int) -> to
             position = 0
             for atom in range(min(atom_end, k_total) - atom_start):
                 if words[atom // 32] >> (atom % 32) & 1:
-                    dense[atom_start + atom, n] = float(packed.values[n, position]) * float(packed.scales[n])
+                    value = stored_value(packed.values, torch.tensor([n]), torch.tensor([position]))
+                    dense[atom_start + atom, n] = float(value) * float(packed.scales[n])
                     position += 1
     return dense
 
 
-@pytest.mark.parametrize("value_dtype", RAW_VALUE_DTYPES)
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 def test_repacked_layout_holds_the_same_coefficients(value_dtype):
     g = torch.Generator().manual_seed(len(value_dtype))
     shards = [(300, 13, 120), (70, 20, 11), (33, 9, 2)]  # 10 mask words: two value groups
@@ -84,14 +85,15 @@ def test_kernels_compile_for_ampere_and_hopper_without_spills(monkeypatch):
     scalars = ("M", "N", "K", "S_PAD", "stride_zm", "stride_om", "stride_split")
     cases = [(90, "bf16", "i8", 1), (90, "bf16", "i8", 2), (90, "fp16", "i8", 4), (90, "fp16", "fp8e4nv", 9),
              (90, "bf16", "bf16", 64), (90, "fp32", "i8", 512), (80, "bf16", "i8", 1), (80, "fp32", "bf16", 16),
-             (80, "bf16", "i8", 2048)]
+             (80, "bf16", "i8", 2048), (90, "bf16", "u8", 1), (90, "fp16", "u8", 16), (80, "bf16", "u8", 600)]
     dot_dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     for capability, act, values, m in cases:
         block_m, block_n, use_dot, num_warps = triton_gemm.launch_config(m)
         types = dict(zip(pointers, (f"*{act}", "*i32", f"*{values}", "*i32", "*fp32", "*i32", f"*{act}"), strict=True))
         signature = {**types, **dict.fromkeys(scalars, "i32")}
         common = {"NUM_SHARDS": 3, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": 2 if m <= 16 else 1,
-                  "HARDWARE_POPCOUNT": True, "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP}
+                  "HARDWARE_POPCOUNT": True, "WORDS_PER_GROUP": gpu_layout.WORDS_PER_GROUP,
+                  "PACKED_INT4": values == "u8"}
         _compile(triton_gemm._coef_product_kernel, capability, signature,
                  {**common, "USE_DOT": use_dot, "DOT_DTYPE": dot_dtypes[act]}, num_warps)
         if m <= triton_gemm.DECODE_MAX_ROWS:

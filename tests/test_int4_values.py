@@ -77,7 +77,7 @@ def test_feedback_rounding_lowers_the_whitened_error():
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype):
     """The kernel seam (what vLLM and transformers call) on a merged 3-shard layer with odd s per shard: float64
-    dense math of the stored nibbles is the reference; the stored tensors come back bit-identical."""
+    dense math of the stored nibbles is the reference; the values are held packed and come back bit-identical."""
     g = torch.Generator().manual_seed(41 + len(dictionary_dtype))
     tensors = merged_layer_tensors("int4", g, dictionary_dtype=dictionary_dtype)
     dictionary = fmt.dequantize_dictionary(tensors).double()
@@ -86,6 +86,8 @@ def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype
     layer = HeldLayer.of(tensors)
     kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, torch.uint8, fmt.DICTIONARY_TYPES[dictionary_dtype].dtype))
     kernel.process_weights_after_loading(layer)
+    # held as stored: the kernel reads the nibbles (unpacking a chunk of rows at a time, in cache)
+    assert layer.coef_values.dtype == torch.uint8 and layer.coef_values.shape == tensors[fmt.COEF_VALUES].shape
     stored = kernel.stored_tensors(layer)
     assert stored[fmt.COEF_VALUES].dtype == torch.uint8 and stored[fmt.COEF_VALUES].equal(tensors[fmt.COEF_VALUES])
     bound = 1e-5 if act_dtype == torch.float32 else 3e-2
@@ -154,3 +156,24 @@ def test_vllm_serves_int4_values(int4_checkpoints):
     tp2 = run_vllm(checkpoint, tp=2)
     assert "error" not in tp2, tp2.get("error")
     assert tp2["tokens"] == tp1["tokens"]
+
+
+@pytest.mark.slow
+def test_vllm_holds_stacked_layers_at_their_stored_bytes(int4_checkpoints):
+    """The stacked checkpoint in vLLM: every layer holds its dictionary as int8 (one byte per entry) and its values
+    as packed int4 (uint8, two per byte: the kernels read nibbles, nothing is unpacked at load), the two layers of a
+    group hold one copy of D, and the compressed layers hold no more than their stored bytes + 10 % (a member of a
+    group stores only coefficients, so the value padding of fused shards is counted over the group)."""
+    from cospadi_vllm.memory import run_isolated
+
+    layers = run_isolated(int4_checkpoints["qwen2-shared"], "float32", tp=1)["ranks"][0]["cospadi_layers"]
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        assert layer["dictionary_dtype"] == "int8", (name, layer)
+        assert layer["dictionary_bytes"] == layer["dictionary_numel"] > 0, (name, layer)
+        assert layer["values_dtype"] == "uint8", (name, layer)
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):  # shared by the group (o / down stay per layer)
+        first, second = layers[f"model.layers.0.{fused}"], layers[f"model.layers.1.{fused}"]
+        assert first["dictionary_data_ptr"] == second["dictionary_data_ptr"], fused
+    held, stored = (sum(layer[key] for layer in layers.values()) for key in ("held_bytes", "stored_bytes_tp1"))
+    assert held <= 1.10 * stored, (held, stored)

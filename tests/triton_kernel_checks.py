@@ -55,7 +55,9 @@ def random_layer(shards, in_features, value_dtype, generator):
         tensors = encode_coefficients(idx, torch.randn(out, s, generator=generator), k, value_dtype)
         parts["dictionary"].append(torch.randn(in_features, k, generator=generator).to(torch.bfloat16))
         parts["mask"].append(torch.nn.functional.pad(tensors[fmt.COEF_MASK], (0, words - tensors[fmt.COEF_MASK].shape[1])))
-        parts["values"].append(torch.cat([tensors[fmt.COEF_VALUES], tensors[fmt.COEF_VALUES][:, :1].expand(out, s_max - s)], 1))
+        values = tensors[fmt.COEF_VALUES]
+        padding = fmt.value_columns(s_max, values.dtype) - values.shape[1]
+        parts["values"].append(torch.cat([values, values[:, :1].expand(out, padding)], 1))
         parts["scales"].append(tensors[fmt.COEF_SCALES])
         parts["offsets"].append(torch.full((out,), k_offset, dtype=torch.int32))
         k_offset += k
@@ -79,7 +81,7 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     return float((got.double().cpu() - reference).norm() / reference.norm())
 
 
-@pytest.mark.parametrize("value_dtype", ["int8", "float8_e4m3fn", "bfloat16"])
+@pytest.mark.parametrize("value_dtype", ["int8", "float8_e4m3fn", "bfloat16", "int4"])
 @pytest.mark.parametrize("m,decode", [(m, "lanes") for m in ROWS] + [(m, "bitwalk") for m in ROWS if m <= 16])
 def test_kernel_matches_float64_reference(kernels, value_dtype, m, decode):
     """Both decode kernels (the bit-walk one serves M ≤ 16 only; above, both names run the prefill tiles)."""

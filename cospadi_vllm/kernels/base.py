@@ -53,9 +53,6 @@ class CoSpaDiKernel(ABC):
         # An int8 D is held transposed ([K, in] int8, the same bytes) by every implementation, its float32
         # scales as stored (k numbers, cast to the activation dtype per call).
         self.int8_dictionary = config.dictionary_dtype == torch.int8
-        # int4 values (two per byte) are held unpacked, as int8 (twice their stored bytes): no kernel decodes
-        # nibbles yet. Every implementation then serves them as it serves int8 values.
-        self.packed_values = fmt.values_per_byte(config.value_dtype) == 2
 
     @classmethod
     @abstractmethod
@@ -82,17 +79,6 @@ class CoSpaDiKernel(ABC):
     @abstractmethod
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         """{DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES} in their stored layout (for saving)."""
-
-    def held_value_dtype(self) -> torch.dtype:
-        return held_value_dtype(self.config.value_dtype)
-
-    def hold_values(self, layer: torch.nn.Module) -> None:
-        if self.packed_values:
-            replace_tensor(layer, fmt.COEF_VALUES, fmt.unpack_int4(layer.coef_values.data))
-
-    def stored_values(self, values: torch.Tensor) -> torch.Tensor:
-        """Held values [N, S'] → as stored (int4: packed again; the unpacked rows are 2·ceil(s/2) wide)."""
-        return fmt.pack_int4(values) if self.packed_values else values
 
     def hold_int8_dictionary(self, layer: torch.nn.Module) -> None:
         replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
@@ -121,11 +107,6 @@ class CoSpaDiKernel(ABC):
                     f"{self.config.name or 'a CoSpaDi layer'}: dictionary entries reach {largest:.4g}, beyond "
                     "float16's 65504; serve this checkpoint with bfloat16 or float32 activations")
         return dictionary.to(dtype)
-
-
-def held_value_dtype(value_dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``coef_values`` is held in by the kernels: int8 for int4 values (unpacked at load), else as stored."""
-    return torch.int8 if fmt.values_per_byte(value_dtype) == 2 else value_dtype
 
 
 def choose_kernel(config: KernelConfig, name: str | None = None) -> CoSpaDiKernel:

@@ -16,20 +16,21 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import cpu_library
-from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, held_value_dtype, replace_tensor
+from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
 
 # Up to this many rows of Z the direct sparse kernels win; above it, tiles of C expanded to bf16/float32
 # (≤ 8 MiB, freed after the call) and multiplied by torch's GEMM. Measured on the 2-core AVX-512 machine.
 DIRECT_MAX_ROWS = 32
-# The same for int8 values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): on SmolLM2's layers
-# it beats the expanded tiles up to ~150 rows with 2 threads and ~64–100 with one (what vLLM's CPU
+# The same for int8 (or int4) values × bfloat16 Z on the int16 kernel (AVX-512 VNNI + VBMI2): on SmolLM2's
+# layers it beats the expanded tiles up to ~150 rows with 2 threads and ~64–100 with one (what vLLM's CPU
 # worker gets on a 2-core machine; NOTES.md item 28).
 INT16_MAX_ROWS = 96
 
 
 def direct_max_rows(z_dtype: torch.dtype, value_dtype: torch.dtype) -> int:
     """Rows of Z up to which the C++ op uses its direct kernels (above: expanded tiles + GEMM)."""
-    int16 = z_dtype == torch.bfloat16 and value_dtype == torch.int8 and cpu_library.has_int16_kernel()
+    integer = cpu_library.value_kind(value_dtype) in (cpu_library.INT8, cpu_library.INT4)
+    int16 = z_dtype == torch.bfloat16 and integer and cpu_library.has_int16_kernel()
     return INT16_MAX_ROWS if int16 else DIRECT_MAX_ROWS
 
 
@@ -43,7 +44,7 @@ class CPUKernel(CoSpaDiKernel):
         if config.dictionary_dtype not in (torch.bfloat16, torch.int8):
             return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16 or int8 only)"
         try:
-            cpu_library.value_kind(held_value_dtype(config.value_dtype))
+            cpu_library.value_kind(config.value_dtype)
         except TypeError as err:
             return False, str(err)
         return True, None
@@ -61,9 +62,8 @@ class CPUKernel(CoSpaDiKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
         # Build / load the C++ library now, not inside the first forward.
-        self.value_table, self.value_kind = cpu_library.value_decoding(self.held_value_dtype())
-        self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.held_value_dtype())
-        self.hold_values(layer)
+        self.value_table, self.value_kind = cpu_library.value_decoding(self.config.value_dtype)
+        self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
         if not owns_dictionary:
             return
         if self.int8_dictionary:
@@ -93,7 +93,7 @@ class CPUKernel(CoSpaDiKernel):
                                             self.value_kind, self.direct_max_rows)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: self.stored_values(layer.coef_values),
+        coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: layer.coef_values,
                         fmt.COEF_SCALES: layer.coef_scales}
         if self.int8_dictionary:
             return {**self.stored_int8_dictionary(layer), **coefficients}

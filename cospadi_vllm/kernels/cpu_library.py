@@ -41,8 +41,8 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # the tests build and check every variant on one machine. It must not exceed what the CPU runs.
 ARCH_ENV = "COSPADI_CPU_ARCH"
 
-# value_kind codes of the C++ ops.
-INT8, TABLE, BF16 = 0, 1, 2
+# value_kind codes of the C++ ops (INT4: two values per uint8, as stored).
+INT8, TABLE, BF16, INT4 = 0, 1, 2, 3
 
 _lock = threading.Lock()
 _loaded = False
@@ -141,6 +141,8 @@ def _register_fake() -> None:
 def value_kind(dtype: torch.dtype) -> int:
     if dtype == torch.int8:
         return INT8
+    if fmt.values_per_byte(dtype) == 2:
+        return INT4
     if dtype == torch.bfloat16:
         return BF16
     if dtype.itemsize == 1:
@@ -150,7 +152,7 @@ def value_kind(dtype: torch.dtype) -> int:
 
 def value_table(dtype: torch.dtype) -> torch.Tensor:
     """The 256 float32 values of a 1-byte value dtype's codes (what ``TABLE`` decodes through)."""
-    if dtype.itemsize != 1 or dtype == torch.int8:
+    if value_kind(dtype) != TABLE:
         return torch.empty(0)
     return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 

@@ -89,7 +89,7 @@ class TritonKernel(CoSpaDiKernel):
     def __init__(self, config: KernelConfig) -> None:
         super().__init__(config)
         self.packed: gpu_layout.PackedCoefficients | None = None
-        self.value_columns = 0  # s of the stored coef_values (the packed rows are padded)
+        self.value_columns = 0  # columns of the stored coef_values (the GPU layout pads the rows)
         decode = os.environ.get(DECODE_KERNEL_ENV, "lanes")
         if decode not in ("lanes", "bitwalk"):
             raise ValueError(f"{DECODE_KERNEL_ENV}={decode!r} is not 'lanes' or 'bitwalk'")
@@ -100,7 +100,6 @@ class TritonKernel(CoSpaDiKernel):
             self.hold_int8_dictionary(layer)
         elif owns_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
             replace_tensor(layer, fmt.DICTIONARY, self.held_dictionary(layer.dictionary.data))
-        self.hold_values(layer)
         self.value_columns = layer.coef_values.shape[1]
         packed = gpu_layout.repack(layer.coef_mask.data, layer.coef_values.data, layer.coef_scales.data,
                                    layer.atom_offsets)
@@ -134,5 +133,5 @@ class TritonKernel(CoSpaDiKernel):
         dictionary = (self.stored_int8_dictionary(layer) if self.int8_dictionary
                       else {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype)})
         return {**dictionary, fmt.COEF_MASK: layer.coef_mask.t().contiguous(),
-                fmt.COEF_VALUES: self.stored_values(layer.coef_values[:, : self.value_columns].contiguous()),
+                fmt.COEF_VALUES: layer.coef_values[:, : self.value_columns].contiguous(),
                 fmt.COEF_SCALES: layer.coef_scales}

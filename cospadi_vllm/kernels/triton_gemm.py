@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels.gpu_layout import WORDS_PER_GROUP, PackedCoefficients
 
 DECODE_MAX_ROWS = 16  # M up to here: the decode configuration (split over atoms allowed)
@@ -55,6 +56,18 @@ def _popcount(x, HARDWARE: tl.constexpr):
         x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
         x = (x + (x >> 4)) & 0x0F0F0F0F
         return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _load_values(value_rows, index, mask, PACKED_INT4: tl.constexpr):
+    """Value number ``index`` of each output's row (pointers ``value_rows``, broadcast with ``index``): as
+    stored, or for int4 rows (two per byte, low nibble first) byte index // 2, its nibble sign-extended."""
+    if PACKED_INT4:
+        byte = tl.load(value_rows + (index >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((index & 1) * 4)) & 0xF
+        return (nibble ^ 8) - 8  # 4-bit two's complement
+    else:
+        return tl.load(value_rows + index, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -118,7 +131,7 @@ def _coef_product_kernel(
     M, N, K, S_PAD, stride_zm, stride_om, stride_split,
     NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HARDWARE_POPCOUNT: tl.constexpr,
-    WORDS_PER_GROUP: tl.constexpr,
+    WORDS_PER_GROUP: tl.constexpr, PACKED_INT4: tl.constexpr,
 ):
     """out[split, m, n] (+)= Σ_atoms z[m, atom] · C[atom, n], walking every atom position of a word: each
     of the 32 lanes finds its value by rank (popcount of the bits below it)."""
@@ -137,7 +150,7 @@ def _coef_product_kernel(
         word = tl.load(mask_ptr + w * N + rn, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # [BLOCK_N]
         used = (word[None, :] & lane_bit[:, None]) != 0  # [32, BLOCK_N]
         rank = _popcount(word[None, :] & below[:, None], HARDWARE_POPCOUNT)
-        coef = tl.load(value_rows[None, :] + (seen[None, :] + rank), mask=used, other=0.0)
+        coef = _load_values(value_rows[None, :], seen[None, :] + rank, used, PACKED_INT4)
         seen += _popcount(word, HARDWARE_POPCOUNT)
         atom = w * 32 + lane
         z = tl.load(z_rows[:, None] + atom[None, :], mask=m_ok[:, None] & (atom < atoms)[None, :], other=0.0)
@@ -157,7 +170,7 @@ def _coef_product_bitwalk_kernel(
     z_ptr, mask_ptr, values_ptr, starts_ptr, scales_ptr, shards_ptr, out_ptr,
     M, N, K, S_PAD, stride_zm, stride_om, stride_split,
     NUM_SHARDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    HARDWARE_POPCOUNT: tl.constexpr, WORDS_PER_GROUP: tl.constexpr,
+    HARDWARE_POPCOUNT: tl.constexpr, WORDS_PER_GROUP: tl.constexpr, PACKED_INT4: tl.constexpr,
 ):
     """Decode alternative: the same product walking only the set bits. Per mask word, each output takes
     its lowest set bit, its next value (values are in atom order, so no rank is needed) and that atom's
@@ -174,7 +187,7 @@ def _coef_product_bitwalk_kernel(
             rest = word & (word - 1)  # the word without its lowest set bit
             has = rest != word
             atom = w * 32 + _popcount((word ^ rest) - 1, HARDWARE_POPCOUNT)  # the lowest set bit's position
-            coef = tl.load(value_rows + seen, mask=n_ok & has, other=0.0)
+            coef = _load_values(value_rows, seen, n_ok & has, PACKED_INT4)
             z = tl.load(z_rows[:, None] + atom[None, :], mask=m_ok[:, None] & (has & (atom < atoms))[None, :],
                         other=0.0)
             acc += z.to(tl.float32) * coef.to(tl.float32)[None, :]
@@ -295,7 +308,8 @@ def packed_coef_product(
     args = (z, packed.mask_words, packed.values, packed.value_starts, packed.scales, packed.shard_table, target,
             m, n, k, packed.values.shape[1], z.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0)
     common = dict(NUM_SHARDS=len(packed.shard_outputs), BLOCK_N=block_n, SPLIT_K=split,
-                  HARDWARE_POPCOUNT=not _interpreted(), WORDS_PER_GROUP=WORDS_PER_GROUP, num_warps=num_warps)
+                  HARDWARE_POPCOUNT=not _interpreted(), WORDS_PER_GROUP=WORDS_PER_GROUP,
+                  PACKED_INT4=fmt.values_per_byte(packed.values.dtype) == 2, num_warps=num_warps)
     if decode == "bitwalk" and m <= DECODE_MAX_ROWS:
         _coef_product_bitwalk_kernel[grid](*args, BLOCK_M=block_m, **common)
     else:

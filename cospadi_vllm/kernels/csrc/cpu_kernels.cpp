@@ -2,7 +2,8 @@
 //
 // C is column-sparse: output j uses exactly s atoms, given by
 //   coef_mask   [N, W] int32  bit t of row j set <=> atom atom_offsets[j] + t is used by output j
-//   coef_values [N, S] 1-byte (int8 / float8_e4m3fn) or 2-byte (bfloat16) non-zeros in atom order
+//   coef_values [N, S] 1-byte (int8 / float8_e4m3fn), 2-byte (bfloat16) or half-byte (int4, two per
+//               uint8) non-zeros in atom order
 //   coef_scales [N]    float32 per-output scale
 // and y[m, j] = scale_j * sum_t value(j, t) * z[m, atom(j, t)].
 //
@@ -17,7 +18,8 @@
 //   expanded tiles (more rows): tiles of output rows of C written densely, multiplied by torch's GEMM.
 //
 // Values are decoded by kind: 0 = int8 (integer convert), 1 = 1-byte code through a 256-entry float
-// table (float8_e4m3fn), 2 = bfloat16 (bit shift). Mask bits at positions >= k are zero (checked at
+// table (float8_e4m3fn), 2 = bfloat16 (bit shift), 3 = int4 (unpacked to int8 per chunk of outputs, in L1,
+// then served by the int8 kernels). Mask bits at positions >= k are zero (checked at
 // load), so no atom outside the shard is ever touched.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,6 +34,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VPOPCNTDQ__)
 #define COSPADI_AVX512 1
@@ -62,6 +67,7 @@ namespace {
 constexpr int kInt8 = 0;
 constexpr int kTable = 1;
 constexpr int kBf16 = 2;
+constexpr int kInt4 = 3;  // two per byte: unpacked to int8 per chunk of outputs (for_output_chunks)
 // Rows of Z per pass over a column of C: the accumulators stay in registers (2 per row in float32,
 // 1 per row with bf16 dot products; 32 zmm registers in all).
 constexpr int kRowBlock = 8;
@@ -135,17 +141,82 @@ struct Coefficients {
   const int32_t* offsets;
   const float* table;
   int64_t words;
-  int64_t values_row_bytes;
+  int64_t values_row_bytes;  // row stride of the values
   int kind;
   int64_t n;  // outputs (rows of the mask)
+  int64_t values_first_row = 0;  // the output whose values `values` points at (a chunk's first; else 0)
+  int64_t values_row_width = 0;  // bytes of a row that hold values (int4: read by the unpacking)
 };
+
+// Output j's values (column j of C, in atom order).
+inline const uint8_t* column_values(const Coefficients& c, int64_t j) {
+  return c.values + (j - c.values_first_row) * c.values_row_bytes;
+}
+
+// int4 values (two per byte, low nibble first, two's complement) are held packed. Every kernel reads
+// 1-byte int8 values, so each thread unpacks the rows of the outputs it is about to multiply, a chunk at
+// a time, into an int8 buffer that stays in L1 (kInt4ChunkBytes): C is read from memory at its stored
+// size and never expanded whole; the unpacking adds ~1 instruction per 8 values, in cache.
+constexpr int64_t kInt4ChunkBytes = 16 << 10;
+constexpr int64_t kInt4Padding = 64;  // after the buffer: the kernels' whole-vector loads stay inside it
+
+// rows × width packed bytes (row stride src_stride) → rows × 2·width int8 values (row stride 2·width).
+void unpack_int4_rows(const uint8_t* src, int64_t src_stride, int64_t rows, int64_t width, int8_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* in = src + r * src_stride;
+    int8_t* out = dst + r * 2 * width;
+    int64_t b = 0;
+#if defined(__SSE2__)
+    const __m128i low4 = _mm_set1_epi8(0x0F), sign = _mm_set1_epi8(8);
+    for (; b + 16 <= width; b += 16) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + b));
+      // (n ^ 8) - 8 sign-extends a 4-bit two's complement code n.
+      const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(packed, low4), sign), sign);
+      const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), sign), sign);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * b), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * b + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+#endif
+    for (; b < width; ++b) {
+      out[2 * b] = static_cast<int8_t>(((in[b] & 0x0F) ^ 8) - 8);
+      out[2 * b + 1] = static_cast<int8_t>(((in[b] >> 4) ^ 8) - 8);
+    }
+  }
+}
+
+// Runs body(coefficients, begin, end) over outputs [begin, end): as they are, or — int4 values — chunk by
+// chunk of outputs, each with a view whose int8 values are that chunk's unpacked rows (multiples of 4
+// outputs, so the kernels' 2- and 4-column blocks stay whole inside a chunk).
+template <typename Body>
+void for_output_chunks(const Coefficients& c, int64_t begin, int64_t end, Body body) {
+  if (c.kind != kInt4) {
+    body(c, begin, end);
+    return;
+  }
+  const int64_t row_bytes = 2 * c.values_row_width;
+  const int64_t chunk = std::max<int64_t>(4, kInt4ChunkBytes / std::max<int64_t>(row_bytes, 1) / 4 * 4);
+  std::vector<int8_t> buffer(std::min(chunk, end - begin) * row_bytes + kInt4Padding, 0);
+  const uint8_t* unpacked = reinterpret_cast<const uint8_t*>(buffer.data());
+  for (int64_t first = begin; first < end; first += chunk) {
+    const int64_t rows = std::min(chunk, end - first);
+    unpack_int4_rows(c.values + first * c.values_row_bytes, c.values_row_bytes, rows, c.values_row_width, buffer.data());
+    Coefficients chunk_view = c;
+    chunk_view.values = unpacked;
+    chunk_view.values_end = unpacked + buffer.size();
+    chunk_view.values_row_bytes = row_bytes;
+    chunk_view.values_row_width = row_bytes;
+    chunk_view.values_first_row = first;
+    chunk_view.kind = kInt8;
+    body(static_cast<const Coefficients&>(chunk_view), first, first + rows);
+  }
+}
 
 // Calls visit(atom, value) for output j's non-zeros, atom relative to its shard, in atom order
 // (the portable bit walk both portable kernels share).
 template <typename Visit>
 inline void for_each_coefficient(const Coefficients& c, int64_t j, Visit visit) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const uint8_t* values = column_values(c, j);
   int64_t t = 0;
   for (int64_t w = 0; w < c.words; ++w) {
     for (uint32_t bits = mask[w]; bits; bits &= bits - 1)
@@ -229,7 +300,7 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[0][r] = acc[kSets - 1][r] = _mm256_setzero_ps();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const uint8_t* values = column_values(c, j);
   const float* zrow = z + m0 * ldz + c.offsets[j];
   for (int64_t w = 0; w < c.words; ++w) {
     #pragma GCC unroll 4
@@ -258,7 +329,7 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
 template <typename T>
 void expand_row_avx2(const Coefficients& c, int64_t j, int64_t width, T* row) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const uint8_t* values = column_values(c, j);
   const __m256 scale = _mm256_set1_ps(c.scales[j]);
   alignas(32) float lanes[8];
   for (int64_t start = 0; start < width; start += 8) {
@@ -333,7 +404,7 @@ void column_vector(const Coefficients& c, int64_t j, const float* z, int64_t ldz
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const uint8_t* values = column_values(c, j);
   const float* zrow = z + m0 * ldz + c.offsets[j];
   for (int64_t w = 0; w < c.words; ++w) {
     const uint32_t bits = mask[w];
@@ -385,7 +456,7 @@ void columns_avx512_bf16(const Coefficients& c, int64_t j, const uint16_t* z, in
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
     mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
-    values[p] = c.values + (j + p) * c.values_row_bytes;
+    values[p] = column_values(c, j + p);
   }
   const uint16_t* zrow = z + m0 * ldz + c.offsets[j];
   for (int64_t w = 0; w < c.words; ++w) {
@@ -562,7 +633,7 @@ void columns_avx512_int16(const Coefficients& c, int64_t j, int64_t words, const
   for (int i = 0; i < kTotals; ++i) total[i] = _mm_setzero_ps();
   for (int p = 0; p < P; ++p) {
     mask[p] = reinterpret_cast<const uint32_t*>(c.mask + (j + p) * c.words);
-    values[p] = c.values + (j + p) * c.values_row_bytes;
+    values[p] = column_values(c, j + p);
   }
   for (int64_t w0 = 0; w0 < words; w0 += kInt16ChunkWords)
     dot_words<R, P, Tail>(mask, values, zq + m0 * ldq + c.offsets[j], ldq, w0, std::min(words, w0 + kInt16ChunkWords),
@@ -681,7 +752,7 @@ constexpr int64_t kInt16ChunkRows = 96;  // Z rows per pass over a thread's colu
 template <bool Tail>
 void expand_column_int16(const Coefficients& c, int64_t col, int64_t words, int16_t* lanes) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + col * c.words);
-  const uint8_t* values = c.values + col * c.values_row_bytes;
+  const uint8_t* values = column_values(c, col);
   for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512(lanes + w * 32, word_values_int16<Tail>(mask[w], &values));
 }
 
@@ -755,7 +826,7 @@ struct BlockKernels {
 constexpr int64_t kPrefetchColumns = 8;
 inline void prefetch_columns(const Coefficients& c, int64_t col, int64_t count) {
   const char* mask = reinterpret_cast<const char*>(c.mask + col * c.words);
-  const char* values = reinterpret_cast<const char*>(c.values + col * c.values_row_bytes);
+  const char* values = reinterpret_cast<const char*>(column_values(c, col));
   for (int64_t b = 0; b < count * c.words * 4; b += 64) _mm_prefetch(mask + b, _MM_HINT_T0);
   for (int64_t b = 0; b < count * c.values_row_bytes; b += 64) _mm_prefetch(values + b, _MM_HINT_T0);
 }
@@ -786,18 +857,20 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
   else
     quantize_rows(reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), m, k, z.stride(0), q, ldq, sc);
   // Columns whose 32-byte value loads could pass the end of the tensor (the last one or two).
-  const auto near_end = [&](int64_t col) { return c.values + (col + 1) * c.values_row_bytes + 32 > c.values_end; };
+  const auto near_end = [](const Coefficients& cc, int64_t col) { return column_values(cc, col + 1) + 32 > cc.values_end; };
   if (m <= kInt16Rows) {
     // Decode: one pass, C read once from memory; each word expanded in registers as it is used.
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end;) {
-        prefetch_columns(c, std::min(j + kPrefetchColumns, end - 1), kInt16Cols);
-        const bool block = j + kInt16Cols <= end && c.offsets[j + kInt16Cols - 1] == c.offsets[j] &&
-                           !near_end(j + kInt16Cols - 1);
-        (block ? Int16Kernels<Out>::block : near_end(j) ? Int16Kernels<Out>::tail : Int16Kernels<Out>::single)[m - 1](
-            c, j, column_words[j], q, ldq, sc, 0, y, n);
-        j += block ? kInt16Cols : 1;
-      }
+      for_output_chunks(c, begin, end, [&](const Coefficients& cc, int64_t first, int64_t last) {
+        for (int64_t j = first; j < last;) {
+          prefetch_columns(cc, std::min(j + kPrefetchColumns, last - 1), kInt16Cols);
+          const bool block = j + kInt16Cols <= last && cc.offsets[j + kInt16Cols - 1] == cc.offsets[j] &&
+                             !near_end(cc, j + kInt16Cols - 1);
+          (block ? Int16Kernels<Out>::block : near_end(cc, j) ? Int16Kernels<Out>::tail : Int16Kernels<Out>::single)[m - 1](
+              cc, j, column_words[j], q, ldq, sc, 0, y, n);
+          j += block ? kInt16Cols : 1;
+        }
+      });
     });
     return;
   }
@@ -807,20 +880,22 @@ void coef_product_int16(const Coefficients& c, const at::Tensor& z, Out* y) {
     std::vector<int16_t> lanes(kBlockCols * max_words * 32);
     for (int64_t r0 = 0; r0 < m; r0 += kInt16ChunkRows) {
       const int64_t r1 = std::min(m, r0 + kInt16ChunkRows);
-      for (int64_t j = begin; j < end;) {
-        const int64_t words = column_words[j];
-        const bool wide = j + kBlockCols <= end && c.offsets[j + kBlockCols - 1] == c.offsets[j];
-        const int64_t cols = wide ? kBlockCols : 1;
-        for (int64_t p = 0; p < cols; ++p)
-          (near_end(j + p) ? expand_column_int16<true> : expand_column_int16<false>)(c, j + p, words,
-                                                                                     lanes.data() + p * words * 32);
-        for (int64_t m0 = r0; m0 < r1; m0 += kBlockRows) {
-          const int64_t rows = std::min<int64_t>(kBlockRows, r1 - m0);
-          (wide ? BlockKernels<Out>::wide : BlockKernels<Out>::single)[rows - 1](c, j, words, lanes.data(), q, ldq, sc,
-                                                                                 m0, y, n);
+      for_output_chunks(c, begin, end, [&](const Coefficients& cc, int64_t first, int64_t last) {
+        for (int64_t j = first; j < last;) {
+          const int64_t words = column_words[j];
+          const bool wide = j + kBlockCols <= last && cc.offsets[j + kBlockCols - 1] == cc.offsets[j];
+          const int64_t cols = wide ? kBlockCols : 1;
+          for (int64_t p = 0; p < cols; ++p)
+            (near_end(cc, j + p) ? expand_column_int16<true> : expand_column_int16<false>)(
+                cc, j + p, words, lanes.data() + p * words * 32);
+          for (int64_t m0 = r0; m0 < r1; m0 += kBlockRows) {
+            const int64_t rows = std::min<int64_t>(kBlockRows, r1 - m0);
+            (wide ? BlockKernels<Out>::wide : BlockKernels<Out>::single)[rows - 1](cc, j, words, lanes.data(), q, ldq,
+                                                                                   sc, m0, y, n);
+          }
+          j += cols;
         }
-        j += cols;
-      }
+      });
     }
   });
 }
@@ -941,7 +1016,9 @@ Coefficients view(const at::Tensor& coef_mask, const at::Tensor& coef_values, co
                       coef_mask.size(1),
                       coef_values.stride(0) * coef_values.element_size(),
                       static_cast<int>(value_kind),
-                      coef_mask.size(0)};
+                      coef_mask.size(0),
+                      0,
+                      coef_values.size(1) * coef_values.element_size()};
 }
 
 // The direct kernels (C read as stored, once per call); z float32, or bfloat16 with the BF16 kernel.
@@ -950,7 +1027,7 @@ at::Tensor coef_product_direct(const Coefficients& c, const at::Tensor& z, int64
   const bool bf16 = z.scalar_type() == at::kBFloat16;
   const int64_t m = z.size(0), n = c.n, ldz = z.stride(0);
 #if COSPADI_AVX512_INT16
-  if (bf16 && value_kind == kInt8) {
+  if (bf16 && (value_kind == kInt8 || value_kind == kInt4)) {
     at::Tensor out = at::empty({m, n}, z.options().dtype(float_out ? at::kFloat : at::kBFloat16));
     if (float_out)
       coef_product_int16(c, z, out.data_ptr<float>());
@@ -966,27 +1043,29 @@ at::Tensor coef_product_direct(const Coefficients& c, const at::Tensor& z, int64
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < m; m0 += block) {
       const int64_t rows = std::min<int64_t>(block, m - m0);
-      for (int64_t j = begin; j < end; ++j) {
+      for_output_chunks(c, begin, end, [&](const Coefficients& cc, int64_t first, int64_t last) {
+        for (int64_t j = first; j < last; ++j) {
 #if COSPADI_AVX512_BF16
-        if (bf16) {
-          const uint16_t* zb = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
-          if (rows <= kPairMaxRows && j + 1 < end && c.offsets[j + 1] == c.offsets[j]) {
-            kBf16PairKernels[rows - 1](c, j, zb, ldz, m0, yp, n);
-            ++j;
-          } else {
-            kBf16Kernels[rows - 1](c, j, zb, ldz, m0, yp, n);
+          if (bf16) {
+            const uint16_t* zb = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
+            if (rows <= kPairMaxRows && j + 1 < last && cc.offsets[j + 1] == cc.offsets[j]) {
+              kBf16PairKernels[rows - 1](cc, j, zb, ldz, m0, yp, n);
+              ++j;
+            } else {
+              kBf16Kernels[rows - 1](cc, j, zb, ldz, m0, yp, n);
+            }
+            continue;
           }
-          continue;
-        }
 #endif
 #if COSPADI_AVX512 || COSPADI_AVX2
-        if (vector) {
-          kFp32Kernels[rows - 1](c, j, z.data_ptr<float>(), ldz, m0, yp, n);
-          continue;
-        }
+          if (vector) {
+            kFp32Kernels[rows - 1](cc, j, z.data_ptr<float>(), ldz, m0, yp, n);
+            continue;
+          }
 #endif
-        column_portable(c, j, z.data_ptr<float>(), ldz, m0, rows, yp, n);
-      }
+          column_portable(cc, j, z.data_ptr<float>(), ldz, m0, rows, yp, n);
+        }
+      });
     }
   });
   return y;
@@ -1006,7 +1085,7 @@ void expand_row_portable(const Coefficients& c, int64_t j, int64_t width, T* row
 template <typename T>
 void expand_row_avx512(const Coefficients& c, int64_t j, int64_t width, T* row) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(c.mask + j * c.words);
-  const uint8_t* values = c.values + j * c.values_row_bytes;
+  const uint8_t* values = column_values(c, j);
   const __m512 scale = _mm512_set1_ps(c.scales[j]);
   for (int64_t w = 0; w * 32 < width; ++w) {
     __m512 v_lo, v_hi;
@@ -1030,21 +1109,24 @@ void expand_row_avx512(const Coefficients& c, int64_t j, int64_t width, T* row) 
 
 template <typename T>
 void expand_rows(const Coefficients& c, int64_t row_start, int64_t rows, int64_t width, T* out, bool portable) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  at::parallel_for(row_start, row_start + rows, 16, [&](int64_t begin, int64_t end) {
+    for_output_chunks(c, begin, end, [&](const Coefficients& cc, int64_t first, int64_t last) {
+      for (int64_t j = first; j < last; ++j) {
+        T* row = out + (j - row_start) * width;
 #if COSPADI_AVX512
-      if (!portable) {
-        expand_row_avx512<T>(c, row_start + i, width, out + i * width);
-        continue;
-      }
+        if (!portable) {
+          expand_row_avx512<T>(cc, j, width, row);
+          continue;
+        }
 #elif COSPADI_AVX2
-      if (!portable) {
-        expand_row_avx2<T>(c, row_start + i, width, out + i * width);
-        continue;
-      }
+        if (!portable) {
+          expand_row_avx2<T>(cc, j, width, row);
+          continue;
+        }
 #endif
-      expand_row_portable<T>(c, row_start + i, width, out + i * width);
-    }
+        expand_row_portable<T>(cc, j, width, row);
+      }
+    });
   });
 }
 
@@ -1159,7 +1241,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& dictionary_t, const 
   check_dictionary(x_in, dictionary_t);
 #if defined(COSPADI_OWN_DICTIONARY_PRODUCT) && COSPADI_AVX512_INT16
   const at::Tensor x = x_in.contiguous();
-  if (value_kind == kInt8 && own_dictionary_kernel(x, dictionary_t)) {
+  if ((value_kind == kInt8 || value_kind == kInt4) && own_dictionary_kernel(x, dictionary_t)) {
     const Coefficients c = view(coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind);
     const at::Tensor z = dictionary_product_small(x, dictionary_t);
     at::Tensor y = at::empty({x.size(0), c.n}, x.options());
