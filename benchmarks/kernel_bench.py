@@ -1,8 +1,8 @@
-"""Kernel benchmark: one linear layer, dense bf16 vs SVD-LLM low-rank pair vs CoSpaDi (Triton, CPU kernels).
+"""Kernel benchmark: one linear layer, dense vs SVD-LLM low-rank pair vs CoSpaDi (Triton, CPU kernels).
 
 For each Llama linear shape, compression ratio and batch M it times, on random data:
-  dense          x · W                    (bf16 torch.matmul on GPU; vLLM's oneDNN handle on CPU)
-  svd-llm        (x · U) · V               (bf16, rank r = CR·in·out/(in+out): same bytes as CR·dense)
+  dense          x · W                    (bf16 or --act-dtype: torch.matmul on GPU; vLLM's oneDNN handle on CPU)
+  svd-llm        (x · U) · V               (same dtype, rank r = CR·in·out/(in+out): same bytes as CR·dense)
   cospadi-triton (x · D) · C, C compressed  (cospadi_vllm/kernels/triton_gemm.py on C repacked once, as served; CUDA)
   cospadi-triton-bitwalk                   (the same with the decode kernel that walks only set bits, M ≤ 16)
   cospadi-cpu    (x · D) · C, C compressed  (the CPU serving path: one C++ call, cospadi_cpu::linear)
@@ -13,6 +13,7 @@ time ÷ floor, and speed-up over dense.
     python benchmarks/kernel_bench.py                 # full grid on CUDA, reduced grid on CPU
     python benchmarks/kernel_bench.py --models llama3.2-1b --ratios 0.3 --m 1 16
     python benchmarks/kernel_bench.py --threads 1     # CPU: one thread, as vLLM serves on a 2-core machine
+    python benchmarks/kernel_bench.py --threads 1 --act-dtype float32 --value-dtype int4   # AVX2 CPUs serve float32
 
 On CUDA every case is timed as vLLM's decode runs it: one CUDA graph holding one call per weight copy
 (copies rotated until they overflow L2, so weights come from HBM), replayed after warm-up, timed with
@@ -146,15 +147,15 @@ def seconds_per_call(call, sets: list, device: torch.device, measure, replays: i
     return statistics.median(samples)
 
 
-def measure_ceilings(device: torch.device, measure) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul rate in FLOP/s)."""
+def measure_ceilings(device: torch.device, measure, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, matmul rate in ``dtype`` in FLOP/s)."""
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
     bandwidth = 2 * n_bytes / measure(lambda: dst.copy_(src))
     size = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     rate = 2 * size**3 / measure(lambda: a @ b)
     return bandwidth, rate
 
@@ -200,9 +201,11 @@ def cpu_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, ceilings,
-               value_dtype: str = "int8") -> list[Row]:
+               value_dtype: str = "int8", act_dtype: torch.dtype = torch.bfloat16) -> list[Row]:
+    """One layer shape: dense and SVD-LLM weights in ``act_dtype`` (what vLLM serves a model of that dtype with),
+    CoSpaDi's D in bfloat16 and C as stored, x in ``act_dtype``."""
     bandwidth, rate = ceilings
-    bf16 = 2
+    act = act_dtype.itemsize
     _ONEDNN_HANDLES.clear()  # one case's weights at a time
     shard_outs = out_spec if isinstance(out_spec, tuple) else (out_spec,)
     out_f = sum(shard_outs)
@@ -210,7 +213,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     ranks = [int(ratio * in_f * out / (in_f + out)) for out in shard_outs]
     k_total, rank = sum(s.k for s in shapes), sum(ranks)
     cospadi_bytes = sum(fmt.stored_bytes(shape, value_dtype) for shape in shapes)
-    weight_bytes = {"dense": in_f * out_f * bf16, "svd-llm": (in_f + out_f) * rank * bf16,
+    weight_bytes = {"dense": in_f * out_f * act, "svd-llm": (in_f + out_f) * rank * act,
                     "cospadi-triton": cospadi_bytes, "cospadi-triton-bitwalk": cospadi_bytes, "cospadi-cpu": cospadi_bytes}
     inner = {"dense": 0, "svd-llm": rank, "cospadi-triton": k_total, "cospadi-triton-bitwalk": k_total,
              "cospadi-cpu": k_total}
@@ -224,8 +227,8 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     }
 
     def svd_operands():
-        return {"u": (torch.randn(in_f, rank) / in_f**0.5).to(torch.bfloat16).to(device),
-                "v": [(torch.randn(r, out) / r**0.5).to(torch.bfloat16).to(device)
+        return {"u": (torch.randn(in_f, rank) / in_f**0.5).to(act_dtype).to(device),
+                "v": [(torch.randn(r, out) / r**0.5).to(act_dtype).to(device)
                       for r, out in zip(ranks, shard_outs, strict=True)]}
 
     def triton_operands():
@@ -236,7 +239,7 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
         return {"dictionary": layer_tensors["dictionary"], "packed": repack(*coef)}  # repacked once, as served
 
     operands = {
-        "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(torch.bfloat16).to(device)},
+        "dense": lambda: {"w": (torch.randn(in_f, out_f) / in_f**0.5).to(act_dtype).to(device)},
         "svd-llm": svd_operands,
         "cospadi-triton": triton_operands,
         "cospadi-triton-bitwalk": triton_operands,
@@ -272,13 +275,13 @@ def bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, 
     rows = []
     for impl in impls:
         sets = weight_sets(operands[impl], weight_bytes[impl])
-        warm_x = torch.randn(1, in_f, device=device).to(torch.bfloat16)
+        warm_x = torch.randn(1, in_f, device=device).to(act_dtype)
         for operand_set in sets:  # every copy once: oneDNN handles are made here, not inside the timing
             run[impl](warm_x, operand_set)
         for m in ms:
-            x = torch.randn(m, in_f, device=device).to(torch.bfloat16)
+            x = torch.randn(m, in_f, device=device).to(act_dtype)
             seconds = seconds_per_call(lambda o, x=x, impl=impl: run[impl](x, o), sets, device, measure)
-            moved = weight_bytes[impl] + bf16 * m * (in_f + out_f + 2 * inner[impl])
+            moved = weight_bytes[impl] + act * m * (in_f + out_f + 2 * inner[impl])
             flops = flops_per_row[impl] * m
             floor = max(moved / bandwidth, flops / rate)
             rows.append(Row(model, layer, in_f, out_f, ratio, m, impl, k_total, sum(s.s for s in shapes), seconds,
@@ -306,7 +309,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"# Kernel benchmark on {meta['device']}",
         "",
         f"Measured ceilings in this run: copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s (read + write), "
-        f"bf16 matmul {meta['matmul_tflops'] * 1e3:.1f} GFLOP/s. Floor = max(bytes / bandwidth, FLOPs / rate). "
+        f"{meta['act_dtype']} matmul {meta['matmul_tflops'] * 1e3:.1f} GFLOP/s. Floor = max(bytes / bandwidth, FLOPs / rate). "
         f"Timing: {meta['timing']}. {meta['note']}",
         "",
         "| model | layer | in→out | CR | k | s | M | impl | time (µs) | bytes (MB) | time/floor | vs dense |",
@@ -333,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-dtype", default="int8", choices=sorted(fmt.VALUE_DTYPES),
                         help="CoSpaDi's coefficient values (k and s solved for the same bytes); results of a dtype other "
                              "than int8 go to kernels-<device>-<dtype>.*")
+    parser.add_argument("--act-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="activations (and dense / SVD-LLM weights); vLLM serves float32 on CPUs without AVX-512 "
+                             "BF16, where oneDNN has no bf16 matmul. Results of float32 go to kernels-<device>-float32*")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    act_dtype = getattr(torch, args.act_dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "cospadi-cpu" in (args.impls or ["cospadi-cpu"]) and args.device != "cuda":
@@ -353,14 +360,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     measure = timer(device)
-    bandwidth, rate = measure_ceilings(device, measure)
-    print(f"device {device_label(device)}: copy {bandwidth / 1e9:.1f} GB/s, bf16 matmul {rate / 1e9:.1f} GFLOP/s")
+    bandwidth, rate = measure_ceilings(device, measure, act_dtype)
+    print(f"device {device_label(device)}: copy {bandwidth / 1e9:.1f} GB/s, {args.act_dtype} matmul {rate / 1e9:.1f} GFLOP/s")
     rows: list[Row] = []
     for model in models:
         for layer, in_f, out_spec in MODELS[model]:
             for ratio in ratios:
                 case = bench_case(model, layer, in_f, out_spec, ratio, ms, impls, device, measure, (bandwidth, rate),
-                                  args.value_dtype)
+                                  args.value_dtype, act_dtype)
                 for r in case:
                     print(f"{model:12s} {layer:8s} CR {ratio} M={r.m:5d} {r.impl:15s} {r.seconds * 1e6:10.1f} µs "
                           f"{r.time_over_floor:6.2f}× floor  {r.speedup_vs_dense or 0:5.2f}× dense", flush=True)
@@ -369,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_label(device),
         "torch": torch.__version__,
         "value_dtype": args.value_dtype,
+        "act_dtype": args.act_dtype,
         "bandwidth_gbs": bandwidth / 1e9,
         "matmul_tflops": rate / 1e12,
         "timing": "median CUDA-graph replay (one call per weight copy, copies rotated over ≥256 MB so weights "
@@ -380,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cospadi-cpu is the plugin's one C++ call (x·D by its own kernel up to 8 rows, torch's GEMM above; "
                 "Z·C by the int16 kernel up to 96 rows, expanded tiles + GEMM above).",
     }
-    suffix = "" if args.value_dtype == "int8" else f"-{args.value_dtype}"
+    suffix = "" if args.act_dtype == "bfloat16" else f"-{args.act_dtype}"
+    suffix += "" if args.value_dtype == "int8" else f"-{args.value_dtype}"
     write_results(args.out / f"kernels-{meta['device']}{suffix}", meta, "rows", rows, markdown(rows, meta))
     return 0
 

@@ -7,7 +7,7 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library
 from cospadi_vllm.kernels.cpu import direct_max_rows as serving_direct_max_rows
 from offline_compress.quantization import encode_coefficients
-from tests.reference import VALUE_DTYPES, SHARDS, HeldLayer, merged_layer, reference_coefficients
+from tests.reference import SHARDS, VALUE_DTYPES, HeldLayer, merged_layer, reference_coefficients
 
 
 def coefficient_product_cpu(z, coef_mask, coef_values, coef_scales, atom_offsets, out_dtype,
