@@ -13,6 +13,8 @@ the compressor's own reader) validates against it. It imports torch only and has
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,9 @@ class StorageType:
     dtype: torch.dtype
     max_abs: float | None = None
     supported: bool = True
-    per_byte: int = 1  # values packed per stored element (int4: two per uint8)
+    per_byte: int = 1  # values packed per stored element (int4 values: two per uint8; int4 D: eight per int32)
+    group_size: int | None = None  # a dictionary's scales: one per atom (None) or per group of inputs and atom
+    scales_dtype: torch.dtype = SCALES_DTYPE
 
 
 # coef_values: one scale per output column (coef_scales). int4: two values per byte, value r of a row in
@@ -63,10 +67,16 @@ VALUE_TYPES: dict[str, StorageType] = {
     "float8_e4m3fn": StorageType(torch.float8_e4m3fn, 448.0),
     "bfloat16": StorageType(torch.bfloat16),
 }
-# dictionary: int8 has one scale per atom (dictionary_scales), symmetric.
+# dictionary: int8 has one scale per atom (dictionary_scales [k] float32), symmetric. int4 is GPTQ's layout
+# (what vLLM's W4A16 kernels take, uint4b8): D [in, k] as int32 [ceil(in/8), k], input 8r+i of atom t in bits
+# [4i, 4i+4) of element [r, t], code q in [0, 15] meaning (q − 8)·scale, one float16 scale per group of 128
+# inputs and atom (dictionary_scales [ceil(in/128), k]). Reserved: the compressor can write it, no reader
+# serves it yet (a checkpoint naming it is refused).
+INT4_DICTIONARY_ZERO = 8
 DICTIONARY_TYPES: dict[str, StorageType] = {
     "bfloat16": StorageType(torch.bfloat16),
     "int8": StorageType(torch.int8, 127.0),
+    "int4": StorageType(torch.int32, 7.5, supported=False, per_byte=8, group_size=128, scales_dtype=torch.float16),
 }
 VALUE_DTYPES: dict[str, torch.dtype] = {name: t.dtype for name, t in VALUE_TYPES.items()}
 DEFAULT_VALUE_DTYPE = "int8"
@@ -131,8 +141,39 @@ def unpack_int4(packed: torch.Tensor, s: int | None = None) -> torch.Tensor:
 
 
 def dictionary_is_scaled(dictionary_dtype: torch.dtype) -> bool:
-    """Whether a dictionary of this dtype is stored with ``dictionary_scales`` (one per atom)."""
+    """Whether a dictionary of this dtype is stored with ``dictionary_scales``."""
     return any(t.dtype == dictionary_dtype and t.max_abs is not None for t in DICTIONARY_TYPES.values())
+
+
+def dictionary_storage(dictionary_dtype: torch.dtype) -> StorageType:
+    """The DICTIONARY_TYPES entry stored as ``dictionary_dtype``."""
+    return next(t for t in DICTIONARY_TYPES.values() if t.dtype == dictionary_dtype)
+
+
+def dictionary_tensor_shapes(in_features: int, k: int, dictionary_dtype: torch.dtype
+                             ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(shape of ``dictionary``, shape of ``dictionary_scales`` or None) for D [in, k] stored as ``dictionary_dtype``."""
+    storage = dictionary_storage(dictionary_dtype)
+    rows = -(-in_features // storage.per_byte)
+    if storage.max_abs is None:
+        return (rows, k), None
+    return (rows, k), ((k,) if storage.group_size is None else (-(-in_features // storage.group_size), k))
+
+
+def pack_int4_dictionary(codes: torch.Tensor) -> torch.Tensor:
+    """codes [in, k] in [0, 15] → int32 [ceil(in/8), k]: input 8r+i in bits [4i, 4i+4) of row r (GPTQ's packing)."""
+    rows = -(-codes.shape[0] // 8)
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, 0, 0, 8 * rows - codes.shape[0]))
+    shifts = (4 * torch.arange(8, dtype=torch.int64, device=codes.device)).view(1, 8, 1)
+    words = (padded.view(rows, 8, -1) << shifts).sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4_dictionary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 [ceil(in/8), k] → codes [in, k] int64 in [0, 15] (inverse of :func:`pack_int4_dictionary`)."""
+    shifts = (4 * torch.arange(8, dtype=torch.int64, device=packed.device)).view(1, 8, 1)
+    codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & 0xF
+    return codes.reshape(-1, packed.shape[1])[:in_features]
 
 
 def fused_group(leaf: str) -> tuple[str, ...]:
@@ -158,14 +199,15 @@ class LayerShape:
                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """{suffix: (shape, dtype)} of the layer's tensors, in TENSOR_SUFFIXES order (the dictionary's may
         be another module's; ``dictionary_scales`` only with a scaled dictionary dtype)."""
+        dictionary_shape, scales_shape = dictionary_tensor_shapes(self.in_features, self.k, dictionary_dtype)
         specs = {
-            DICTIONARY: ((self.in_features, self.k), dictionary_dtype),
-            DICTIONARY_SCALES: ((self.k,), SCALES_DTYPE),
+            DICTIONARY: (dictionary_shape, dictionary_dtype),
+            DICTIONARY_SCALES: (scales_shape, dictionary_storage(dictionary_dtype).scales_dtype),
             COEF_MASK: ((self.out_features, mask_words(self.k)), MASK_DTYPE),
             COEF_VALUES: ((self.out_features, value_columns(self.s, value_dtype)), value_dtype),
             COEF_SCALES: ((self.out_features,), SCALES_DTYPE),
         }
-        if not dictionary_is_scaled(dictionary_dtype):
+        if scales_shape is None:
             del specs[DICTIONARY_SCALES]
         return specs
 
@@ -187,9 +229,12 @@ def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool
     A layer that uses another module's dictionary (``owns_dictionary=False``) stores no dictionary.
     """
     dictionary = DICTIONARY_TYPES[dictionary_dtype_name]
-    scale_bytes = SCALES_DTYPE.itemsize if dictionary.max_abs is not None else 0
+    dictionary_shape, scales_shape = dictionary_tensor_shapes(shape.in_features, shape.k, dictionary.dtype)
+    dictionary_bytes = math.prod(dictionary_shape) * dictionary.dtype.itemsize
+    if scales_shape is not None:
+        dictionary_bytes += math.prod(scales_shape) * dictionary.scales_dtype.itemsize
     return (
-        (shape.in_features * dictionary.dtype.itemsize + scale_bytes) * shape.k * owns_dictionary
+        dictionary_bytes * owns_dictionary
         + shape.out_features * mask_words(shape.k) * MASK_DTYPE.itemsize
         + shape.out_features * value_columns(shape.s, VALUE_TYPES[value_dtype_name].dtype)
         * VALUE_TYPES[value_dtype_name].dtype.itemsize
@@ -288,9 +333,16 @@ def dictionary_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {suffix: tensors[suffix] for suffix in DICTIONARY_SUFFIXES if suffix in tensors}
 
 
-def dequantize_dictionary(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """{DICTIONARY[, DICTIONARY_SCALES]} → D [in, k] float32 (an int8 dictionary times its atoms' scales)."""
-    dictionary = tensors[DICTIONARY].float()
+def dequantize_dictionary(tensors: dict[str, torch.Tensor], in_features: int | None = None) -> torch.Tensor:
+    """{DICTIONARY[, DICTIONARY_SCALES]} → D [in, k] float32 (an int8 dictionary times its atoms' scales; an
+    int4 one (code − 8) times its group's scale, ``in_features`` rows: default 8 per stored row)."""
+    stored = tensors[DICTIONARY]
+    if stored.dtype == DICTIONARY_TYPES["int4"].dtype:
+        in_features = in_features or 8 * stored.shape[0]
+        codes = unpack_int4_dictionary(stored, in_features).float() - INT4_DICTIONARY_ZERO
+        group_size = DICTIONARY_TYPES["int4"].group_size
+        return codes * tensors[DICTIONARY_SCALES].float().repeat_interleave(group_size, 0)[:in_features]
+    dictionary = stored.float()
     if DICTIONARY_SCALES in tensors:
         dictionary = dictionary * tensors[DICTIONARY_SCALES].float()
     return dictionary

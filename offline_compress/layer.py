@@ -196,11 +196,15 @@ def with_rounded_dictionary(problem: WhitenedProblem, structure: QuantizedStruct
     → (the structure as stored, its dequantized values [m, k]). bfloat16 dictionaries are left to ``pack``.
 
     mask / coef [m, k]: the support and the dequantized values of ``structure``."""
-    if fmt.DICTIONARY_TYPES[settings.dictionary_dtype].max_abs is None:
+    storage = fmt.DICTIONARY_TYPES[settings.dictionary_dtype]
+    if storage.max_abs is None:
         return structure, coef
+    # Grouped (4-bit) dictionaries are rounded for the module's inputs (GPTQ), whose Gram is LLᵀ.
+    gram = problem.factor.double() @ problem.factor.double().T if storage.group_size is not None else None
     stored_dictionary = quantize_dictionary(unwhiten(structure.dictionary.double(), problem.factor),
-                                            settings.dictionary_dtype)
-    rounded = whiten(fmt.dequantize_dictionary(stored_dictionary).double(), problem.factor).to(problem.target.dtype)
+                                            settings.dictionary_dtype, gram)
+    rounded = whiten(fmt.dequantize_dictionary(stored_dictionary, problem.in_features).double(),
+                     problem.factor).to(problem.target.dtype)
     stored, coef = resolve_values(problem.target, rounded, coef, mask, settings.value_dtype)
     structure = QuantizedStructure(structure.structure, structure.shape, rounded, stored, structure.unquantized_error,
                                    stored_dictionary)

@@ -56,7 +56,7 @@ class CompressOptions:
                               choices=tuple(sorted(fmt.VALUE_DTYPES)))
     dictionary_dtype: str = option(fmt.DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale "
                                    "per atom; a 1-byte dictionary buys more atoms and non-zeros at the same --ratio)",
-                                   choices=tuple(sorted(fmt.DICTIONARY_TYPES)))
+                                   choices=tuple(sorted(n for n, t in fmt.DICTIONARY_TYPES.items() if t.supported)))
     iterations: int = option(8, "dictionary-learning iterations T (each: dictionary update + sparse coding)")
     calib: str = option(BUILTIN_CALIBRATION,
                         f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), '{CHAT_CALIBRATION}' (the same "
@@ -128,9 +128,9 @@ def validate_options(options: CompressOptions) -> torch.device:
         raise CompressError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.value_dtype not in fmt.VALUE_DTYPES:
         raise CompressError(f"--value-dtype must be one of {sorted(fmt.VALUE_DTYPES)}, got {options.value_dtype!r}")
-    if options.dictionary_dtype not in fmt.DICTIONARY_TYPES:
-        raise CompressError(f"--dictionary-dtype must be one of {sorted(fmt.DICTIONARY_TYPES)}, "
-                            f"got {options.dictionary_dtype!r}")
+    served = sorted(name for name, t in fmt.DICTIONARY_TYPES.items() if t.supported)
+    if options.dictionary_dtype not in served:  # a reserved dtype would write a checkpoint nothing serves
+        raise CompressError(f"--dictionary-dtype must be one of {served}, got {options.dictionary_dtype!r}")
     if options.iterations < 0:
         raise CompressError(f"--iterations must be >= 0, got {options.iterations}")
     if options.calib_samples < 1 or options.seq_len < 2:

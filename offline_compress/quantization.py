@@ -23,6 +23,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from offline_compress.dictionary import least_squares_dictionary, least_squares_on_support
+from offline_compress.gptq import quantize_gptq
 
 
 def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -203,16 +204,25 @@ def quantize_and_refit(
     return dictionary, stored, coef
 
 
-def quantize_dictionary(dictionary: torch.Tensor, dictionary_dtype_name: str) -> dict[str, torch.Tensor]:
+def quantize_dictionary(dictionary: torch.Tensor, dictionary_dtype_name: str, gram: torch.Tensor | None = None
+                        ) -> dict[str, torch.Tensor]:
     """D [in, k] float (as stored: un-whitened) → {DICTIONARY[, DICTIONARY_SCALES]} in the format's dtype.
 
     bfloat16: rounded. int8: symmetric per atom (column), scale = max |D[:, t]| / 127, so that
     ``format.dequantize_dictionary`` gives D back up to half a step per entry. Per atom rather than per
     group: the atoms' scales were balanced into D (``balance_atom_scales``), so a column's entries share one.
+    int4: GPTQ (``gptq.quantize_gptq``) on x·D — a linear whose outputs are the atoms — with ``gram`` [in, in],
+    the module's input Gram, symmetric groups of 128 inputs (the layout of ``format.DICTIONARY_TYPES``).
     """
     storage = fmt.DICTIONARY_TYPES[dictionary_dtype_name]
     if storage.max_abs is None:
         return {fmt.DICTIONARY: dictionary.to(storage.dtype)}
+    if storage.group_size is not None:
+        if gram is None:
+            raise ValueError(f"a {dictionary_dtype_name} dictionary is rounded for the module's inputs: pass its Gram")
+        rounded = quantize_gptq(dictionary.T.float(), gram.float(), bits=4, group_size=storage.group_size)
+        return {fmt.DICTIONARY: fmt.pack_int4_dictionary(rounded.codes.T),
+                fmt.DICTIONARY_SCALES: rounded.scales.T.contiguous().to(storage.scales_dtype)}
     absmax = dictionary.abs().amax(0).float()
     scales = torch.where(absmax > 0, absmax / storage.max_abs, torch.ones_like(absmax))
     quantized = (dictionary.float() / scales).round().clamp(-storage.max_abs, storage.max_abs).to(storage.dtype)

@@ -117,8 +117,11 @@ def variants(k_down: int) -> dict[str, tuple]:
         # The config says int8 dictionaries, the tensors are bfloat16 (and have no scales).
         "dictionary-int8": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int8")),
                             f"tensor {L0}.self_attn.q_proj.dictionary has dtype bfloat16, expected int8"),
-        "dictionary-dtype": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int4")),
-                             "dictionary_dtype 'int4' is not one of"),
+        "dictionary-dtype": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int2")),
+                             "dictionary_dtype 'int2' is not one of"),
+        # A reserved dtype the compressor knows and no reader serves yet.
+        "dictionary-int4": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int4")),
+                            "dictionary_dtype 'int4' is not supported yet"),
         "fused-group": (_fused_group, "must be compressed together"),
     })
     return out
