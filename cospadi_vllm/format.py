@@ -14,7 +14,6 @@ the compressor's own reader) validates against it. It imports torch only and has
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
