@@ -34,9 +34,12 @@ COEF_SUFFIXES = (COEF_MASK, COEF_VALUES, COEF_SCALES)
 # What each axis of a layer's tensors runs over; readers that split or merge layers (tensor parallelism,
 # fused q/k/v) place every tensor by these. PACKED: one output's mask words or values (never split).
 IN, ATOMS, OUT, PACKED = "in", "atoms", "out", "packed"
+# IN counts input rows in the tensor's own units (a 4-bit dictionary: 8 inputs per int32 row, its scales one row
+# per group of inputs); :func:`tensor_axes` gives a role's axes for a dictionary dtype.
 TENSOR_AXES: dict[str, tuple[str, ...]] = {
     DICTIONARY: (IN, ATOMS), DICTIONARY_SCALES: (ATOMS,), COEF_MASK: (OUT, PACKED), COEF_VALUES: (OUT, PACKED), COEF_SCALES: (OUT,),
 }
+GROUPED_DICTIONARY_SCALES_AXES = (IN, ATOMS)  # one scale per group of inputs and atom
 # Key of a module's quantization_config entry naming the module whose stored dictionary it uses.
 SHARED_DICTIONARY_KEY = "dictionary"
 
@@ -69,13 +72,12 @@ VALUE_TYPES: dict[str, StorageType] = {
 # dictionary: int8 has one scale per atom (dictionary_scales [k] float32), symmetric. int4 is GPTQ's layout
 # (what vLLM's W4A16 kernels take, uint4b8): D [in, k] as int32 [ceil(in/8), k], input 8r+i of atom t in bits
 # [4i, 4i+4) of element [r, t], code q in [0, 15] meaning (q − 8)·scale, one float16 scale per group of 128
-# inputs and atom (dictionary_scales [ceil(in/128), k]). Reserved: the compressor can write it, no reader
-# serves it yet (a checkpoint naming it is refused).
+# inputs and atom (dictionary_scales [ceil(in/128), k]).
 INT4_DICTIONARY_ZERO = 8
 DICTIONARY_TYPES: dict[str, StorageType] = {
     "bfloat16": StorageType(torch.bfloat16),
     "int8": StorageType(torch.int8, 127.0),
-    "int4": StorageType(torch.int32, 7.5, supported=False, per_byte=8, group_size=128, scales_dtype=torch.float16),
+    "int4": StorageType(torch.int32, 7.5, per_byte=8, group_size=128, scales_dtype=torch.float16),
 }
 VALUE_DTYPES: dict[str, torch.dtype] = {name: t.dtype for name, t in VALUE_TYPES.items()}
 DEFAULT_VALUE_DTYPE = "int8"
@@ -142,6 +144,13 @@ def unpack_int4(packed: torch.Tensor, s: int | None = None) -> torch.Tensor:
 def dictionary_is_scaled(dictionary_dtype: torch.dtype) -> bool:
     """Whether a dictionary of this dtype is stored with ``dictionary_scales``."""
     return any(t.dtype == dictionary_dtype and t.max_abs is not None for t in DICTIONARY_TYPES.values())
+
+
+def tensor_axes(role: str, dictionary_dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
+    """What each axis of a ``role`` tensor runs over, for a dictionary stored as ``dictionary_dtype``."""
+    if role == DICTIONARY_SCALES and dictionary_storage(dictionary_dtype).group_size is not None:
+        return GROUPED_DICTIONARY_SCALES_AXES
+    return TENSOR_AXES[role]
 
 
 def dictionary_storage(dictionary_dtype: torch.dtype) -> StorageType:

@@ -81,9 +81,12 @@ class LayerLayout:
         """{role: (shape, dtype)} this rank holds, by the format's axes (a layer using another layer's
         dictionary loads none of the dictionary's tensors: its atoms axis is empty)."""
         specs = {}
+        # input rows of this rank's dictionary tensors, in their own units (8 inputs per row of a 4-bit D)
+        local = fmt.LayerShape(self.input_size_per_partition, 1, 1, 1).tensor_specs(self.value_dtype, self.dictionary_dtype)
         for role, (_, dtype) in self.stored_specs(self.shards[0]).items():
-            axes = fmt.TENSOR_AXES[role]
-            sizes = {fmt.IN: self.input_size_per_partition, fmt.OUT: self.local_outputs,
+            axes = fmt.tensor_axes(role, self.dictionary_dtype)
+            sizes = {fmt.IN: local[role][0][0] if role in fmt.DICTIONARY_SUFFIXES else self.input_size_per_partition,
+                     fmt.OUT: self.local_outputs,
                      fmt.ATOMS: self.local_atoms if owns_dictionary or role not in fmt.DICTIONARY_SUFFIXES else 0}
             shape = tuple(sizes[a] if a in sizes else max(self.stored_specs(s)[role][0][i] for s in self.shards)
                           for i, a in enumerate(axes))
@@ -120,6 +123,12 @@ def plan_layer(names: list[str], modules: dict[str, dict], output_partition_size
         raise fmt.FormatError(f"layer fuses {len(output_partition_sizes)} outputs but checkpoint modules are {names}")
     if split == ROW and len(names) != 1:
         raise fmt.FormatError(f"row-parallel layer {names} fuses several modules; not supported")
+    storage = fmt.dictionary_storage(dictionary_dtype)
+    unit = max(storage.per_byte, storage.group_size or 1)
+    if split == ROW and input_size_per_partition % unit:
+        dtype_name = next(n for n, t in fmt.DICTIONARY_TYPES.items() if t.dtype == dictionary_dtype)
+        raise fmt.FormatError(f"{names[0]}: an {dtype_name} dictionary is split over {tp_size} ranks by input rows in "
+                              f"whole groups of {unit}, but each rank gets {input_size_per_partition} inputs")
     shards, k_offset, out_offset, atoms_offset = [], 0, 0, 0
     for name, out_size in zip(names, output_partition_sizes, strict=True):
         k, s = modules[name]["k"], modules[name]["s"]
@@ -155,7 +164,7 @@ class CoSpaDiParameter(BasevLLMParameter):
         self.loaded: set[str] = set()
 
     def _place(self, loaded_weight: torch.Tensor, shard: ShardLayout) -> None:
-        """Copy this rank's part of one checkpoint module's tensor into its place, axis by axis (format.TENSOR_AXES)."""
+        """Copy this rank's part of one checkpoint module's tensor into its place, axis by axis (format.tensor_axes)."""
         name = f"{shard.name}.{self.role}"
         want_shape, want_dtype = self.layer_layout.stored_specs(shard)[self.role]
         if want_dtype == fmt.SCALES_DTYPE and loaded_weight.is_floating_point():
@@ -164,7 +173,7 @@ class CoSpaDiParameter(BasevLLMParameter):
         if problem:
             raise fmt.FormatError(problem)
         split, source, target = self.layer_layout.split, loaded_weight, self.data
-        for dim, axis in enumerate(fmt.TENSOR_AXES[self.role]):
+        for dim, axis in enumerate(fmt.tensor_axes(self.role, self.layer_layout.dictionary_dtype)):
             if axis == fmt.IN and split == ROW:  # this rank's input rows
                 rows = target.shape[dim]
                 source = source.narrow(dim, shard.tp_rank * rows, rows)

@@ -38,7 +38,8 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
         owner = fmt.dictionary_owner(modules, prefix)
         # in/out come from the tensors themselves; a missing one is reported by layer_problems.
         dictionary, scales = compressed[owner].get(fmt.DICTIONARY), compressed[prefix].get(fmt.COEF_SCALES)
-        shape = fmt.LayerShape(dictionary.shape[0] if dictionary is not None else -1,
+        rows_to_inputs = fmt.dictionary_storage(dictionary_dtype).per_byte  # a 4-bit D packs 8 inputs per row
+        shape = fmt.LayerShape(dictionary.shape[0] * rows_to_inputs if dictionary is not None else -1,
                                scales.shape[0] if scales is not None else -1, spec["k"], spec["s"])
         problems = fmt.layer_problems(prefix, found, shape, value_dtype, dictionary_dtype, owner)
         if problems:

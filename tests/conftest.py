@@ -110,3 +110,21 @@ def int4_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Pat
                                   dictionary_dtype=dictionary_dtype, group_size=group_size)
         compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def int4_dictionary_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints with 4-bit dictionaries (GPTQ layout): Llama with int8 values, and Qwen2 with the
+    dictionaries shared by its two layers (--group-size 2) and int4 values — everything at 4 bits."""
+    from offline_compress.options import CompressOptions
+    from offline_compress.pipeline import compress_model
+
+    root = tmp_path_factory.mktemp("cospadi-int4-dictionary")
+    variants = {"llama": ("llama", 1, "int8"), "qwen2-shared": ("qwen2", 2, "int4")}
+    out = {}
+    for name, (arch, group_size, value_dtype) in variants.items():
+        out[name] = root / name
+        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
+                                  value_dtype=value_dtype, dictionary_dtype="int4", group_size=group_size)
+        compress_model(tiny_models[arch], out[name], options, log=lambda m: None)
+    return out

@@ -48,7 +48,7 @@ def merged_layer_tensors(value_dtype: str, g: torch.Generator, shards=SHARDS, in
         idx = torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(out)])
         shard = encode_coefficients(idx, torch.randn(out, s, generator=g), k, value_dtype)
         atoms = torch.randn(in_features, k, generator=g) * torch.rand(k, generator=g).add(0.05)
-        shard.update(quantize_dictionary(atoms, dictionary_dtype))
+        shard.update(quantize_dictionary(atoms, dictionary_dtype, torch.eye(in_features)))  # (a 4-bit D's Gram)
         stored.append(shard)
     return merge_shards(stored)
 

@@ -119,9 +119,9 @@ def variants(k_down: int) -> dict[str, tuple]:
                             f"tensor {L0}.self_attn.q_proj.dictionary has dtype bfloat16, expected int8"),
         "dictionary-dtype": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int2")),
                              "dictionary_dtype 'int2' is not one of"),
-        # A reserved dtype the compressor knows and no reader serves yet.
+        # The config says 4-bit dictionaries (int32-packed, grouped scales), the tensors are bfloat16.
         "dictionary-int4": (_config(lambda qc, c: qc.__setitem__("dictionary_dtype", "int4")),
-                            "dictionary_dtype 'int4' is not supported yet"),
+                            f"tensor {L0}.self_attn.q_proj.dictionary has"),
         "fused-group": (_fused_group, "must be compressed together"),
     })
     return out

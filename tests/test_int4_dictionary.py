@@ -1,13 +1,23 @@
-"""The 4-bit dictionary (GPTQ layout, reserved: written by the compressor, refused by every reader until one serves
-it): packing against hand-computed words, the byte formula against the stored tensors, the compressed layer's
-reported error against float64 math of what is stored, and the clear refusals."""
+"""The 4-bit dictionary (GPTQ layout): packing against hand-computed words, the byte formula against the stored
+tensors, the compressed layer's reported error against float64 math of what is stored, the kernel seam against
+float64 dense math, transformers against the dense rebuild, ``check``, and vLLM (held at 4 bits, TP = 1 and 2)."""
+
+import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
 from cospadi_vllm import format as fmt
+from cospadi_vllm.check import check_checkpoint
+from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
-from offline_compress.options import CompressError, CompressOptions, validate_options
+from offline_compress.reader import load_reconstructed_model
+from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_coefficients
+from tests.test_hf_quantizer import assert_save_pretrained_round_trips
+from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
+from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
 
 
 def test_int4_dictionary_packing_is_gptq_layout():
@@ -68,9 +78,93 @@ def test_compressed_layer_with_int4_dictionary(value_dtype):
     assert k > int8_dictionary.shape.k
 
 
-def test_readers_and_the_cli_refuse_an_int4_dictionary():
-    with pytest.raises(fmt.FormatError, match=r"dictionary_dtype 'int4' is not supported yet \(this build serves "
-                                              r"bfloat16, int8\)"):
-        fmt.dictionary_dtype_from_name("int4")
-    with pytest.raises(CompressError, match=r"--dictionary-dtype must be one of \['bfloat16', 'int8'\], got 'int4'"):
-        validate_options(CompressOptions(dictionary_dtype="int4"))
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_with_int4_dictionary_matches_float64(act_dtype, value_dtype):
+    """The kernel seam on a merged 3-shard layer with a 4-bit D (in = 48: one partial group): float64 dense math of
+    the stored codes and scales is the reference; D is held as stored (4 bits) and given back bit-identical."""
+    g = torch.Generator().manual_seed(51 + len(value_dtype))
+    tensors = merged_layer_tensors(value_dtype, g, dictionary_dtype="int4")
+    group = torch.arange(48) // 128
+    codes = torch.stack([(tensors[fmt.DICTIONARY].long() >> (4 * i)) & 0xF for i in range(8)], 1).reshape(48, -1)
+    dictionary = (codes.double() - 8) * tensors[fmt.DICTIONARY_SCALES].double()[group]  # decoded here, bit by bit
+    dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
+                                                tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
+    layer = HeldLayer.of(tensors)
+    kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, fmt.VALUE_DTYPES[value_dtype], torch.int32))
+    kernel.process_weights_after_loading(layer)
+    assert layer.dictionary.dtype == torch.int32 and layer.dictionary.shape == (6, dictionary.shape[1])
+    stored = kernel.stored_tensors(layer)
+    for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
+        assert stored[name].equal(tensors[name]), name
+    bound = 1e-5 if act_dtype == torch.float32 else 3e-2
+    for rows in (1, 3, 16, 17, 130):
+        x = torch.randn(rows, 48, generator=g).to(act_dtype)
+        reference = x.double() @ dense
+        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
+            assert y.dtype == act_dtype and y.shape == reference.shape
+            assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, act_dtype)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2-shared"])
+def test_transformers_logits_match_dense_rebuild(int4_dictionary_checkpoints, variant):
+    checkpoint = int4_dictionary_checkpoints[variant]
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["dictionary_dtype"] == "int4"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    assert_logits_match_dense_rebuild(model, checkpoint, seed=8)
+
+
+def test_save_pretrained_round_trips_int4_dictionary(int4_dictionary_checkpoints, tmp_path):
+    assert_save_pretrained_round_trips(int4_dictionary_checkpoints["qwen2-shared"], tmp_path)
+
+
+def test_check_names_a_bad_grouped_scale(int4_dictionary_checkpoints, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.dictionary_scales"
+    cases = {
+        "shape": (lambda t: t.__setitem__(name, t[name][:1].contiguous()), f"tensor {name} has shape"),
+        "dtype": (lambda t: t.__setitem__(name, t[name].float()), f"tensor {name} has dtype float32"),
+        "packed": (lambda t: t.__setitem__(name[: -len("_scales")], t[name[: -len("_scales")]][:-1].contiguous()),
+                   f"tensor {name[: -len('_scales')]} has shape"),
+    }
+    assert check_checkpoint(int4_dictionary_checkpoints["llama"]) == []
+    for case, (edit, needle) in cases.items():
+        problems = check_checkpoint(_edit_tensors(int4_dictionary_checkpoints["llama"], tmp_path / case, edit))
+        assert any(needle in p for p in problems), (case, problems)
+
+
+@pytest.mark.slow
+def test_vllm_serves_int4_dictionary(int4_dictionary_checkpoints):
+    """vLLM (CPU) on the all-4-bit shared Qwen2: TP = 1 gives the greedy tokens of transformers on the dense rebuild,
+    TP = 2 the same tokens as TP = 1 (D split by atoms with its group scales in q/k/v and gate/up, by input rows in
+    whole groups of 128 in o / down)."""
+    from transformers import AutoTokenizer
+
+    checkpoint = int4_dictionary_checkpoints["qwen2-shared"]
+    tp1 = run_vllm(checkpoint, tp=1)
+    assert "error" not in tp1, tp1.get("error")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
+    tp2 = run_vllm(checkpoint, tp=2)
+    assert "error" not in tp2, tp2.get("error")
+    assert tp2["tokens"] == tp1["tokens"]
+
+
+@pytest.mark.slow
+def test_vllm_holds_the_dictionary_in_4_bits(int4_dictionary_checkpoints):
+    """Every vLLM layer holds its dictionary as stored: int32 words of 8 codes (in·k/2 bytes) beside float16 group
+    scales, one copy per shared group; the compressed layers hold no more than their stored bytes + 10 %."""
+    from cospadi_vllm.memory import run_isolated
+
+    checkpoint = int4_dictionary_checkpoints["qwen2-shared"]
+    modules = json.loads((checkpoint / "config.json").read_text())["quantization_config"]["modules"]
+    layers = run_isolated(checkpoint, "float32", tp=1)["ranks"][0]["cospadi_layers"]
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        assert layer["dictionary_dtype"] == "int32", (name, layer)
+    atoms = sum(modules[f"model.layers.0.self_attn.{m}"]["k"] for m in ("q_proj", "k_proj", "v_proj"))
+    assert layers["model.layers.0.self_attn.qkv_proj"]["dictionary_bytes"] == 256 * atoms // 2  # 4 bits per entry
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        first, second = layers[f"model.layers.0.{fused}"], layers[f"model.layers.1.{fused}"]
+        assert first["dictionary_data_ptr"] == second["dictionary_data_ptr"], fused
+    held, stored = (sum(layer[key] for layer in layers.values()) for key in ("held_bytes", "stored_bytes_tp1"))
+    assert held <= 1.10 * stored, (held, stored)

@@ -53,6 +53,9 @@ class CoSpaDiKernel(ABC):
         # An int8 D is held transposed ([K, in] int8, the same bytes) by every implementation, its float32
         # scales as stored (k numbers, cast to the activation dtype per call).
         self.int8_dictionary = config.dictionary_dtype == torch.int8
+        # A 4-bit D is held as stored (GPTQ layout: int32 [ceil(in/8), K], float16 scales [groups, K]); x·D widens
+        # tiles of atoms for the GEMM (int4_dictionary_product), never the whole D.
+        self.int4_dictionary = config.dictionary_dtype == fmt.DICTIONARY_TYPES["int4"].dtype
 
     @classmethod
     @abstractmethod
@@ -88,6 +91,12 @@ class CoSpaDiKernel(ABC):
 
     def stored_int8_dictionary(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {fmt.DICTIONARY: layer.dictionary.t().contiguous(), fmt.DICTIONARY_SCALES: layer.dictionary_scales}
+
+    def quantized_dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x·D for an integer D (int8 held transposed, or 4-bit as stored)."""
+        if self.int4_dictionary:
+            return int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales)
+        return self.int8_dictionary_product(layer, x)
 
     def held_dictionary_dtype(self) -> torch.dtype:
         """The dtype D is held in: float16 activations get D in float16 once (same bytes) instead of a
@@ -151,6 +160,22 @@ def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales:
     return z
 
 
+@torch.no_grad()
+def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
+    dtype: tiles of INT8_TILE_ATOMS atoms decoded to x's dtype ((code − 8)·scale) and multiplied by torch's GEMM;
+    a tile is freed after its product, so D is never held widened."""
+    in_features = x.shape[1]
+    group = torch.arange(in_features, device=x.device) // fmt.DICTIONARY_TYPES["int4"].group_size
+    z = x.new_empty(x.shape[0], packed.shape[1])
+    for start in range(0, packed.shape[1], INT8_TILE_ATOMS):
+        atoms = slice(start, min(start + INT8_TILE_ATOMS, packed.shape[1]))
+        codes = fmt.unpack_int4_dictionary(packed[:, atoms], in_features)
+        tile = (codes.to(x.dtype) - fmt.INT4_DICTIONARY_ZERO) * scales[group, atoms].to(x.dtype)
+        z[:, atoms] = x @ tile
+    return z
+
+
 def replace_tensor(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:
     """Put ``data`` under ``name`` as the same kind of attribute it was (parameter, buffer), so that
     TorchDynamo and ``state_dict`` see what they saw before."""
@@ -183,4 +208,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         merged[fmt.COEF_SCALES].append(shard[fmt.COEF_SCALES])
         merged["atom_offsets"].append(torch.full((mask.shape[0],), k_offset, dtype=torch.int32, device=mask.device))
         k_offset += shard[fmt.DICTIONARY].shape[1]
-    return {name: torch.cat(parts, 1 if name == fmt.DICTIONARY else 0) for name, parts in merged.items()}
+    dictionary_dtype = shards[0][fmt.DICTIONARY].dtype
+    return {name: torch.cat(parts, fmt.tensor_axes(name, dictionary_dtype).index(fmt.ATOMS)
+                            if name in fmt.DICTIONARY_SUFFIXES else 0)
+            for name, parts in merged.items()}

@@ -41,8 +41,8 @@ class CPUKernel(CoSpaDiKernel):
     def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
         if config.device.type != "cpu":
             return False, f"tensors are on {config.device.type}, not the CPU"
-        if config.dictionary_dtype not in (torch.bfloat16, torch.int8):
-            return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16 or int8 only)"
+        if config.dictionary_dtype not in (torch.bfloat16, torch.int8, torch.int32):
+            return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16, int8 or int4 only)"
         try:
             cpu_library.value_kind(config.value_dtype)
         except TypeError as err:
@@ -64,7 +64,7 @@ class CPUKernel(CoSpaDiKernel):
         # Build / load the C++ library now, not inside the first forward.
         self.value_table, self.value_kind = cpu_library.value_decoding(self.config.value_dtype)
         self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
-        if not owns_dictionary:
+        if not owns_dictionary or self.int4_dictionary:  # (a 4-bit D is held as stored)
             return
         if self.int8_dictionary:
             self.hold_int8_dictionary(layer)
@@ -73,8 +73,8 @@ class CPUKernel(CoSpaDiKernel):
         replace_tensor(layer, fmt.DICTIONARY, dictionary.t().contiguous() if self.dictionary_transposed else dictionary)
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_dictionary:
-            return self.int8_dictionary_product(layer, x)
+        if self.int8_dictionary or self.int4_dictionary:
+            return self.quantized_dictionary_product(layer, x)
         if self.dictionary_transposed:
             return torch.ops.cospadi_cpu.dictionary_product(x, layer.dictionary)
         dictionary = layer.dictionary
@@ -97,5 +97,7 @@ class CPUKernel(CoSpaDiKernel):
                         fmt.COEF_SCALES: layer.coef_scales}
         if self.int8_dictionary:
             return {**self.stored_int8_dictionary(layer), **coefficients}
+        if self.int4_dictionary:
+            return {fmt.DICTIONARY: layer.dictionary, fmt.DICTIONARY_SCALES: layer.dictionary_scales, **coefficients}
         dictionary = layer.dictionary.t() if self.dictionary_transposed else layer.dictionary
         return {fmt.DICTIONARY: dictionary.to(self.config.dictionary_dtype).contiguous(), **coefficients}

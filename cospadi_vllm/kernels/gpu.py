@@ -74,8 +74,8 @@ class TritonKernel(CoSpaDiKernel):
 
     @classmethod
     def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
-        if config.dictionary_dtype not in (torch.bfloat16, torch.int8):
-            return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16 or int8 only)"
+        if config.dictionary_dtype not in (torch.bfloat16, torch.int8, torch.int32):
+            return False, f"dictionary of dtype {config.dictionary_dtype} (bfloat16, int8 or int4 only)"
         if config.device.type == "cuda":
             try:
                 gpu_layout.check_capability(config.value_dtype, config.device)
@@ -98,7 +98,7 @@ class TritonKernel(CoSpaDiKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
         if owns_dictionary and self.int8_dictionary:
             self.hold_int8_dictionary(layer)
-        elif owns_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
+        elif owns_dictionary and not self.int4_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
             replace_tensor(layer, fmt.DICTIONARY, self.held_dictionary(layer.dictionary.data))
         self.value_columns = layer.coef_values.shape[1]
         packed = gpu_layout.repack(layer.coef_mask.data, layer.coef_values.data, layer.coef_scales.data,
@@ -112,8 +112,8 @@ class TritonKernel(CoSpaDiKernel):
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dictionary = layer.dictionary
-        if self.int8_dictionary:  # widened tile by tile for cuBLAS (a fused int8 x·D kernel is not written yet)
-            return self.int8_dictionary_product(layer, x)
+        if self.int8_dictionary or self.int4_dictionary:  # widened tile by tile for cuBLAS (no fused x·D kernel yet)
+            return self.quantized_dictionary_product(layer, x)
         if dictionary.dtype == x.dtype:
             return x @ dictionary  # cuBLAS
         if x.dtype == torch.float32:  # D stays bfloat16 (half the bytes): widened tile by tile, never copied
@@ -130,8 +130,12 @@ class TritonKernel(CoSpaDiKernel):
             list(self.packed.shard_outputs), self.bitwalk)
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        dictionary = (self.stored_int8_dictionary(layer) if self.int8_dictionary
-                      else {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype)})
+        if self.int8_dictionary:
+            dictionary = self.stored_int8_dictionary(layer)
+        elif self.int4_dictionary:
+            dictionary = {fmt.DICTIONARY: layer.dictionary, fmt.DICTIONARY_SCALES: layer.dictionary_scales}
+        else:
+            dictionary = {fmt.DICTIONARY: layer.dictionary.to(self.config.dictionary_dtype)}
         return {**dictionary, fmt.COEF_MASK: layer.coef_mask.t().contiguous(),
                 fmt.COEF_VALUES: layer.coef_values[:, : self.value_columns].contiguous(),
                 fmt.COEF_SCALES: layer.coef_scales}
