@@ -20,6 +20,8 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   cospadi-int8-g2-sens@CR  both
   cospadi-int8-d8@CR  int8 dictionary (one scale per atom) + int8 values (--dictionary-dtype int8): the
                       byte D saves buys more atoms and non-zeros at the same CR
+  cospadi-int4-d8@CR  int8 dictionary + int4 values (two per byte, rounded with error feedback)
+  cospadi-int8-d4@CR, cospadi-int4-d4@CR  4-bit dictionary (--dictionary-dtype int4) + int8 / int4 values
   cospadi-int8-1shot@CR, cospadi-int8-g2-1shot@CR  per-layer and grouped, both calibrated --one-shot
 
     python benchmarks/quality.py                          # SmolLM2-135M, CR 0.2 0.3 0.4
@@ -60,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
     # ... and int4 values (two per byte, one scale per output column)
     "cospadi-int4-d8": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int8"},
+    # a 4-bit dictionary (GPTQ layout, rounded by GPTQ for the module's inputs) + int8 / int4 values
+    "cospadi-int8-d4": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int4"},
+    "cospadi-int4-d4": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int4"},
     # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
     # activations), so a group's second layer sees the same inputs in both
     "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False},
@@ -250,7 +255,8 @@ def plot(results: dict, meta: dict, path: Path) -> None:
               "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
               f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":"), "cospadi-int8-g2": ("tab:green", "D", "-"),
               "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-"),
-              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int4-d8": ("tab:pink", "X", "-")}
+              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
+              "cospadi-int8-d4": ("tab:brown", "v", "--"), "cospadi-int4-d4": ("tab:gray", "P", "--")}
     for variant, (color, marker, line) in styles.items():
         pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])
                      for rid, r in results.items() if rid.startswith(variant + "@"))

@@ -13,11 +13,10 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
-from offline_compress.reader import load_reconstructed_model
 from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_coefficients
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
-from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
+from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
 
 def test_int4_dictionary_packing_is_gptq_layout():
@@ -137,16 +136,7 @@ def test_vllm_serves_int4_dictionary(int4_dictionary_checkpoints):
     """vLLM (CPU) on the all-4-bit shared Qwen2: TP = 1 gives the greedy tokens of transformers on the dense rebuild,
     TP = 2 the same tokens as TP = 1 (D split by atoms with its group scales in q/k/v and gate/up, by input rows in
     whole groups of 128 in o / down)."""
-    from transformers import AutoTokenizer
-
-    checkpoint = int4_dictionary_checkpoints["qwen2-shared"]
-    tp1 = run_vllm(checkpoint, tp=1)
-    assert "error" not in tp1, tp1.get("error")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
-    tp2 = run_vllm(checkpoint, tp=2)
-    assert "error" not in tp2, tp2.get("error")
-    assert tp2["tokens"] == tp1["tokens"]
+    assert_vllm_matches_dense_rebuild(int4_dictionary_checkpoints["qwen2-shared"], tensor_parallel=(1, 2))
 
 
 @pytest.mark.slow

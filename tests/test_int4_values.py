@@ -16,12 +16,11 @@ from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.quantization import feedback_codes, quantize_values
-from offline_compress.reader import load_reconstructed_model
 from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
 from tests.test_compressor import wide_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
-from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
+from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
 
 def test_int4_layout_is_low_nibble_first_twos_complement():
@@ -145,17 +144,7 @@ def test_vllm_serves_int4_values(int4_checkpoints):
     """vLLM (CPU), stacked int8 dictionaries shared by two layers with int4 values: TP = 1 gives the greedy tokens
     of transformers on the dense rebuild, TP = 2 the same tokens as TP = 1 (packed value rows split with their
     outputs in q/k/v and gate/up; o/down split by input rows)."""
-    from transformers import AutoTokenizer
-
-    checkpoint = int4_checkpoints["qwen2-shared"]
-    tp1 = run_vllm(checkpoint, tp=1)
-    assert "error" not in tp1, tp1.get("error")
-    assert "quantization=cospadi" in tp1["stderr"]
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
-    tp2 = run_vllm(checkpoint, tp=2)
-    assert "error" not in tp2, tp2.get("error")
-    assert tp2["tokens"] == tp1["tokens"]
+    assert_vllm_matches_dense_rebuild(int4_checkpoints["qwen2-shared"], tensor_parallel=(1, 2))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from offline_compress.reader import load_reconstructed_model
 from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
 from tests.test_compressor import wide_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
-from tests.vllm_helpers import assert_same_greedy, hf_reference, run_vllm
+from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
 LOGITS_RTOL = 1e-4
 
@@ -132,11 +132,4 @@ def test_vllm_serves_int8_dictionary(int8_checkpoints):
     """vLLM (CPU) at TP = 1 gives the greedy tokens of transformers on the dense rebuild. (Shared int8 dictionaries
     at TP = 1 and TP = 2 — atoms and their scales split by atoms in q/k/v and gate/up, by input rows in o/down,
     one dictionary per group — run in tests/test_int4_values.py, on the stacked checkpoint with int4 values.)"""
-    from transformers import AutoTokenizer
-
-    checkpoint = int8_checkpoints["llama"]
-    tp1 = run_vllm(checkpoint, tp=1)
-    assert "error" not in tp1, tp1.get("error")
-    assert "quantization=cospadi" in tp1["stderr"]
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
+    assert_vllm_matches_dense_rebuild(int8_checkpoints["llama"], tensor_parallel=(1,))

@@ -66,3 +66,22 @@ def assert_same_greedy(vllm_tokens, hf, min_margin: float = 1e-3):
         n = untied_prefix(margins, min_margin)
         assert got[:n] == want[:n], (got, want, margins)
         assert n >= 1
+
+
+def assert_vllm_matches_dense_rebuild(checkpoint: Path, tensor_parallel: tuple[int, ...] = (1,)) -> None:
+    """vLLM (CPU) at TP = 1 gives the greedy tokens of transformers on the checkpoint's dense rebuild, and every
+    other TP size in ``tensor_parallel`` the same tokens as TP = 1."""
+    from transformers import AutoTokenizer
+
+    from offline_compress.reader import load_reconstructed_model
+
+    tp1 = run_vllm(checkpoint, tp=1)
+    assert "error" not in tp1, tp1.get("error")
+    assert "quantization=cospadi" in tp1["stderr"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert_same_greedy(tp1["tokens"], hf_reference(load_reconstructed_model(checkpoint), tokenizer))
+    for tp in tensor_parallel:
+        if tp != 1:
+            run = run_vllm(checkpoint, tp=tp)
+            assert "error" not in run, run.get("error")
+            assert run["tokens"] == tp1["tokens"], tp
