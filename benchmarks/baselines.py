@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from offline_compress.gptq import round_to_nearest
+
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES_PYTHON = ROOT / ".venv-baselines" / "bin" / "python"
 # group sizes vLLM's W4A16 kernels (Marlin, Machete, CPU WNA16) and llm-compressor accept, best first
@@ -67,15 +69,7 @@ def rtn_grid(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.T
         top = 2 ** (bits - 1) - 1
         scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
         return (weight / scale).round().clamp(-top, top) * scale
-    out_features, in_features = weight.shape
-    groups = weight.reshape(out_features, in_features // group_size, group_size)
-    low = groups.amin(dim=2, keepdim=True).clamp_max(0)
-    high = groups.amax(dim=2, keepdim=True).clamp_min(0)
-    levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(1e-12)
-    zero = (-low / scale).round().clamp(0, levels)
-    dequantized = ((groups / scale).round() + zero).clamp(0, levels).sub(zero).mul(scale)
-    return dequantized.reshape(out_features, in_features)
+    return round_to_nearest(weight, bits, group_size, symmetric=False).dequantize().to(weight.dtype)
 
 
 @torch.no_grad()
