@@ -163,16 +163,14 @@ def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales:
 @torch.no_grad()
 def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
-    dtype: tiles of INT8_TILE_ATOMS atoms decoded to x's dtype ((code − 8)·scale) and multiplied by torch's GEMM;
+    dtype: tiles of INT8_TILE_ATOMS atoms decoded by ``format.dequantize_dictionary`` and multiplied by torch's GEMM;
     a tile is freed after its product, so D is never held widened."""
-    in_features = x.shape[1]
-    group = torch.arange(in_features, device=x.device) // fmt.DICTIONARY_TYPES["int4"].group_size
     z = x.new_empty(x.shape[0], packed.shape[1])
     for start in range(0, packed.shape[1], INT8_TILE_ATOMS):
         atoms = slice(start, min(start + INT8_TILE_ATOMS, packed.shape[1]))
-        codes = fmt.unpack_int4_dictionary(packed[:, atoms], in_features)
-        tile = (codes.to(x.dtype) - fmt.INT4_DICTIONARY_ZERO) * scales[group, atoms].to(x.dtype)
-        z[:, atoms] = x @ tile
+        tile = fmt.dequantize_dictionary({fmt.DICTIONARY: packed[:, atoms], fmt.DICTIONARY_SCALES: scales[:, atoms]},
+                                         x.shape[1])
+        z[:, atoms] = x @ tile.to(x.dtype)
     return z
 
 
