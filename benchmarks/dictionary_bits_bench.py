@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.value_rounding_bench import LAYER, MODULES, layer_grams  # noqa: E402
+from cospadi_vllm import codec  # noqa: E402
 from cospadi_vllm import format as fmt  # noqa: E402
 from offline_compress import assets  # noqa: E402
 from offline_compress.calibration import gram_key  # noqa: E402
@@ -65,8 +66,8 @@ def run_budget(weight: torch.Tensor, gram: torch.Tensor, budget: str) -> dict[st
         started = time.perf_counter()
         result = compress_linear(weight, gram, ratio, LayerSettings(value_dtype=value_dtype,
                                                                     dictionary_dtype=dictionary_dtype))
-        approx = (fmt.dequantize_dictionary(result.tensors, in_features).double()
-                  @ fmt.decode_coefficients(result.tensors[fmt.COEF_MASK], result.tensors[fmt.COEF_VALUES],
+        approx = (codec.dequantize_dictionary(result.tensors, in_features).double()
+                  @ codec.decode_coefficients(result.tensors[fmt.COEF_MASK], result.tensors[fmt.COEF_VALUES],
                                             result.tensors[fmt.COEF_SCALES], result.shape.k).double()).T
         rows[name] = {"bytes": sum(t.numel() * t.element_size() for t in result.tensors.values()),
                       "error": output_error(weight, approx, gram), "k": result.shape.k, "s": result.shape.s,

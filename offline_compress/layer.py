@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress.budget import SVD_STRUCTURE, layer_shape
 from offline_compress.dictionary import (
@@ -203,7 +204,7 @@ def with_rounded_dictionary(problem: WhitenedProblem, structure: QuantizedStruct
     gram = problem.factor.double() @ problem.factor.double().T if storage.group_size is not None else None
     stored_dictionary = quantize_dictionary(unwhiten(structure.dictionary.double(), problem.factor),
                                             settings.dictionary_dtype, gram)
-    rounded = whiten(fmt.dequantize_dictionary(stored_dictionary, problem.in_features).double(),
+    rounded = whiten(codec.dequantize_dictionary(stored_dictionary, problem.in_features).double(),
                      problem.factor).to(problem.target.dtype)
     stored, coef = resolve_values(problem.target, rounded, coef, mask, settings.value_dtype)
     structure = QuantizedStructure(structure.structure, structure.shape, rounded, stored, structure.unquantized_error,
@@ -318,7 +319,7 @@ def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStruct
     stored_dictionary = chosen.stored_dictionary or quantize_dictionary(
         unwhiten(chosen.dictionary.double(), problem.factor), "bfloat16")
     tensors = {name: t.contiguous().cpu() for name, t in {**stored_dictionary, **chosen.stored}.items()}
-    approx_t = fmt.reconstruct_weight_t(tensors, chosen.shape.k).to(problem.factor.device)
+    approx_t = codec.reconstruct_weight_t(tensors, chosen.shape.k).to(problem.factor.device)
     return CompressedLinear(
         tensors=tensors,
         shape=chosen.shape,
@@ -354,14 +355,14 @@ def compress_shared(
     dictionary tensor. ``whitened_rel_error`` of each layer is measured under its own Gram.
     """
     group = compress_linear(*shared_problem(weights, grams), ratio, settings)
-    approx_t = fmt.reconstruct_weight_t(group.tensors, group.shape.k).to(grams[0].device)
+    approx_t = codec.reconstruct_weight_t(group.tensors, group.shape.k).to(grams[0].device)
     results, row = [], 0
     for index, (weight, gram) in enumerate(zip(weights, grams, strict=True)):
         rows = slice(row, row + weight.shape[0])
         row = rows.stop
         tensors = {suffix: group.tensors[suffix][rows].contiguous() for suffix in fmt.COEF_SUFFIXES}
         if index == 0:
-            tensors = {**fmt.dictionary_tensors(group.tensors), **tensors}
+            tensors = {**codec.dictionary_tensors(group.tensors), **tensors}
         factor, damping = whitening_factor(gram)
         results.append(CompressedLinear(
             tensors=tensors,

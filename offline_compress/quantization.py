@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress.dictionary import least_squares_dictionary, least_squares_on_support
 from offline_compress.gptq import quantize_gptq
@@ -31,7 +32,7 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[to
     """Per-output-column symmetric quantization.
 
     values: [out, s] float → (coef_values [out, s] value_dtype (int4: [out, ceil(s/2)] packed uint8),
-    coef_scales [out] float32) with ``values ≈ format.dequantize_values(coef_values, coef_scales, s)``.
+    coef_scales [out] float32) with ``values ≈ codec.dequantize_values(coef_values, coef_scales, s)``.
     ``atoms`` = (support_idx [out, s], gram [k, k] = DᵀD of the whitened dictionary): codes of ≤ 4 bits are
     rounded with error feedback (:func:`feedback_codes`) instead of to nearest.
     """
@@ -52,7 +53,7 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[to
                  else scaled.round().clamp(-qmax, qmax))
         quantized = codes.to(torch.int8)
         if fmt.values_per_byte(dtype) == 2:
-            quantized = fmt.pack_int4(quantized)
+            quantized = codec.pack_int4(quantized)
     return quantized, scales.to(fmt.SCALES_DTYPE)
 
 
@@ -141,7 +142,7 @@ def encode_coefficients(
     support.scatter_(1, idx_sorted, True)
     atoms = None if gram is None else (idx_sorted, gram)
     coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name, atoms)
-    return {fmt.COEF_MASK: fmt.pack_mask(support), fmt.COEF_VALUES: coef_values, fmt.COEF_SCALES: coef_scales}
+    return {fmt.COEF_MASK: codec.pack_mask(support), fmt.COEF_VALUES: coef_values, fmt.COEF_SCALES: coef_scales}
 
 
 def balance_atom_scales(
@@ -171,7 +172,7 @@ def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str, dictionar
     # The Gram only where the rounding reads it (≤ 4-bit values): int8 / fp8 / bf16 never pay for it.
     gram = dictionary.T @ dictionary if dictionary is not None and rounds_with_feedback(value_dtype) else None
     stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype, gram)
-    dequantized = fmt.decode_coefficients(
+    dequantized = codec.decode_coefficients(
         stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
     ).T.to(coef.dtype)
     return stored, dequantized
@@ -209,7 +210,7 @@ def quantize_dictionary(dictionary: torch.Tensor, dictionary_dtype_name: str, gr
     """D [in, k] float (as stored: un-whitened) → {DICTIONARY[, DICTIONARY_SCALES]} in the format's dtype.
 
     bfloat16: rounded. int8: symmetric per atom (column), scale = max |D[:, t]| / 127, so that
-    ``format.dequantize_dictionary`` gives D back up to half a step per entry. Per atom rather than per
+    ``codec.dequantize_dictionary`` gives D back up to half a step per entry. Per atom rather than per
     group: the atoms' scales were balanced into D (``balance_atom_scales``), so a column's entries share one.
     int4: GPTQ (``gptq.quantize_gptq``) on x·D — a linear whose outputs are the atoms — with ``gram`` [in, in],
     the module's input Gram, symmetric groups of 128 inputs (the layout of ``format.DICTIONARY_TYPES``).
@@ -221,7 +222,7 @@ def quantize_dictionary(dictionary: torch.Tensor, dictionary_dtype_name: str, gr
         if gram is None:
             raise ValueError(f"a {dictionary_dtype_name} dictionary is rounded for the module's inputs: pass its Gram")
         rounded = quantize_gptq(dictionary.T.float(), gram.float(), bits=4, group_size=storage.group_size)
-        return {fmt.DICTIONARY: fmt.pack_int4_dictionary(rounded.codes.T),
+        return {fmt.DICTIONARY: codec.pack_int4_dictionary(rounded.codes.T),
                 fmt.DICTIONARY_SCALES: rounded.scales.T.contiguous().to(storage.scales_dtype)}
     absmax = dictionary.abs().amax(0).float()
     scales = torch.where(absmax > 0, absmax / storage.max_abs, torch.ones_like(absmax))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress.export import iter_file_tensors, source_safetensors
 
@@ -45,7 +46,7 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
         if problems:
             raise fmt.FormatError(problems[0])
     for prefix in modules:  # a shared dictionary is stored once: every member of the group gets that tensor
-        compressed[prefix].update(fmt.dictionary_tensors(compressed[fmt.dictionary_owner(modules, prefix)]))
+        compressed[prefix].update(codec.dictionary_tensors(compressed[fmt.dictionary_owner(modules, prefix)]))
     return config, plain, compressed
 
 
@@ -55,7 +56,7 @@ def reconstructed_state_dict(checkpoint_dir: str | Path) -> tuple[dict, dict[str
     modules = config.pop("quantization_config")["modules"]
     state = dict(plain)
     for prefix, tensors in compressed.items():
-        state[f"{prefix}.weight"] = fmt.reconstruct_weight_t(tensors, modules[prefix]["k"]).T.contiguous()
+        state[f"{prefix}.weight"] = codec.reconstruct_weight_t(tensors, modules[prefix]["k"]).T.contiguous()
     return config, state
 
 

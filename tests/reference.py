@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import merge_shards
 from offline_compress.quantization import encode_coefficients, quantize_dictionary
@@ -21,7 +22,7 @@ def reference_coefficients(
 ) -> torch.Tensor:
     """Dense C [k_total, N] in float64 from a merged layer's mask / values / scales / atom offsets."""
     out_features, words = coef_mask.shape
-    bits = fmt.unpack_mask(coef_mask, words * fmt.BITS_PER_WORD)  # [out, W*32]
+    bits = codec.unpack_mask(coef_mask, words * fmt.BITS_PER_WORD)  # [out, W*32]
     rows, cols = bits.nonzero(as_tuple=True)  # row-major: each row's atoms in increasing order
     rank = bits.to(torch.int32).cumsum(1)[rows, cols].long() - 1  # position of the bit in its row
     dense = torch.zeros(k_total, out_features, dtype=torch.float64, device=coef_mask.device)

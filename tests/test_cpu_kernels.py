@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library
 from cospadi_vllm.kernels.cpu import direct_max_rows as serving_direct_max_rows
@@ -168,11 +169,11 @@ def test_cpu_kernel_reads_only_the_stored_integer_values(value_dtype):
     popcount never reach a lane — filling the padding with the largest code changes nothing."""
     g = torch.Generator().manual_seed(4)
     _, (mask, values, scales, offsets), k_total = merged_layer(value_dtype, g)
-    counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
-    codes = fmt.unpack_int4(values) if value_dtype == "int4" else values.clone()
+    counts = codec.unpack_mask(mask, mask.shape[1] * 32).sum(1)
+    codes = codec.unpack_int4(values) if value_dtype == "int4" else values.clone()
     for row, count in enumerate(counts.tolist()):
         codes[row, count:] = 7 if value_dtype == "int4" else 127
-    poisoned = fmt.pack_int4(codes) if value_dtype == "int4" else codes
+    poisoned = codec.pack_int4(codes) if value_dtype == "int4" else codes
     assert not torch.equal(poisoned, values)
     for rows in (4, 40):  # values expanded in registers (decode) and into a buffer (many rows)
         z = torch.randn(rows, k_total, generator=g).to(torch.bfloat16)
@@ -187,7 +188,7 @@ def test_cpu_kernel_reads_only_the_stored_values():
     _, (mask, values, scales, offsets), k_total = merged_layer("bfloat16", g)
     z = torch.randn(4, k_total, generator=g)
     clean = coefficient_product_cpu(z, mask, values, scales, offsets, torch.float32)
-    counts = fmt.unpack_mask(mask, mask.shape[1] * 32).sum(1)
+    counts = codec.unpack_mask(mask, mask.shape[1] * 32).sum(1)
     poisoned = values.clone()
     for row, count in enumerate(counts.tolist()):
         poisoned[row, count:] = float("nan")

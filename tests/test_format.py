@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress.budget import BudgetError, solve_k_s
 from offline_compress.quantization import encode_coefficients, quantize_values
@@ -23,10 +24,10 @@ def test_mask_roundtrip_matches_python_bits(k):
     g = torch.Generator().manual_seed(k)
     support = torch.rand(17, k, generator=g) < 0.5
     support[:, -1] = True  # the highest bit (bit 31 of a full word when k % 32 == 0) must survive
-    mask = fmt.pack_mask(support)
+    mask = codec.pack_mask(support)
     assert mask.dtype == torch.int32 and mask.shape == (17, fmt.mask_words(k))
     assert python_unpack(mask, k) == [row.nonzero().squeeze(1).tolist() for row in support]
-    assert torch.equal(fmt.unpack_mask(mask, k), support)
+    assert torch.equal(codec.unpack_mask(mask, k), support)
 
 
 @pytest.mark.parametrize("name,tol", [("int8", 1 / 127), ("float8_e4m3fn", 1 / 16), ("bfloat16", 1 / 256)])
@@ -35,7 +36,7 @@ def test_quantize_values_error_bound(name, tol):
     values = torch.randn(64, 40, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 64, dtype=torch.float64)[:, None]
     q, scales = quantize_values(values, name)
     assert q.dtype == fmt.VALUE_DTYPES[name] and scales.dtype == torch.float32 and scales.shape == (64,)
-    back = fmt.dequantize_values(q, scales).double()
+    back = codec.dequantize_values(q, scales).double()
     rel = (back - values).abs().amax(1) / values.abs().amax(1)
     assert float(rel.max()) <= tol
 
@@ -50,7 +51,7 @@ def test_encode_decode_against_dense_reference():
     for j in range(out_features):
         for t in range(s):
             dense_ref[idx[j, t], j] = vals[j, t].to(torch.bfloat16).double()
-    dense = fmt.decode_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], k)
+    dense = codec.decode_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], k)
     assert torch.equal(dense.double(), dense_ref)
     # values stored in increasing atom order
     for j, row in enumerate(python_unpack(tensors[fmt.COEF_MASK], k)):

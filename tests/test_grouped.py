@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from offline_compress import allocation
@@ -141,7 +142,7 @@ def _layer_and_gram(generator, out_features=96, in_features=64, tokens=400):
 def _whitened_error_f64(weight, tensors, k, gram):
     """‖X(A − DC)‖ / ‖XA‖ from the stored tensors, by Cholesky of the Gram (float64)."""
     factor = torch.linalg.cholesky(gram)
-    approx = tensors[fmt.DICTIONARY].double() @ fmt.decode_coefficients(
+    approx = tensors[fmt.DICTIONARY].double() @ codec.decode_coefficients(
         tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], k).double()
     target = weight.T.double()
     return float((factor.T @ (target - approx)).norm() / (factor.T @ target).norm())

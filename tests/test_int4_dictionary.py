@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
@@ -23,13 +24,13 @@ def test_int4_dictionary_packing_is_gptq_layout():
     """Input 8r+i of atom t sits in bits [4i, 4i+4) of word [r, t] (GPTQ's qweight), computed here with Python ints."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (20, 3), generator=g)  # 20 inputs: the last word half empty
-    packed = fmt.pack_int4_dictionary(codes)
+    packed = codec.pack_int4_dictionary(codes)
     assert packed.dtype == torch.int32 and packed.shape == (3, 3)
     for r in range(3):
         for t in range(3):
             word = sum(int(codes[8 * r + i, t]) << (4 * i) for i in range(8) if 8 * r + i < 20)
             assert int(packed[r, t]) & 0xFFFFFFFF == word
-    assert torch.equal(fmt.unpack_int4_dictionary(packed, 20), codes)
+    assert torch.equal(codec.unpack_int4_dictionary(packed, 20), codes)
 
 
 def test_int4_dictionary_dequantizes_per_group():
@@ -37,7 +38,7 @@ def test_int4_dictionary_dequantizes_per_group():
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (200, 5), generator=g)
     scales = torch.rand(2, 5, generator=g).to(torch.float16)
-    dense = fmt.dequantize_dictionary({fmt.DICTIONARY: fmt.pack_int4_dictionary(codes), fmt.DICTIONARY_SCALES: scales}, 200)
+    dense = codec.dequantize_dictionary({fmt.DICTIONARY: codec.pack_int4_dictionary(codes), fmt.DICTIONARY_SCALES: scales}, 200)
     group = torch.arange(200) // 128
     assert torch.equal(dense, (codes.float() - 8) * scales.float()[group])
 
@@ -66,8 +67,8 @@ def test_compressed_layer_with_int4_dictionary(value_dtype):
     stored = fmt.stored_bytes(result.shape, value_dtype, dictionary_dtype_name="int4")
     assert stored == sum(t.numel() * t.element_size() for t in result.tensors.values())
     assert stored <= (1 - ratio) * fmt.dense_bf16_bytes(200, 300)
-    approx = (fmt.dequantize_dictionary(result.tensors, 200).double()
-              @ fmt.decode_coefficients(result.tensors[fmt.COEF_MASK], result.tensors[fmt.COEF_VALUES],
+    approx = (codec.dequantize_dictionary(result.tensors, 200).double()
+              @ codec.decode_coefficients(result.tensors[fmt.COEF_MASK], result.tensors[fmt.COEF_VALUES],
                                         result.tensors[fmt.COEF_SCALES], k).double())
     delta = weight.double().T - approx
     error = ((delta.T @ gram @ delta).trace() / (weight.double() @ gram @ weight.double().T).trace()).sqrt()

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
@@ -25,10 +26,10 @@ from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
 def test_int4_layout_is_low_nibble_first_twos_complement():
     codes = torch.tensor([[1, -1, 7, -7, 0], [-3, 2, 0, 0, 5]], dtype=torch.int8)
-    packed = fmt.pack_int4(codes)
+    packed = codec.pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (2, 3)
     assert packed.tolist() == [[0xF1, 0x97, 0x00], [0x2D, 0x00, 0x05]]  # -1 = 0xF, -7 = 0x9, -3 = 0xD
-    assert fmt.unpack_int4(packed, 5).equal(codes)
+    assert codec.unpack_int4(packed, 5).equal(codes)
 
 
 def test_int4_quantization_error_and_range():
@@ -41,7 +42,7 @@ def test_int4_quantization_error_and_range():
     assert int((packed[:, -1] >> 4).max()) == 0
     nibbles = torch.stack((packed & 0xF, packed >> 4), 2).reshape(32, -1)[:, :401]
     assert not bool((nibbles == 8).any())
-    error = ((fmt.dequantize_values(packed, scales, 401).double() - values) ** 2).sum(1)
+    error = ((codec.dequantize_values(packed, scales, 401).double() - values) ** 2).sum(1)
     step = values.abs().amax(1, keepdim=True) / 7
     absmax_error = (((values / step).round() * step - values) ** 2).sum(1)
     assert bool((error <= absmax_error * (1 + 1e-5)).all())
@@ -79,7 +80,7 @@ def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype
     dense math of the stored nibbles is the reference; the values are held packed and come back bit-identical."""
     g = torch.Generator().manual_seed(41 + len(dictionary_dtype))
     tensors = merged_layer_tensors("int4", g, dictionary_dtype=dictionary_dtype)
-    dictionary = fmt.dequantize_dictionary(tensors).double()
+    dictionary = codec.dequantize_dictionary(tensors).double()
     dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
                                                 tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
     layer = HeldLayer.of(tensors)
@@ -110,7 +111,7 @@ def test_compressed_layer_with_int4_values(spectrum):
     stored = fmt.stored_bytes(result.shape, "int4", dictionary_dtype_name="int8")
     assert stored == sum(t.numel() * t.element_size() for t in result.tensors.values())
     assert stored <= (1 - ratio) * fmt.dense_bf16_bytes(*weight.shape[::-1])
-    approx = fmt.reconstruct_weight_t(result.tensors, result.shape.k).double()
+    approx = codec.reconstruct_weight_t(result.tensors, result.shape.k).double()
     error = ((weight.double().T - approx).T @ gram.double() @ (weight.double().T - approx)).trace()
     reference = (weight.double() @ gram.double() @ weight.double().T).trace()
     assert abs(float((error / reference).sqrt()) - result.whitened_rel_error) <= 1e-3 * result.whitened_rel_error
@@ -131,7 +132,7 @@ def test_save_pretrained_round_trips_int4_values(int4_checkpoints, tmp_path):
 def test_check_names_unpacked_or_mis_shaped_int4_values(int4_checkpoints, tmp_path):
     name = "model.layers.0.mlp.down_proj.coef_values"
     cases = {
-        "unpacked": (lambda t: t.__setitem__(name, fmt.unpack_int4(t[name])), f"tensor {name} has"),
+        "unpacked": (lambda t: t.__setitem__(name, codec.unpack_int4(t[name])), f"tensor {name} has"),
         "shape": (lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()), f"tensor {name} has shape"),
     }
     for case, (edit, needle) in cases.items():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import cospadi_vllm  # noqa: F401  (registers the transformers quantizer)
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
@@ -70,7 +71,7 @@ def test_compressed_layer_with_int8_dictionary(spectrum):
     assert int(dictionary.abs().max()) <= 127
     stored = fmt.stored_bytes(result.shape, "int8", dictionary_dtype_name="int8")
     assert stored <= (1 - ratio) * fmt.dense_bf16_bytes(*weight.shape[::-1])
-    approx = fmt.reconstruct_weight_t(result.tensors, result.shape.k).double()
+    approx = codec.reconstruct_weight_t(result.tensors, result.shape.k).double()
     error = ((weight.double().T - approx).T @ gram.double() @ (weight.double().T - approx)).trace()
     reference = (weight.double() @ gram.double() @ weight.double().T).trace()
     assert abs(float((error / reference).sqrt()) - result.whitened_rel_error) <= 1e-3 * result.whitened_rel_error

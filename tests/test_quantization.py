@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress.dictionary import least_squares_on_support, relative_error
 from offline_compress.quantization import balance_atom_scales, quantize, quantize_and_refit
@@ -49,7 +50,7 @@ def test_quantized_error_close_to_unquantized_with_spread_atom_scales(value_dtyp
     assert _atom_scale_spread(coef, mask) >= 100  # max/min of per-atom RMS: the premise of the test
     unquantized = relative_error(target, dictionary, coef)
     refitted, stored, _ = quantize_and_refit(target, dictionary, coef, mask, value_dtype)
-    dequantized = fmt.decode_coefficients(stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], k)
+    dequantized = codec.decode_coefficients(stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], k)
     quantized = relative_error(target, refitted, dequantized.T)
     print(f"{value_dtype}: unquantized {unquantized:.4f}, balanced + refit {quantized:.4f}")
     assert quantized <= 1.5 * unquantized, (quantized, unquantized)

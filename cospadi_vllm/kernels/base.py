@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 
 # Implementations in the order they are tried; the first that can implement a layer serves it.
@@ -163,12 +164,12 @@ def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales:
 @torch.no_grad()
 def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
-    dtype: tiles of INT8_TILE_ATOMS atoms decoded by ``format.dequantize_dictionary`` and multiplied by torch's GEMM;
+    dtype: tiles of INT8_TILE_ATOMS atoms decoded by ``codec.dequantize_dictionary`` and multiplied by torch's GEMM;
     a tile is freed after its product, so D is never held widened."""
     z = x.new_empty(x.shape[0], packed.shape[1])
     for start in range(0, packed.shape[1], INT8_TILE_ATOMS):
         atoms = slice(start, min(start + INT8_TILE_ATOMS, packed.shape[1]))
-        tile = fmt.dequantize_dictionary({fmt.DICTIONARY: packed[:, atoms], fmt.DICTIONARY_SCALES: scales[:, atoms]},
+        tile = codec.dequantize_dictionary({fmt.DICTIONARY: packed[:, atoms], fmt.DICTIONARY_SCALES: scales[:, atoms]},
                                          x.shape[1])
         z[:, atoms] = x @ tile.to(x.dtype)
     return z
@@ -199,7 +200,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     k_offset = 0
     for shard in shards:
         mask, values = shard[fmt.COEF_MASK], shard[fmt.COEF_VALUES]
-        for name, tensor in fmt.dictionary_tensors(shard).items():
+        for name, tensor in codec.dictionary_tensors(shard).items():
             merged[name].append(tensor)
         merged[fmt.COEF_MASK].append(torch.nn.functional.pad(mask, (0, words - mask.shape[1])))
         merged[fmt.COEF_VALUES].append(torch.nn.functional.pad(values, (0, s_max - values.shape[1])))
