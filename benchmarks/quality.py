@@ -147,6 +147,8 @@ def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: fl
         "compression_ratio_actual": totals["compression_ratio_actual"],
         "mean_whitened_rel_error": totals["mean_whitened_rel_error"],
         "compress_seconds": totals["seconds"],
+        "compress_peak_rss_bytes": totals.get("peak_rss_bytes"),
+        "compress_machine": report.get("machine"),
         "options": report["options"],
     }
 
@@ -179,18 +181,23 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
         f"Machine: {meta['machine']}. Bytes: compressed layers as stored, the rest at bf16.",
         "",
         "| row | model MB | compressed-layer MB | layer CR | perplexity | Δ vs dense | mean whitened error | compress time "
-        "| Pareto |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| compress peak RSS | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     frontier = pareto_frontier(results)
     for rid, r in sorted(results.items(), key=lambda item: -model_bytes_of(item[1], dense)):
         cr = 1 - r["layer_bytes"] / r["layer_bytes_dense_bf16"]
         delta = f"{r['perplexity'] - dense['perplexity']:+.2f}" if dense else "–"
         secs = f"{r['compress_seconds'] / 60:.1f} min" if "compress_seconds" in r else "–"
+        if r.get("compress_machine"):  # times before this field: machine not recorded
+            secs += f" ({r['compress_machine']['isa']})"
+        rss = f"{r['compress_peak_rss_bytes'] / 2**30:.2f} GiB" if r.get("compress_peak_rss_bytes") else "–"
         err = f"{r['mean_whitened_rel_error']:.4f}" if "mean_whitened_rel_error" in r else "–"
         lines.append(f"| {rid} | {model_bytes_of(r, dense) / 1e6:.1f} | {r['layer_bytes'] / 1e6:.1f} | {cr:.3f} | "
-                     f"{r['perplexity']:.2f} | {delta} | {err} | {secs} | {'●' if rid in frontier else ''} |")
-    lines += ["", "Pareto (●): no other row is both smaller and lower in perplexity; the plot draws the frontier."]
+                     f"{r['perplexity']:.2f} | {delta} | {err} | {secs} | {rss} | {'●' if rid in frontier else ''} |")
+    lines += ["", "Compress time and peak RSS: the whole compression (calibration and every layer, in that row's process) "
+              "on the CPU whose widest vector ISA is in brackets (not recorded for older rows).",
+              "", "Pareto (●): no other row is both smaller and lower in perplexity; the plot draws the frontier."]
     gptq_dense = sorted({f"{r['dense_perplexity_same_env']:.2f}" for r in results.values()
                          if "dense_perplexity_same_env" in r})
     if gptq_dense:

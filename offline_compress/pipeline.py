@@ -32,7 +32,7 @@ from offline_compress.loading import (
     validate_model_dir,
 )
 from offline_compress.options import CompressError, CompressOptions, validate_options, workspace_bytes
-from offline_compress.report import build_report, module_stats, shapes
+from offline_compress.report import build_report, module_stats, peak_rss_bytes, reset_peak_rss, shapes
 from offline_compress.sensitivity import sensitivity_ratios
 
 Tensors = dict[str, dict[str, torch.Tensor]]  # {module prefix: {format suffix: tensor}}
@@ -74,6 +74,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     source = SafetensorsSource(source_safetensors(model_dir))
     check_finite_weights(source)
     started = time.perf_counter()
+    reset_peak_rss()
     input_ids = calibration_ids(tokenizer, options)
     model = skeleton_model(model_dir)
     param_count = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once, before any is replaced
@@ -102,7 +103,8 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     del loop, inputs
     return_free_memory()
 
-    report = build_report(param_count, config, model_dir, options, stats, time.perf_counter() - started)
+    report = build_report(param_count, config, model_dir, options, stats, time.perf_counter() - started,
+                          peak_rss_bytes())
     if ratios is not None:
         report["allocation"] = ratios
     owners = {prefix: s["dictionary"] for prefix, s in stats.items() if "dictionary" in s}

@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 from cospadi_vllm import format as fmt
 from offline_compress.options import RUN_ONLY_OPTIONS, CompressOptions
 
 SMALLER_THAN_ASKED = 0.005  # the summary says so when the stored CR exceeds --ratio by more than this
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory (VmHWM) over from its current size (Linux: clear_refs 5), so
+    the report's peak is this run's, not an earlier one's in the same process. False where the OS refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process since start or the last :func:`reset_peak_rss` (None off Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def machine() -> dict:
+    """The CPU a run's times come from: model name, the widest x86 vector ISA it has, threads torch used."""
+    import torch
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return {"cpu": model, "isa": isa, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
 def module_stats(result, options: CompressOptions, owner: str | None = None) -> dict:
@@ -42,7 +79,8 @@ def shapes(stats: dict[str, dict]) -> dict[str, fmt.LayerShape]:
 
 
 def build_report(
-    param_count: int, config: dict, model_dir: Path, options: CompressOptions, stats: dict, seconds: float
+    param_count: int, config: dict, model_dir: Path, options: CompressOptions, stats: dict, seconds: float,
+    peak_rss: int | None = None,
 ) -> dict:
     dense = sum(s["bytes_dense_bf16"] for s in stats.values())
     stored = sum(s["bytes_stored"] for s in stats.values())
@@ -66,7 +104,9 @@ def build_report(
             "compression_ratio_model": 1.0 - model_stored / model_dense,
             "mean_whitened_rel_error": sum(errors) / len(errors) if errors else 0.0,
             "seconds": round(seconds, 1),
+            "peak_rss_bytes": peak_rss,  # this run's (a resumed run: from its restart), the whole process
         },
+        "machine": machine(),
     }
 
 
@@ -88,6 +128,8 @@ def summary_table(report: dict) -> str:
         f"compressed layers: {t['bytes_dense_bf16'] / 1e6:.1f} MB bf16 -> {t['bytes_stored'] / 1e6:.1f} MB stored "
         f"(CR {t['compression_ratio_actual']:.4f}); whole model CR {t['compression_ratio_model']:.4f}; "
         f"mean whitened err {t['mean_whitened_rel_error']:.4f}; {t['seconds']:.0f} s"
+        + (f", peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB" if t.get("peak_rss_bytes") else "")
+        + (f" ({report['machine']['isa']}, {report['machine']['threads']} threads)" if "machine" in report else "")
     )
     asked = report["options"]["ratio"]
     if t["compression_ratio_actual"] > asked + SMALLER_THAN_ASKED:

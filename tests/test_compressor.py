@@ -381,3 +381,23 @@ def test_summary_says_when_the_checkpoint_is_smaller_than_asked():
                          "fits in fewer bytes than their budget with a lower error")
     report["totals"]["compression_ratio_actual"] = 0.2
     assert not summary_table(report).splitlines()[-1].startswith("smaller than asked")
+
+
+def test_peak_rss_is_this_runs_and_the_report_names_the_cpu(compressed):
+    """The report's peak resident memory starts over at each run (an earlier, larger peak of the same process
+    does not leak into it) and sees what the run touches; the report says which CPU its times come from."""
+    from offline_compress.report import peak_rss_bytes, reset_peak_rss
+
+    assert reset_peak_rss()
+    base = peak_rss_bytes()
+    block = torch.empty(256 * 2**20, dtype=torch.uint8).random_(0, 255)  # touched: 256 MiB resident
+    touched = peak_rss_bytes()
+    del block
+    assert touched >= base + 250 * 2**20
+    assert reset_peak_rss() and peak_rss_bytes() < touched - 200 * 2**20
+    _, report = compressed[("llama", "int8")]
+    assert 100 * 2**20 < report["totals"]["peak_rss_bytes"] < 24 * 2**30
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert report["machine"]["isa"] == ("AVX-512" if " avx512f" in cpuinfo else "AVX2" if " avx2" in cpuinfo
+                                        else report["machine"]["isa"])
+    assert report["machine"]["threads"] == torch.get_num_threads()

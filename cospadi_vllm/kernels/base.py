@@ -164,14 +164,24 @@ def int8_dictionary_product(x: torch.Tensor, dictionary_t: torch.Tensor, scales:
 @torch.no_grad()
 def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
-    dtype: tiles of INT8_TILE_ATOMS atoms decoded by ``codec.dequantize_dictionary`` and multiplied by torch's GEMM;
-    a tile is freed after its product, so D is never held widened."""
-    z = x.new_empty(x.shape[0], packed.shape[1])
-    for start in range(0, packed.shape[1], INT8_TILE_ATOMS):
-        atoms = slice(start, min(start + INT8_TILE_ATOMS, packed.shape[1]))
-        tile = codec.dequantize_dictionary({fmt.DICTIONARY: packed[:, atoms], fmt.DICTIONARY_SCALES: scales[:, atoms]},
-                                         x.shape[1])
-        z[:, atoms] = x @ tile.to(x.dtype)
+    dtype, INT8_TILE_ATOMS atoms at a time; a tile is freed after its product, so D is never held widened.
+
+    The tile is decoded here rather than by ``codec.dequantize_dictionary`` (the reference the tests compare
+    against): codes stay int32 until they become x's dtype, and each group's scale multiplies the [M, K] result
+    of a batched GEMM over its 128 inputs instead of the [in, K] tile — 1.2–2.8× faster on CPU (NOTES.md 65)."""
+    m, in_features = x.shape
+    rows, atoms_total = packed.shape
+    group = fmt.DICTIONARY_TYPES["int4"].group_size
+    groups = scales.shape[0]
+    x_groups = torch.nn.functional.pad(x, (0, groups * group - in_features)).view(m, groups, group).transpose(0, 1)
+    shifts = 4 * torch.arange(8, dtype=torch.int32, device=packed.device).view(1, 8, 1)
+    z = x.new_empty(m, atoms_total)
+    for start in range(0, atoms_total, INT8_TILE_ATOMS):
+        atoms = slice(start, min(start + INT8_TILE_ATOMS, atoms_total))
+        codes = ((packed[:, atoms].unsqueeze(1) >> shifts) & 0xF).sub_(fmt.INT4_DICTIONARY_ZERO).view(8 * rows, -1)
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, groups * group - 8 * rows))  # padded inputs meet x's zeros
+        per_group = torch.bmm(x_groups, codes.to(x.dtype).view(groups, group, -1))  # [G, M, tile]
+        z[:, atoms] = (per_group.float() * scales[:, None, atoms].float()).sum(0).to(x.dtype)
     return z
 
 
