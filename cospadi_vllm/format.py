@@ -8,7 +8,8 @@ dictionary comes with ``<prefix>.dictionary_scales`` [k] float32 (D[:, t] = dict
 dictionary is stored once, by the module that ``quantization_config.modules[name]["dictionary"]`` names.
 
 The compressor writes what this module describes and every reader (vLLM plugin, transformers, ``check``,
-the compressor's own reader) validates against it. It imports torch only and has no side effects.
+the compressor's own reader) validates against it; the bit layouts and the float decode of those tensors are
+in ``cospadi_vllm.codec``. It imports torch only and has no side effects.
 """
 
 from __future__ import annotations
