@@ -17,7 +17,6 @@ from cospadi_vllm.format import (
     COEF_VALUES,
     DICTIONARY,
     DICTIONARY_SCALES,
-    DICTIONARY_SUFFIXES,
     DICTIONARY_TYPES,
     INT4_DICTIONARY_ZERO,
     MASK_DTYPE,
@@ -55,9 +54,10 @@ def pack_int4_dictionary(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4_dictionary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int32 [ceil(in/8), k] → codes [in, k] int64 in [0, 15] (inverse of :func:`pack_int4_dictionary`)."""
-    shifts = (4 * torch.arange(8, dtype=torch.int64, device=packed.device)).view(1, 8, 1)
-    codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & 0xF
+    """int32 [ceil(in/8), k] → codes [in, k] int32 in [0, 15] (inverse of :func:`pack_int4_dictionary`; int32
+    throughout, since the serving kernel decodes its tiles with it: the mask drops the sign bits a shift copies)."""
+    shifts = (4 * torch.arange(8, dtype=torch.int32, device=packed.device)).view(1, 8, 1)
+    codes = (packed.unsqueeze(1) >> shifts) & 0xF
     return codes.reshape(-1, packed.shape[1])[:in_features]
 
 
@@ -109,11 +109,6 @@ def decode_coefficients(
     dense_t = torch.zeros(support.shape, dtype=torch.float32, device=coef_mask.device)
     dense_t[support] = dequantize_values(coef_values, coef_scales, s).reshape(-1)
     return dense_t.t().contiguous()
-
-
-def dictionary_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dictionary's tensors of one layer's {suffix: tensor} (what a shared dictionary's owner stores)."""
-    return {suffix: tensors[suffix] for suffix in DICTIONARY_SUFFIXES if suffix in tensors}
 
 
 def dequantize_dictionary(tensors: dict[str, torch.Tensor], in_features: int | None = None) -> torch.Tensor:

@@ -200,6 +200,11 @@ def dictionary_users(modules: dict[str, dict], owner: str) -> list[str]:
     return [name for name in modules if name != owner and dictionary_owner(modules, name) == owner]
 
 
+def dictionary_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dictionary's tensors of one layer's {suffix: tensor} (what a shared dictionary's owner stores)."""
+    return {suffix: tensors[suffix] for suffix in DICTIONARY_SUFFIXES if suffix in tensors}
+
+
 def stored_bytes(shape: LayerShape, value_dtype_name: str, owns_dictionary: bool = True,
                  dictionary_dtype_name: str = DEFAULT_DICTIONARY_DTYPE) -> int:
     """Bytes actually stored for one layer: dictionary + mask + values + scales (bias excluded).

@@ -362,7 +362,7 @@ def compress_shared(
         row = rows.stop
         tensors = {suffix: group.tensors[suffix][rows].contiguous() for suffix in fmt.COEF_SUFFIXES}
         if index == 0:
-            tensors = {**codec.dictionary_tensors(group.tensors), **tensors}
+            tensors = {**fmt.dictionary_tensors(group.tensors), **tensors}
         factor, damping = whitening_factor(gram)
         results.append(CompressedLinear(
             tensors=tensors,

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cospadi_vllm import codec
+from cospadi_vllm import format as fmt
 from offline_compress import resume
 from offline_compress.calibration import LayerInputs, capture_layer_inputs, decoder_layers, gram_key, run_layer
 from offline_compress.calibration_text import calibration_ids
@@ -237,7 +238,7 @@ def swap_in(layer: torch.nn.Module, index: int, tensors: Tensors, stats: dict[st
         if not prefix.startswith(marker):
             continue
         owner = stats[prefix].get("dictionary", prefix)
-        layer_tensors = {**layer_tensors, **codec.dictionary_tensors(tensors[owner])}
+        layer_tensors = {**layer_tensors, **fmt.dictionary_tensors(tensors[owner])}
         weight_t = codec.reconstruct_weight_t(layer_tensors, stats[prefix]["k"])
         layer.get_submodule(prefix[len(marker):]).weight.data = weight_t.T.contiguous().to(device)
 

@@ -46,7 +46,7 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
         if problems:
             raise fmt.FormatError(problems[0])
     for prefix in modules:  # a shared dictionary is stored once: every member of the group gets that tensor
-        compressed[prefix].update(codec.dictionary_tensors(compressed[fmt.dictionary_owner(modules, prefix)]))
+        compressed[prefix].update(fmt.dictionary_tensors(compressed[fmt.dictionary_owner(modules, prefix)]))
     return config, plain, compressed
 
 

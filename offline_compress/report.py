@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+import torch
+
 from cospadi_vllm import format as fmt
 from offline_compress.options import RUN_ONLY_OPTIONS, CompressOptions
 
@@ -34,8 +36,6 @@ def peak_rss_bytes() -> int | None:
 
 def machine() -> dict:
     """The CPU a run's times come from: model name, the widest x86 vector ISA it has, threads torch used."""
-    import torch
-
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
