@@ -1,4 +1,4 @@
-"""The C++ CPU ops (csrc/cpu_kernels.cpp), built once per machine with the system compiler.
+"""The C++ CPU ops (csrc/cpu_kernels.cpp, csrc/int4_dictionary.cpp), built once per machine with the system compiler.
 
 ``make setup`` builds it (``cpu_kernels.main()``); otherwise the first CoSpaDi layer
 that vLLM loads on CPU does (about a minute on 2 cores; torch's file lock makes concurrent TP workers
@@ -20,6 +20,9 @@ Ops (namespace ``torch.ops.cospadi_cpu``):
   in one call. Few rows with int8 values: Z stays float32 between the products and is rounded once,
   to int16 (the two-op path rounds it to bfloat16 first); otherwise ``dictionary_product`` +
   ``coef_product``.
+- ``int4_dictionary_product(x, packed, scales)`` → Z = x·D [M, K] in x's dtype for a 4-bit D as stored (GPTQ
+  layout, csrc/int4_dictionary.cpp): one pass over the packed words, codes decoded in registers (AVX2 + FMA +
+  F16C; a scalar walk otherwise) into per-group float32 accumulators, ≤ 8 rows of x per pass.
 Fake kernels are registered, so torch.compile treats the ops as opaque.
 """
 
@@ -35,7 +38,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "int4_dictionary.cpp")]
 # The instruction set the library is compiled for: this CPU's (native), or another x86-64 level named here
 # (x86-64-v3: AVX2 + FMA, the kernels AVX2-only machines get; x86-64: the portable bit walk alone) — how
 # the tests build and check every variant on one machine. It must not exceed what the CPU runs.
@@ -108,12 +111,12 @@ def load() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         try:
             cpp_extension.load(
-                name="cospadi_cpu_kernels", sources=[str(SOURCE)], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
+                name="cospadi_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), is_python_module=False, verbose=False,
             )
         except (RuntimeError, OSError, ImportError) as err:
             raise RuntimeError(
-                f"could not build the CoSpaDi CPU kernels ({SOURCE}) with the system C++ compiler: {err}. "
+                f"could not build the CoSpaDi CPU kernels ({', '.join(map(str, SOURCES))}) with the system C++ compiler: {err}. "
                 "Install g++ (Debian: apt install g++) and run `make setup` again."
             ) from err
         _register_fake()
@@ -131,6 +134,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("cospadi_cpu::dictionary_product")
     def _dictionary_product_fake(x, dictionary_t):
         return x.new_empty((x.shape[0], dictionary_t.shape[0]))
+
+    @torch.library.register_fake("cospadi_cpu::int4_dictionary_product")
+    def _int4_dictionary_product_fake(x, packed, scales):
+        return x.new_empty((x.shape[0], packed.shape[1]))
 
     @torch.library.register_fake("cospadi_cpu::linear")
     def _linear_fake(x, dictionary_t, coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind,
