@@ -102,6 +102,23 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def one_thread_cpu() -> tuple[torch.dtype, str]:
+    """Set up a one-thread CPU kernel run: (the activation dtype vLLM serves here, the kernel build's name)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cpu_library.load()
+    act_dtype = torch.bfloat16 if cpu_library.has_bf16_matmul() else torch.float32
+    return act_dtype, {512: "avx512", 256: "avx2"}.get(cpu_library.vector_width(), "portable")
+
+
+def write_results(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
+    """``stem``.json ({meta, rows}) and ``stem``.md (``table``)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -109,22 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cpu_library.load()
-    act_dtype = torch.bfloat16 if cpu_library.has_bf16_matmul() else torch.float32
-    build = {512: "avx512", 256: "avx2"}.get(cpu_library.vector_width(), "portable")
+    act_dtype, build = one_thread_cpu()
     rows = []
     for name, in_f, out_spec in MODELS["smollm2-135m"]:
         outs = out_spec if isinstance(out_spec, tuple) else (out_spec,)
         rows += bench_layer(name, in_f, outs, args.ratio, args.m, args.rounds, act_dtype)
     meta = {"build": build, "act_dtype": str(act_dtype).removeprefix("torch."), "ratio": args.ratio,
             "rounds": args.rounds, "threads": 1, "torch": torch.__version__}
-    stem = args.out / f"value-kernels-{build}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, rows))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out / f"value-kernels-{build}", meta, rows, markdown(meta, rows))
     return 0
 
 

@@ -292,6 +292,44 @@ def test_cpu_dictionary_product_matches_float64():
             assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows)
 
 
+def test_cpu_int4_dictionary_product_matches_float64():
+    """x·D with D 4-bit as stored (GPTQ words, float16 scales per 128 inputs), decoded here bit by bit in float64:
+    several and partial groups, inputs not a multiple of 8, atoms not a multiple of the vector blocks or of the
+    256-atom tiles, rows on both sides of the fused kernel's 32 (passes of 8) and the tiles + GEMM path above it,
+    float32 and bfloat16 x. The fused kernel sums c·x and subtracts 8·Σx per group, so its float32 error is bounded
+    by the sums of |x|·16·scale, not by |x|·|D|."""
+    cpu_library.load()
+    g = torch.Generator().manual_seed(16)
+    for in_features, k in ((48, 37), (200, 70), (576, 301), (1540, 19)):
+        codes = torch.randint(0, 16, (in_features, k), generator=g)
+        scales = (0.5 + torch.rand(-(-in_features // 128), k, generator=g)).to(torch.float16)
+        packed = codec.pack_int4_dictionary(codes)
+        group_scales = scales.double()[torch.arange(in_features) // 128]
+        dictionary = (codes.double() - 8) * group_scales
+        for rows in (1, 2, 3, 5, 8, 9, 17, 32, 33, 300):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, in_features, generator=g).to(dtype)
+                z = torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, scales)
+                reference = x.double() @ dictionary
+                assert z.shape == (rows, k) and z.dtype == dtype
+                bound = 1e-6 * (x.double().abs() @ (16 * group_scales))
+                if dtype == torch.bfloat16:
+                    bound += reference.abs() * 2.0**-8
+                assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows, dtype)
+
+
+def test_cpu_int4_dictionary_product_names_a_mis_shaped_operand():
+    cpu_library.load()
+    packed = codec.pack_int4_dictionary(torch.randint(0, 16, (200, 9)))
+    x = torch.randn(2, 200)
+    with pytest.raises(RuntimeError, match=r"scales must be \[2, 9\], got \[1, 9\]"):
+        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(1, 9, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="201 inputs need 26 rows of packed words, got 25"):
+        torch.ops.cospadi_cpu.int4_dictionary_product(torch.randn(2, 201), packed, torch.ones(2, 9, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="scales must be float16"):
+        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(2, 9))
+
+
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
 def test_cpu_linear_matches_float64(value_dtype):
     """The fused layer op y = (x·D)·C against float64 dense math of the same stored numbers, every path:

@@ -73,8 +73,10 @@ class CPUKernel(CoSpaDiKernel):
         replace_tensor(layer, fmt.DICTIONARY, dictionary.t().contiguous() if self.dictionary_transposed else dictionary)
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_dictionary or self.int4_dictionary:
-            return self.quantized_dictionary_product(layer, x)
+        if self.int4_dictionary:  # the packed codes read as stored, for every M (csrc/int4_dictionary.cpp)
+            return torch.ops.cospadi_cpu.int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales)
+        if self.int8_dictionary:
+            return self.int8_dictionary_product(layer, x)
         if self.dictionary_transposed:
             return torch.ops.cospadi_cpu.dictionary_product(x, layer.dictionary)
         dictionary = layer.dictionary

@@ -132,6 +132,40 @@ void atom_range(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64_t
   atoms_scalar(d, m0, rows, t0, t1, z);
 }
 
+// Atoms [t0, t0 + width) of D decoded to float32 [G·128, width] (rows past `in`: whatever the padding codes say,
+// met by x's zero padding): the tile path's operand for torch's GEMM. Written as plain loops over atoms, which the
+// compiler vectorizes for the build's instruction set.
+void decode_tile(const Operands& d, int64_t t0, int64_t width, float* tile) {
+  for (int64_t r = 0; r < d.words; ++r) {
+    const int32_t* word = d.packed + r * d.atoms + t0;
+    const at::Half* scale = d.scales + (r / kWordsPerGroup) * d.atoms + t0;
+    for (int i = 0; i < 8; ++i) {
+      float* out = tile + (8 * r + i) * width;
+      for (int64_t t = 0; t < width; ++t)
+        out[t] = (static_cast<float>((static_cast<uint32_t>(word[t]) >> (4 * i)) & 0xF) - kZero) *
+                 static_cast<float>(scale[t]);
+    }
+  }
+}
+
+// More rows than kFusedMaxRows: D decoded a tile of kTileAtoms atoms at a time (≤ 4.6 MB for in = 4864) and
+// multiplied by torch's GEMM, which from here on beats decoding D once per 8 rows (NOTES.md item 68).
+constexpr int64_t kFusedMaxRows = 32;
+constexpr int64_t kTileAtoms = 256;
+
+void tiles_times_gemm(const Operands& d, const at::Tensor& x_padded, at::Tensor& z) {
+  const int64_t width_max = std::min(kTileAtoms, d.atoms);
+  at::Tensor tile = at::empty({d.groups * kGroup, width_max}, x_padded.options());
+  if (d.words * 8 < d.groups * kGroup) tile.narrow(0, d.words * 8, d.groups * kGroup - d.words * 8).zero_();
+  for (int64_t t0 = 0; t0 < d.atoms; t0 += kTileAtoms) {
+    const int64_t width = std::min(kTileAtoms, d.atoms - t0);
+    at::Tensor view = tile.narrow(1, 0, width);
+    at::Tensor dense = width == width_max ? tile : view.contiguous();
+    decode_tile(d, t0, width, dense.data_ptr<float>());
+    z.narrow(1, t0, width).copy_(at::mm(x_padded, dense));
+  }
+}
+
 at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scales_in) {
   TORCH_CHECK(x.dim() == 2 && packed_in.dim() == 2 && scales_in.dim() == 2,
               "int4_dictionary_product: x [M, in], packed [ceil(in/8), K] and scales [groups, K] must be 2-D");
@@ -153,13 +187,18 @@ at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed
   at::Tensor z = at::empty({m, atoms}, x.options().dtype(at::kFloat));
   const Operands d{x_padded.data_ptr<float>(), x_sums.data_ptr<float>(), packed.data_ptr<int32_t>(),
                    scales.data_ptr<at::Half>(), words, atoms, groups};
-  float* zp = z.data_ptr<float>();
-  // Threads split the atoms in blocks of 32 (a wide block for ≤ 2 rows); every pass of ≤ 8 rows reads its block.
-  constexpr int64_t kBlock = 32;
-  at::parallel_for(0, (atoms + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t0 = begin * kBlock, t1 = std::min(atoms, end * kBlock);
-    for (int64_t m0 = 0; m0 < m; m0 += kMaxPassRows) atom_range(d, m0, std::min<int64_t>(kMaxPassRows, m - m0), t0, t1, zp);
-  });
+  if (m > kFusedMaxRows) {
+    tiles_times_gemm(d, x_padded, z);
+  } else {
+    float* zp = z.data_ptr<float>();
+    // Threads split the atoms in blocks of 32 (a wide block for ≤ 2 rows); every pass of ≤ 8 rows reads its block.
+    constexpr int64_t kBlock = 32;
+    at::parallel_for(0, (atoms + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      const int64_t t0 = begin * kBlock, t1 = std::min(atoms, end * kBlock);
+      for (int64_t m0 = 0; m0 < m; m0 += kMaxPassRows)
+        atom_range(d, m0, std::min<int64_t>(kMaxPassRows, m - m0), t0, t1, zp);
+    });
+  }
   return x.scalar_type() == at::kFloat ? z : z.to(x.scalar_type());
 }
 

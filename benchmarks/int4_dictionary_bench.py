@@ -1,0 +1,116 @@
+"""x·D for a 4-bit dictionary on CPU: the C++ op reading the packed codes against torch's tiles and a dense GEMM.
+
+For each shape (in → k: SmolLM2-135M's and Qwen2.5-0.5B's widths, k as a 4-bit D at CR 0.3 gives them) it builds
+random GPTQ-layout dictionaries (int32 words, float16 scales per 128 inputs) and times, one thread, alternating
+rounds, weights rotated over copies past the last-level cache:
+  c++           ``cospadi_cpu::int4_dictionary_product`` (csrc/int4_dictionary.cpp): codes decoded in registers
+  torch-tiles   ``kernels.base.int4_dictionary_product``: tiles of 256 atoms decoded by torch ops, batched GEMM
+  dense-gemm    x @ D with D dense in the activation dtype (what a bf16 / float32 layer of the same k costs)
+Reported per variant: best and median per-call µs, and the median over rounds of the per-round ratio to c++.
+
+    python benchmarks/int4_dictionary_bench.py [--m 1 8 16 32 64 128] [--rounds 7]
+
+Activations: bfloat16 where the CPU multiplies it (AVX-512 BF16), else float32. Writes
+benchmarks/results/int4-dictionary-<avx512|avx2|portable>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.value_kernel_bench import COPIES_BYTES, one_thread_cpu, per_call_seconds, write_results  # noqa: E402
+from cospadi_vllm import codec  # noqa: E402
+from cospadi_vllm.kernels import base  # noqa: E402
+from offline_compress import report  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# (name, in, k): SmolLM2 q/k/v merged, gate/up merged, o, down; Qwen2.5-0.5B gate/up merged and down.
+SHAPES = (("smollm2 qkv", 576, 700), ("smollm2 gate+up", 576, 1100), ("smollm2 o", 576, 486),
+          ("smollm2 down", 1536, 576), ("qwen0.5b gate+up", 896, 1800), ("qwen0.5b down", 4864, 896))
+VARIANTS = ("c++", "torch-tiles", "dense-gemm")
+
+
+def operands(in_f: int, k: int, act_dtype: torch.dtype) -> dict[str, list]:
+    """Weight copies per variant, enough of each to pass the last-level cache."""
+    def one() -> tuple[torch.Tensor, torch.Tensor]:
+        codes = torch.randint(0, 16, (in_f, k))
+        return codec.pack_int4_dictionary(codes), (0.01 * (0.5 + torch.rand(-(-in_f // 128), k))).to(torch.float16)
+
+    packed_bytes = in_f * k // 2
+    dense_bytes = in_f * k * act_dtype.itemsize
+    quantized = [one() for _ in range(max(2, min(64, COPIES_BYTES // packed_bytes)))]
+    dense = [torch.randn(in_f, k).to(act_dtype) for _ in range(max(2, min(16, COPIES_BYTES // dense_bytes)))]
+    return {"c++": quantized, "torch-tiles": quantized, "dense-gemm": dense}
+
+
+RUNS = {
+    "c++": lambda x, o: torch.ops.cospadi_cpu.int4_dictionary_product(x, *o),
+    "torch-tiles": lambda x, o: base.int4_dictionary_product(x, *o),
+    "dense-gemm": lambda x, o: x @ o,
+}
+
+
+def bench_shape(name: str, in_f: int, k: int, ms: list[int], rounds: int, act_dtype: torch.dtype) -> list[dict]:
+    weights = operands(in_f, k, act_dtype)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, in_f).to(act_dtype)
+        calls = max(4, 64 // m)
+        for variant in VARIANTS:  # warm: every copy once
+            per_call_seconds(RUNS[variant], weights[variant], x, len(weights[variant]))
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(rounds):
+            for variant in VARIANTS:
+                times[variant].append(per_call_seconds(RUNS[variant], weights[variant], x, calls))
+        for variant in VARIANTS:
+            ratios = [t / base_t for t, base_t in zip(times[variant], times["c++"], strict=True)]
+            rows.append({"shape": name, "in": in_f, "k": k, "m": m, "variant": variant,
+                         "best_us": min(times[variant]) * 1e6, "median_us": statistics.median(times[variant]) * 1e6,
+                         "median_ratio_to_cpp": statistics.median(ratios)})
+            print(f"{name:17s} M={m:4d} {variant:12s} best {rows[-1]['best_us']:9.1f} µs  median "
+                  f"{rows[-1]['median_us']:9.1f} µs  ÷ c++ {rows[-1]['median_ratio_to_cpp']:.2f}", flush=True)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# x·D with a 4-bit dictionary on CPU ({meta['cpu']}, {meta['build']} build, {meta['act_dtype']}, "
+             "1 thread)", "",
+             f"Random GPTQ-layout dictionaries, {meta['rounds']} alternating rounds, weights rotated past the cache. "
+             "`c++`: `cospadi_cpu::int4_dictionary_product`; `torch-tiles`: `kernels.base.int4_dictionary_product`; "
+             "`dense-gemm`: x @ D with a dense D in the activation dtype (8× / 4× the bytes of the 4-bit D).", "",
+             "| shape | in → k | M | variant | best µs | median µs | median ÷ c++ |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['in']} → {r['k']} | {r['m']} | {r['variant']} | {r['best_us']:.1f} | "
+                     f"{r['median_us']:.1f} | {r['median_ratio_to_cpp']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 8, 16, 32, 64, 128])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--shapes", nargs="+", choices=[s[0] for s in SHAPES], default=[s[0] for s in SHAPES])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    act_dtype, build = one_thread_cpu()
+    rows = []
+    for name, in_f, k in SHAPES:
+        if name in args.shapes:
+            rows += bench_shape(name, in_f, k, args.m, args.rounds, act_dtype)
+    machine = report.machine()
+    meta = {"build": build, "cpu": f"{machine['cpu']} ({machine['isa']})", "act_dtype": str(act_dtype).removeprefix("torch."),
+            "rounds": args.rounds, "threads": 1, "torch": torch.__version__}
+    write_results(args.out / f"int4-dictionary-{build}", meta, rows, markdown(meta, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
