@@ -54,8 +54,9 @@ class CoSpaDiKernel(ABC):
         # An int8 D is held transposed ([K, in] int8, the same bytes) by every implementation, its float32
         # scales as stored (k numbers, cast to the activation dtype per call).
         self.int8_dictionary = config.dictionary_dtype == torch.int8
-        # A 4-bit D is held as stored (GPTQ layout: int32 [ceil(in/8), K], float16 scales [groups, K]); x·D widens
-        # tiles of atoms for the GEMM (int4_dictionary_product), never the whole D.
+        # A 4-bit D is held as stored (GPTQ layout: int32 [ceil(in/8), K], float16 scales [groups, K]); x·D reads the
+        # packed codes (CPU: csrc/int4_dictionary.cpp) or widens tiles of atoms for the GEMM (int4_dictionary_product),
+        # never the whole D.
         self.int4_dictionary = config.dictionary_dtype == fmt.DICTIONARY_TYPES["int4"].dtype
 
     @classmethod
@@ -166,10 +167,11 @@ def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch
     """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
     dtype, INT8_TILE_ATOMS atoms at a time; a tile is freed after its product, so D is never held widened.
 
-    The tile's codes come from ``codec.unpack_int4_dictionary`` (int32), but its scales are not applied to the
-    [in, tile] codes as ``codec.dequantize_dictionary`` (the reference the tests compare against) does: each
-    group's scale multiplies the [M, tile] result of a batched GEMM over its 128 inputs — 1.04–7.2× faster on
-    CPU than decoding tiles with ``dequantize_dictionary`` (NOTES.md 65)."""
+    The GPU path (the CPU has a C++ op reading the packed codes, 5–40× faster there: NOTES.md 68). The tile's codes
+    come from ``codec.unpack_int4_dictionary`` (int32), but its scales are not applied to the [in, tile] codes as
+    ``codec.dequantize_dictionary`` (the reference the tests compare against) does: each group's scale multiplies
+    the [M, tile] result of a batched GEMM over its 128 inputs — 1.04–7.2× faster than decoding tiles with
+    ``dequantize_dictionary`` (NOTES.md 65)."""
     m, in_features = x.shape
     rows, atoms_total = packed.shape
     group = fmt.DICTIONARY_TYPES["int4"].group_size

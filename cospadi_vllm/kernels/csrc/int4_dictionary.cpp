@@ -43,7 +43,7 @@ struct Operands {
   int64_t words, atoms, groups;
 };
 
-// Atoms [t0, t1) for rows [m0, m0 + rows): the scalar walk (portable builds, and atoms past the last vector).
+// Atoms [t0, t1) for rows [m0, m0 + rows): the scalar walk of portable builds.
 void atoms_scalar(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64_t t1, float* z) {
   const int64_t ldx = d.groups * kGroup;
   for (int64_t t = t0; t < t1; ++t)
@@ -63,73 +63,93 @@ void atoms_scalar(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64
 }
 
 #if COSPADI_INT4_DICTIONARY_VECTOR
-// Atoms [t0, t0 + 8V) for R rows from m0: R·V accumulators of 8 atoms; V independent vectors keep the FMA chains
-// of one row from waiting on each other (4-cycle latency) while the decode of each word is shared by the R rows.
+// Group g's part of atoms [t0, t0 + 8V) for R rows from m0, added into z (pointing at z[m0, t0], rows ldz apart;
+// written, not added, for the first group): R·V accumulators of 8 atoms over the group's 16 rows of words; V
+// independent vectors keep one row's FMA chains from waiting on each other (4-cycle latency), and each word's
+// decode is shared by the R rows.
 template <int R, int V>
-void atoms_vector(const Operands& d, int64_t m0, int64_t t0, float* z) {
+void group_vector(const Operands& d, int64_t g, int64_t m0, int64_t t0, float* z, int64_t ldz) {
   const int64_t ldx = d.groups * kGroup;
   const __m256i low_nibble = _mm256_set1_epi32(0xF);
-  __m256 total[R][V];
+  __m256 acc[R][V];
   for (int m = 0; m < R; ++m)
-    for (int v = 0; v < V; ++v) total[m][v] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < d.groups; ++g) {
-    __m256 acc[R][V];
-    for (int m = 0; m < R; ++m)
-      for (int v = 0; v < V; ++v) acc[m][v] = _mm256_setzero_ps();
-    for (int64_t r = g * kWordsPerGroup; r < std::min(d.words, (g + 1) * kWordsPerGroup); ++r) {
-      __m256i word[V];
-      for (int v = 0; v < V; ++v)
-        word[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.packed + r * d.atoms + t0 + 8 * v));
-      const float* x = d.x + (m0 * ldx) + 8 * r;
-      for (int i = 0; i < 8; ++i) {
-        __m256 code[V];
-        for (int v = 0; v < V; ++v) {
-          code[v] = _mm256_cvtepi32_ps(_mm256_and_si256(word[v], low_nibble));
-          word[v] = _mm256_srli_epi32(word[v], 4);
-        }
-        for (int m = 0; m < R; ++m) {
-          const __m256 xi = _mm256_broadcast_ss(x + m * ldx + i);
-          for (int v = 0; v < V; ++v) acc[m][v] = _mm256_fmadd_ps(xi, code[v], acc[m][v]);
-        }
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t r = g * kWordsPerGroup; r < std::min(d.words, (g + 1) * kWordsPerGroup); ++r) {
+    __m256i word[V];
+    for (int v = 0; v < V; ++v)
+      word[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.packed + r * d.atoms + t0 + 8 * v));
+    const float* x = d.x + (m0 * ldx) + 8 * r;
+    for (int i = 0; i < 8; ++i) {
+      __m256 code[V];
+      for (int v = 0; v < V; ++v) {
+        code[v] = _mm256_cvtepi32_ps(_mm256_and_si256(word[v], low_nibble));
+        word[v] = _mm256_srli_epi32(word[v], 4);
+      }
+      for (int m = 0; m < R; ++m) {
+        const __m256 xi = _mm256_broadcast_ss(x + m * ldx + i);
+        for (int v = 0; v < V; ++v) acc[m][v] = _mm256_fmadd_ps(xi, code[v], acc[m][v]);
       }
     }
-    __m256 scale[V];
-    for (int v = 0; v < V; ++v)
-      scale[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d.scales + g * d.atoms + t0 + 8 * v)));
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m256 scale =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d.scales + g * d.atoms + t0 + 8 * v)));
     for (int m = 0; m < R; ++m) {
       const __m256 zero_term = _mm256_set1_ps(kZero * d.x_sums[(m0 + m) * d.groups + g]);
-      for (int v = 0; v < V; ++v)
-        total[m][v] = _mm256_fmadd_ps(scale[v], _mm256_sub_ps(acc[m][v], zero_term), total[m][v]);
+      const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(z + m * ldz + 8 * v);
+      _mm256_storeu_ps(z + m * ldz + 8 * v, _mm256_fmadd_ps(scale, _mm256_sub_ps(acc[m][v], zero_term), before));
     }
   }
-  for (int m = 0; m < R; ++m)
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(z + (m0 + m) * d.atoms + t0 + 8 * v, total[m][v]);
 }
 
 // Vectors of 8 atoms per block for R rows: ≥ 4 accumulators in flight where the 16 registers allow.
 constexpr int vectors_for(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
 
-using VectorKernel = void (*)(const Operands&, int64_t, int64_t, float*);
+using VectorKernel = void (*)(const Operands&, int64_t, int64_t, int64_t, float*, int64_t);
 template <int... R>
 constexpr std::array<VectorKernel, sizeof...(R)> wide_kernels(std::integer_sequence<int, R...>) {
-  return {&atoms_vector<R + 1, vectors_for(R + 1)>...};
+  return {&group_vector<R + 1, vectors_for(R + 1)>...};
 }
 template <int... R>
 constexpr std::array<VectorKernel, sizeof...(R)> narrow_kernels(std::integer_sequence<int, R...>) {
-  return {&atoms_vector<R + 1, 1>...};
+  return {&group_vector<R + 1, 1>...};
 }
 constexpr auto kWide = wide_kernels(std::make_integer_sequence<int, kMaxPassRows>{});
 constexpr auto kNarrow = narrow_kernels(std::make_integer_sequence<int, kMaxPassRows>{});
 #endif
 
-// Atoms [t0, t1) for rows [m0, m0 + rows), rows ≤ kMaxPassRows: wide blocks, then single vectors, then scalars.
+#if COSPADI_INT4_DICTIONARY_VECTOR
+// The last n < 8 atoms: their words and scales copied into 8-lane buffers (zero lanes past n), one vector kernel
+// call, n columns copied out — a scalar walk down the strided words cost 5–25 µs per atom (NOTES.md item 68).
+void tail_atoms(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64_t n, float* z) {
+  std::vector<int32_t> words(d.words * 8, 0);
+  std::vector<at::Half> scales(d.groups * 8, at::Half(0.0f));
+  for (int64_t r = 0; r < d.words; ++r) std::copy_n(d.packed + r * d.atoms + t0, n, words.data() + r * 8);
+  for (int64_t g = 0; g < d.groups; ++g) std::copy_n(d.scales + g * d.atoms + t0, n, scales.data() + g * 8);
+  const Operands tail{d.x, d.x_sums, words.data(), scales.data(), d.words, 8, d.groups};
+  std::array<float, kMaxPassRows * 8> out;
+  for (int64_t g = 0; g < d.groups; ++g) kNarrow[rows - 1](tail, g, m0, 0, out.data(), 8);
+  for (int64_t m = 0; m < rows; ++m) std::copy_n(out.data() + m * 8, n, z + (m0 + m) * d.atoms + t0);
+}
+#endif
+
+// Atoms [t0, t1) for rows [m0, m0 + rows), rows ≤ kMaxPassRows: wide blocks, then single vectors, then the tail.
+// Groups outermost: a pass reads 16 rows of words along the atoms (16 sequential streams the prefetchers follow)
+// instead of walking all ceil(in/8) rows down one block of atoms, which at one row of x left it waiting on DRAM
+// (NOTES.md item 68: 576 → 486 at M = 1 took as long as M = 8).
 void atom_range(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64_t t1, float* z) {
 #if COSPADI_INT4_DICTIONARY_VECTOR
   const int64_t wide = 8 * vectors_for(static_cast<int>(rows));
-  for (; t0 + wide <= t1; t0 += wide) kWide[rows - 1](d, m0, t0, z);
-  for (; t0 + 8 <= t1; t0 += 8) kNarrow[rows - 1](d, m0, t0, z);
-#endif
+  float* z_rows = z + m0 * d.atoms;
+  int64_t t = t0;
+  for (int64_t g = 0; g < d.groups; ++g) {
+    for (t = t0; t + wide <= t1; t += wide) kWide[rows - 1](d, g, m0, t, z_rows + t, d.atoms);
+    for (; t + 8 <= t1; t += 8) kNarrow[rows - 1](d, g, m0, t, z_rows + t, d.atoms);
+  }
+  if (t < t1) tail_atoms(d, m0, rows, t, t1 - t, z);
+#else
   atoms_scalar(d, m0, rows, t0, t1, z);
+#endif
 }
 
 // Atoms [t0, t0 + width) of D decoded to float32 [G·128, width] (rows past `in`: whatever the padding codes say,
