@@ -6,6 +6,7 @@ import torch
 from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library
+from cospadi_vllm.kernels.cpu import INT4_DICTIONARY_FUSED_MAX_ROWS
 from cospadi_vllm.kernels.cpu import direct_max_rows as serving_direct_max_rows
 from offline_compress.quantization import encode_coefficients
 from tests.reference import SHARDS, VALUE_DTYPES, HeldLayer, merged_layer, reference_coefficients
@@ -295,8 +296,8 @@ def test_cpu_dictionary_product_matches_float64():
 def test_cpu_int4_dictionary_product_matches_float64():
     """x·D with D 4-bit as stored (GPTQ words, float16 scales per 128 inputs), decoded here bit by bit in float64:
     several and partial groups, inputs not a multiple of 8, atoms not a multiple of the vector blocks or of the
-    256-atom tiles, rows on both sides of the fused kernel's 32 (passes of 8) and the tiles + GEMM path above it,
-    float32 and bfloat16 x. The fused kernel sums c·x and subtracts 8·Σx per group, so its float32 error is bounded
+    256-atom tiles, 1–300 rows through the fused kernel (passes of 8) and through the tiles + GEMM path, float32
+    and bfloat16 x. The fused kernel sums c·x and subtracts 8·Σx per group, so its float32 error is bounded
     by the sums of |x|·16·scale, not by |x|·|D|."""
     cpu_library.load()
     g = torch.Generator().manual_seed(16)
@@ -309,13 +310,14 @@ def test_cpu_int4_dictionary_product_matches_float64():
         for rows in (1, 2, 3, 5, 8, 9, 17, 32, 33, 300):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(rows, in_features, generator=g).to(dtype)
-                z = torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, scales)
                 reference = x.double() @ dictionary
-                assert z.shape == (rows, k) and z.dtype == dtype
                 bound = 1e-6 * (x.double().abs() @ (16 * group_scales))
                 if dtype == torch.bfloat16:
                     bound += reference.abs() * 2.0**-8
-                assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows, dtype)
+                for fused_max_rows in (0, INT4_DICTIONARY_FUSED_MAX_ROWS, 1 << 20):  # always tiles, as served, always fused
+                    z = torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, scales, fused_max_rows)
+                    assert z.shape == (rows, k) and z.dtype == dtype
+                    assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows, dtype, fused_max_rows)
 
 
 def test_cpu_int4_dictionary_product_names_a_mis_shaped_operand():
@@ -323,11 +325,12 @@ def test_cpu_int4_dictionary_product_names_a_mis_shaped_operand():
     packed = codec.pack_int4_dictionary(torch.randint(0, 16, (200, 9)))
     x = torch.randn(2, 200)
     with pytest.raises(RuntimeError, match=r"scales must be \[2, 9\], got \[1, 9\]"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(1, 9, dtype=torch.float16))
+        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(1, 9, dtype=torch.float16), 32)
     with pytest.raises(RuntimeError, match="201 inputs need 26 rows of packed words, got 25"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(torch.randn(2, 201), packed, torch.ones(2, 9, dtype=torch.float16))
+        torch.ops.cospadi_cpu.int4_dictionary_product(torch.randn(2, 201), packed, torch.ones(2, 9, dtype=torch.float16),
+                                                      32)
     with pytest.raises(RuntimeError, match="scales must be float16"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(2, 9))
+        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(2, 9), 32)
 
 
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)

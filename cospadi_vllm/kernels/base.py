@@ -167,7 +167,7 @@ def int4_dictionary_product(x: torch.Tensor, packed: torch.Tensor, scales: torch
     """x [M, in] · D, D 4-bit in GPTQ's layout (packed int32 [ceil(in/8), K], scales [groups, K]) → Z [M, K] in x's
     dtype, INT8_TILE_ATOMS atoms at a time; a tile is freed after its product, so D is never held widened.
 
-    The GPU path (the CPU has a C++ op reading the packed codes, 5–40× faster there: NOTES.md 68). The tile's codes
+    The GPU path (the CPU has a C++ op reading the packed codes, 1.6–55× faster there: NOTES.md 68). The tile's codes
     come from ``codec.unpack_int4_dictionary`` (int32), but its scales are not applied to the [in, tile] codes as
     ``codec.dequantize_dictionary`` (the reference the tests compare against) does: each group's scale multiplies
     the [M, tile] result of a batched GEMM over its 128 inputs — 1.04–7.2× faster than decoding tiles with

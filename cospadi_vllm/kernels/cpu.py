@@ -25,6 +25,9 @@ DIRECT_MAX_ROWS = 32
 # layers it beats the expanded tiles up to ~150 rows with 2 threads and ~64–100 with one (what vLLM's CPU
 # worker gets on a 2-core machine; NOTES.md item 28).
 INT16_MAX_ROWS = 96
+# x·D for a 4-bit D: up to this many rows of x the C++ op decodes the packed codes in registers (passes of 8 rows);
+# above it, C++-decoded tiles of 256 atoms and torch's GEMM (benchmarks/int4_dictionary_bench.py, NOTES.md item 68).
+INT4_DICTIONARY_FUSED_MAX_ROWS = 16
 
 
 def direct_max_rows(z_dtype: torch.dtype, value_dtype: torch.dtype) -> int:
@@ -74,7 +77,8 @@ class CPUKernel(CoSpaDiKernel):
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.int4_dictionary:  # the packed codes read as stored, for every M (csrc/int4_dictionary.cpp)
-            return torch.ops.cospadi_cpu.int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales)
+            return torch.ops.cospadi_cpu.int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales,
+                                                                 INT4_DICTIONARY_FUSED_MAX_ROWS)
         if self.int8_dictionary:
             return self.int8_dictionary_product(layer, x)
         if self.dictionary_transposed:

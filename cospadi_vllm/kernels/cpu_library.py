@@ -20,9 +20,10 @@ Ops (namespace ``torch.ops.cospadi_cpu``):
   in one call. Few rows with int8 values: Z stays float32 between the products and is rounded once,
   to int16 (the two-op path rounds it to bfloat16 first); otherwise ``dictionary_product`` +
   ``coef_product``.
-- ``int4_dictionary_product(x, packed, scales)`` → Z = x·D [M, K] in x's dtype for a 4-bit D as stored (GPTQ
-  layout, csrc/int4_dictionary.cpp): one pass over the packed words, codes decoded in registers (AVX2 + FMA +
-  F16C; a scalar walk otherwise) into per-group float32 accumulators, ≤ 8 rows of x per pass.
+- ``int4_dictionary_product(x, packed, scales, fused_max_rows)`` → Z = x·D [M, K] in x's dtype for a 4-bit D as
+  stored (GPTQ layout, csrc/int4_dictionary.cpp). Up to ``fused_max_rows`` rows: the packed words read once per
+  8 rows of x, codes decoded in registers (AVX2 + FMA + F16C; a scalar walk otherwise) into per-group float32
+  accumulators; more rows: tiles of 256 atoms decoded to float32 and torch's GEMM.
 Fake kernels are registered, so torch.compile treats the ops as opaque.
 """
 
@@ -136,7 +137,7 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], dictionary_t.shape[0]))
 
     @torch.library.register_fake("cospadi_cpu::int4_dictionary_product")
-    def _int4_dictionary_product_fake(x, packed, scales):
+    def _int4_dictionary_product_fake(x, packed, scales, fused_max_rows):
         return x.new_empty((x.shape[0], packed.shape[1]))
 
     @torch.library.register_fake("cospadi_cpu::linear")

@@ -155,25 +155,25 @@ void atom_range(const Operands& d, int64_t m0, int64_t rows, int64_t t0, int64_t
 // Atoms [t0, t0 + width) of D decoded to float32 [G·128, width] (rows past `in`: whatever the padding codes say,
 // met by x's zero padding): the tile path's operand for torch's GEMM. Written as plain loops over atoms, which the
 // compiler vectorizes for the build's instruction set.
-void decode_tile(const Operands& d, int64_t t0, int64_t width, float* tile) {
+// `scales` [G, K] as float32 (widened once per call, so that the loops are float arithmetic alone).
+void decode_tile(const Operands& d, const float* scales, int64_t t0, int64_t width, float* tile) {
   for (int64_t r = 0; r < d.words; ++r) {
     const int32_t* word = d.packed + r * d.atoms + t0;
-    const at::Half* scale = d.scales + (r / kWordsPerGroup) * d.atoms + t0;
+    const float* scale = scales + (r / kWordsPerGroup) * d.atoms + t0;
     for (int i = 0; i < 8; ++i) {
       float* out = tile + (8 * r + i) * width;
       for (int64_t t = 0; t < width; ++t)
-        out[t] = (static_cast<float>((static_cast<uint32_t>(word[t]) >> (4 * i)) & 0xF) - kZero) *
-                 static_cast<float>(scale[t]);
+        out[t] = (static_cast<float>((static_cast<uint32_t>(word[t]) >> (4 * i)) & 0xF) - kZero) * scale[t];
     }
   }
 }
 
-// More rows than kFusedMaxRows: D decoded a tile of kTileAtoms atoms at a time (≤ 4.6 MB for in = 4864) and
-// multiplied by torch's GEMM, which from here on beats decoding D once per 8 rows (NOTES.md item 68).
-constexpr int64_t kFusedMaxRows = 32;
+// More rows than the caller's fused_max_rows: D decoded a tile of kTileAtoms atoms at a time (≤ 5 MB for
+// in = 4864) and multiplied by torch's GEMM.
 constexpr int64_t kTileAtoms = 256;
 
-void tiles_times_gemm(const Operands& d, const at::Tensor& x_padded, at::Tensor& z) {
+void tiles_times_gemm(const Operands& d, const at::Tensor& scales_in, const at::Tensor& x_padded, at::Tensor& z) {
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const int64_t width_max = std::min(kTileAtoms, d.atoms);
   at::Tensor tile = at::empty({d.groups * kGroup, width_max}, x_padded.options());
   if (d.words * 8 < d.groups * kGroup) tile.narrow(0, d.words * 8, d.groups * kGroup - d.words * 8).zero_();
@@ -181,12 +181,13 @@ void tiles_times_gemm(const Operands& d, const at::Tensor& x_padded, at::Tensor&
     const int64_t width = std::min(kTileAtoms, d.atoms - t0);
     at::Tensor view = tile.narrow(1, 0, width);
     at::Tensor dense = width == width_max ? tile : view.contiguous();
-    decode_tile(d, t0, width, dense.data_ptr<float>());
+    decode_tile(d, scales.data_ptr<float>(), t0, width, dense.data_ptr<float>());
     z.narrow(1, t0, width).copy_(at::mm(x_padded, dense));
   }
 }
 
-at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scales_in) {
+at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scales_in,
+                                   int64_t fused_max_rows) {
   TORCH_CHECK(x.dim() == 2 && packed_in.dim() == 2 && scales_in.dim() == 2,
               "int4_dictionary_product: x [M, in], packed [ceil(in/8), K] and scales [groups, K] must be 2-D");
   TORCH_CHECK(packed_in.scalar_type() == at::kInt, "int4_dictionary_product: packed dictionary must be int32, got ",
@@ -207,8 +208,8 @@ at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed
   at::Tensor z = at::empty({m, atoms}, x.options().dtype(at::kFloat));
   const Operands d{x_padded.data_ptr<float>(), x_sums.data_ptr<float>(), packed.data_ptr<int32_t>(),
                    scales.data_ptr<at::Half>(), words, atoms, groups};
-  if (m > kFusedMaxRows) {
-    tiles_times_gemm(d, x_padded, z);
+  if (m > fused_max_rows) {
+    tiles_times_gemm(d, scales, x_padded, z);
   } else {
     float* zp = z.data_ptr<float>();
     // Threads split the atoms in blocks of 32 (a wide block for ≤ 2 rows); every pass of ≤ 8 rows reads its block.
@@ -227,7 +228,7 @@ bool int4_dictionary_vector_kernel() { return COSPADI_INT4_DICTIONARY_VECTOR; }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cospadi_cpu, m) {
-  m.def("int4_dictionary_product(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("int4_dictionary_product(Tensor x, Tensor packed, Tensor scales, int fused_max_rows) -> Tensor");
   m.def("int4_dictionary_vector_kernel() -> bool", &int4_dictionary_vector_kernel);
 }
 
