@@ -205,11 +205,13 @@ at::Tensor int4_dictionary_product(const at::Tensor& x, const at::Tensor& packed
 
   at::Tensor x_padded = at::zeros({m, groups * kGroup}, x.options().dtype(at::kFloat));
   x_padded.narrow(1, 0, in).copy_(x);
-  const at::Tensor x_sums = x_padded.view({m, groups, kGroup}).sum(-1);
+  // Per-group sums of x: only the fused path needs them (the tiles fold the −8 into the decoded entries).
+  const bool fused = m <= fused_max_rows;
+  const at::Tensor x_sums = fused ? x_padded.view({m, groups, kGroup}).sum(-1) : at::Tensor();
   at::Tensor z = at::empty({m, atoms}, x.options().dtype(at::kFloat));
-  const Operands d{x_padded.data_ptr<float>(), x_sums.data_ptr<float>(), packed.data_ptr<int32_t>(),
+  const Operands d{x_padded.data_ptr<float>(), fused ? x_sums.data_ptr<float>() : nullptr, packed.data_ptr<int32_t>(),
                    scales.data_ptr<at::Half>(), words, atoms, groups};
-  if (m > fused_max_rows) {
+  if (!fused) {
     tiles_times_gemm(d, scales, x_padded, z);
   } else {
     float* zp = z.data_ptr<float>();
