@@ -6,7 +6,7 @@ import torch
 from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, choose_kernel, cpu_library
-from cospadi_vllm.kernels.cpu import INT4_DICTIONARY_FUSED_MAX_ROWS
+from cospadi_vllm.kernels.cpu import QUANTIZED_DICTIONARY_FUSED_MAX_ROWS
 from cospadi_vllm.kernels.cpu import direct_max_rows as serving_direct_max_rows
 from offline_compress.quantization import encode_coefficients
 from tests.reference import SHARDS, VALUE_DTYPES, HeldLayer, merged_layer, reference_coefficients
@@ -231,6 +231,7 @@ def test_vector_kernels_match_the_build():
     avx2 = not avx512 and (cpu_library.arch() == "x86-64-v3" or (native and "avx2" in flags and "fma" in flags))
     assert cpu_library.vector_width() == (512 if avx512 else 256 if avx2 else 0)
     assert cpu_library.has_vector_kernel() == (avx512 or avx2)
+    assert torch.ops.cospadi_cpu.quantized_dictionary_vector_kernel() == (avx512 or avx2)
     assert cpu_library.has_int16_kernel() == (avx512 and all(f in flags for f in ("avx512_vnni", "avx512_vbmi2")))
 
 
@@ -293,44 +294,62 @@ def test_cpu_dictionary_product_matches_float64():
             assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows)
 
 
-def test_cpu_int4_dictionary_product_matches_float64():
-    """x·D with D 4-bit as stored (GPTQ words, float16 scales per 128 inputs), decoded here bit by bit in float64:
-    several and partial groups, inputs not a multiple of 8, atoms not a multiple of the vector blocks or of the
-    256-atom tiles, 1–300 rows through the fused kernel (passes of 8) and through the tiles + GEMM path, float32
-    and bfloat16 x. The fused kernel sums c·x and subtracts 8·Σx per group, so its float32 error is bounded
-    by the sums of |x|·16·scale, not by |x|·|D|."""
+def quantized_dictionary(layout: str, in_features: int, k: int, g: torch.Generator):
+    """Random stored codes and scales of an integer D, and the float64 D they mean with the largest |code|·|scale| per
+    entry (the float32 rounding bound's scale: the fused 4-bit kernel sums c·x and subtracts 8·Σx per group)."""
+    if layout == "int4":
+        codes = torch.randint(0, 16, (in_features, k), generator=g)
+        scales = (0.5 + torch.rand(-(-in_features // 128), k, generator=g)).to(torch.float16)
+        entry_scales = scales.double()[torch.arange(in_features) // 128]
+        return codec.pack_int4_dictionary(codes), scales, (codes.double() - 8) * entry_scales, 16 * entry_scales
+    codes = torch.randint(-127, 128, (in_features, k), generator=g, dtype=torch.int8)
+    scales = torch.randn(k, generator=g) * 0.01  # signed: a scale folds nothing in the kernel
+    return codes, scales, codes.double() * scales.double(), (127 * scales.double().abs()).expand(in_features, k)
+
+
+@pytest.mark.parametrize("layout", ["int4", "int8"])
+def test_cpu_quantized_dictionary_product_matches_float64(layout):
+    """x·D with D as stored (4-bit: GPTQ words, float16 scales per 128 inputs; int8: [in, K], a float32 scale per
+    atom), decoded here in float64: several and partial chunks, inputs not a multiple of 8 or 16, atoms not a multiple
+    of the vector blocks or of the 256-atom tiles, 1–300 rows through the fused kernel (passes of 8) and through the
+    tiles + GEMM path, float32 and bfloat16 x."""
     cpu_library.load()
     g = torch.Generator().manual_seed(16)
     for in_features, k in ((48, 37), (200, 70), (576, 301), (1540, 19)):
-        codes = torch.randint(0, 16, (in_features, k), generator=g)
-        scales = (0.5 + torch.rand(-(-in_features // 128), k, generator=g)).to(torch.float16)
-        packed = codec.pack_int4_dictionary(codes)
-        group_scales = scales.double()[torch.arange(in_features) // 128]
-        dictionary = (codes.double() - 8) * group_scales
+        codes, scales, dictionary, largest = quantized_dictionary(layout, in_features, k, g)
         for rows in (1, 2, 3, 5, 8, 9, 17, 32, 33, 300):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(rows, in_features, generator=g).to(dtype)
                 reference = x.double() @ dictionary
-                bound = 1e-6 * (x.double().abs() @ (16 * group_scales))
+                bound = 1e-6 * (x.double().abs() @ largest)
                 if dtype == torch.bfloat16:
                     bound += reference.abs() * 2.0**-8
-                for fused_max_rows in (0, INT4_DICTIONARY_FUSED_MAX_ROWS, 1 << 20):  # always tiles, as served, always fused
-                    z = torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, scales, fused_max_rows)
+                for fused_max_rows in (0, QUANTIZED_DICTIONARY_FUSED_MAX_ROWS, 1 << 20):  # tiles, as served, fused
+                    z = torch.ops.cospadi_cpu.quantized_dictionary_product(x, codes, scales, fused_max_rows)
                     assert z.shape == (rows, k) and z.dtype == dtype
                     assert ((z.double() - reference).abs() <= bound).all(), (in_features, k, rows, dtype, fused_max_rows)
 
 
-def test_cpu_int4_dictionary_product_names_a_mis_shaped_operand():
+def test_cpu_quantized_dictionary_product_names_a_mis_shaped_operand():
     cpu_library.load()
+    product = torch.ops.cospadi_cpu.quantized_dictionary_product
     packed = codec.pack_int4_dictionary(torch.randint(0, 16, (200, 9)))
     x = torch.randn(2, 200)
     with pytest.raises(RuntimeError, match=r"scales must be \[2, 9\], got \[1, 9\]"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(1, 9, dtype=torch.float16), 32)
+        product(x, packed, torch.ones(1, 9, dtype=torch.float16), 32)
     with pytest.raises(RuntimeError, match="201 inputs need 26 rows of packed words, got 25"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(torch.randn(2, 201), packed, torch.ones(2, 9, dtype=torch.float16),
-                                                      32)
-    with pytest.raises(RuntimeError, match="scales must be float16"):
-        torch.ops.cospadi_cpu.int4_dictionary_product(x, packed, torch.ones(2, 9), 32)
+        product(torch.randn(2, 201), packed, torch.ones(2, 9, dtype=torch.float16), 32)
+    with pytest.raises(RuntimeError, match="4-bit dictionary's scales must be float16"):
+        product(x, packed, torch.ones(2, 9), 32)
+    codes = torch.randint(-127, 128, (200, 9), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="201 inputs need an int8 dictionary of 201 rows, got 200"):
+        product(torch.randn(2, 201), codes, torch.ones(9), 32)
+    with pytest.raises(RuntimeError, match=r"scales must be \[9\], got \[8\]"):
+        product(x, codes, torch.ones(8), 32)
+    with pytest.raises(RuntimeError, match="int8 dictionary's scales must be float32"):
+        product(x, codes, torch.ones(9, dtype=torch.float16), 32)
+    with pytest.raises(RuntimeError, match="codes must be int32 .4-bit, packed. or int8, got Short"):
+        product(x, codes.short(), torch.ones(9), 32)
 
 
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)

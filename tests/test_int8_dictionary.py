@@ -34,7 +34,7 @@ def dense_reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return dictionary @ coef
 
 
-@pytest.mark.parametrize("in_features", [48, 40])  # 40: not a multiple of 16, the tiled x·D path
+@pytest.mark.parametrize("in_features", [48, 40])  # 40: not a multiple of the C++ x·D's 16-row chunks
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value_dtype", sorted(fmt.VALUE_DTYPES))
 def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype, in_features):
@@ -44,8 +44,8 @@ def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype,
     layer = HeldLayer.of(tensors)
     kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, tensors[fmt.COEF_VALUES].dtype, torch.int8))
     kernel.process_weights_after_loading(layer)
-    assert layer.dictionary.dtype == torch.int8  # held as stored: 1 byte per entry, never widened
-    assert layer.dictionary.numel() == tensors[fmt.DICTIONARY].numel()
+    # held as stored ([in, K], 1 byte per entry, never widened): the C++ x·D reads the codes along the atoms
+    assert layer.dictionary.dtype == torch.int8 and layer.dictionary.shape == tensors[fmt.DICTIONARY].shape
     stored = kernel.stored_tensors(layer)
     for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
         assert stored[name].dtype == tensors[name].dtype and stored[name].equal(tensors[name]), name

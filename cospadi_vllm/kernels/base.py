@@ -51,11 +51,11 @@ class CoSpaDiKernel(ABC):
 
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        # An int8 D is held transposed ([K, in] int8, the same bytes) by every implementation, its float32
-        # scales as stored (k numbers, cast to the activation dtype per call).
+        # An int8 D: held as stored by the CPU kernel (its C++ x·D reads the codes along the atoms), transposed
+        # ([K, in] int8, the same bytes) by the GPU kernel (hold_int8_dictionary), float32 scales as stored.
         self.int8_dictionary = config.dictionary_dtype == torch.int8
         # A 4-bit D is held as stored (GPTQ layout: int32 [ceil(in/8), K], float16 scales [groups, K]); x·D reads the
-        # packed codes (CPU: csrc/int4_dictionary.cpp) or widens tiles of atoms for the GEMM (int4_dictionary_product),
+        # packed codes (CPU: csrc/quantized_dictionary.cpp) or widens tiles of atoms for the GEMM (int4_dictionary_product),
         # never the whole D.
         self.int4_dictionary = config.dictionary_dtype == fmt.DICTIONARY_TYPES["int4"].dtype
 

@@ -25,9 +25,10 @@ DIRECT_MAX_ROWS = 32
 # layers it beats the expanded tiles up to ~150 rows with 2 threads and ~64–100 with one (what vLLM's CPU
 # worker gets on a 2-core machine; NOTES.md item 28).
 INT16_MAX_ROWS = 96
-# x·D for a 4-bit D: up to this many rows of x the C++ op decodes the packed codes in registers (passes of 8 rows);
-# above it, C++-decoded tiles of 256 atoms and torch's GEMM (benchmarks/int4_dictionary_bench.py, NOTES.md item 68).
-INT4_DICTIONARY_FUSED_MAX_ROWS = 16
+# x·D for an integer D (4-bit or int8): up to this many rows of x the C++ op widens the codes in registers (passes of 8
+# rows); above it, C++-decoded tiles of 256 atoms and torch's GEMM (benchmarks/quantized_dictionary_bench.py, NOTES.md
+# items 68, 69).
+QUANTIZED_DICTIONARY_FUSED_MAX_ROWS = 16
 
 
 def direct_max_rows(z_dtype: torch.dtype, value_dtype: torch.dtype) -> int:
@@ -55,8 +56,8 @@ class CPUKernel(CoSpaDiKernel):
     def __init__(self, config: KernelConfig) -> None:
         super().__init__(config)
         # D held transposed ([K, in], the same bytes) for the C++ x·D kernels: bf16 activations, and float32
-        # ones (D widened in registers for few rows, instead of a float32 copy of D per call). An int8 D is
-        # held transposed too (CoSpaDiKernel.hold_int8_dictionary).
+        # ones (D widened in registers for few rows, instead of a float32 copy of D per call). An integer D (int8,
+        # 4-bit) is held as stored: the C++ x·D reads its codes along the atoms.
         self.dictionary_transposed = config.dictionary_dtype == torch.bfloat16 and config.act_dtype in (
             torch.bfloat16, torch.float32)
         self.value_table: torch.Tensor | None = None
@@ -67,20 +68,15 @@ class CPUKernel(CoSpaDiKernel):
         # Build / load the C++ library now, not inside the first forward.
         self.value_table, self.value_kind = cpu_library.value_decoding(self.config.value_dtype)
         self.direct_max_rows = direct_max_rows(self.config.act_dtype, self.config.value_dtype)
-        if not owns_dictionary or self.int4_dictionary:  # (a 4-bit D is held as stored)
-            return
-        if self.int8_dictionary:
-            self.hold_int8_dictionary(layer)
+        if not owns_dictionary or self.int4_dictionary or self.int8_dictionary:  # (an integer D is held as stored)
             return
         dictionary = self.held_dictionary(layer.dictionary.data)
         replace_tensor(layer, fmt.DICTIONARY, dictionary.t().contiguous() if self.dictionary_transposed else dictionary)
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_dictionary:  # the packed codes read as stored, for every M (csrc/int4_dictionary.cpp)
-            return torch.ops.cospadi_cpu.int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales,
-                                                                 INT4_DICTIONARY_FUSED_MAX_ROWS)
-        if self.int8_dictionary:
-            return self.int8_dictionary_product(layer, x)
+        if self.int4_dictionary or self.int8_dictionary:  # the codes read as stored (csrc/quantized_dictionary.cpp)
+            return torch.ops.cospadi_cpu.quantized_dictionary_product(x, layer.dictionary, layer.dictionary_scales,
+                                                                      QUANTIZED_DICTIONARY_FUSED_MAX_ROWS)
         if self.dictionary_transposed:
             return torch.ops.cospadi_cpu.dictionary_product(x, layer.dictionary)
         dictionary = layer.dictionary
@@ -92,7 +88,7 @@ class CPUKernel(CoSpaDiKernel):
             self.value_kind, False, z.dtype == torch.float32, self.direct_max_rows)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.dictionary_transposed:  # (an int8 D: x·D and Z·C as two ops)
+        if not self.dictionary_transposed:  # (an integer D: x·D and Z·C as two ops)
             return super().apply(layer, x)
         return torch.ops.cospadi_cpu.linear(x, layer.dictionary, layer.coef_mask, layer.coef_values,
                                             layer.coef_scales, layer.atom_offsets, self.value_table,
@@ -101,9 +97,7 @@ class CPUKernel(CoSpaDiKernel):
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         coefficients = {fmt.COEF_MASK: layer.coef_mask, fmt.COEF_VALUES: layer.coef_values,
                         fmt.COEF_SCALES: layer.coef_scales}
-        if self.int8_dictionary:
-            return {**self.stored_int8_dictionary(layer), **coefficients}
-        if self.int4_dictionary:
+        if self.int4_dictionary or self.int8_dictionary:
             return {fmt.DICTIONARY: layer.dictionary, fmt.DICTIONARY_SCALES: layer.dictionary_scales, **coefficients}
         dictionary = layer.dictionary.t() if self.dictionary_transposed else layer.dictionary
         return {fmt.DICTIONARY: dictionary.to(self.config.dictionary_dtype).contiguous(), **coefficients}

@@ -1,4 +1,4 @@
-"""The C++ CPU ops (csrc/cpu_kernels.cpp, csrc/int4_dictionary.cpp), built once per machine with the system compiler.
+"""The C++ CPU ops (csrc/cpu_kernels.cpp, csrc/quantized_dictionary.cpp), built once per machine with the system compiler.
 
 ``make setup`` builds it (``cpu_kernels.main()``); otherwise the first CoSpaDi layer
 that vLLM loads on CPU does (about a minute on 2 cores; torch's file lock makes concurrent TP workers
@@ -20,10 +20,11 @@ Ops (namespace ``torch.ops.cospadi_cpu``):
   in one call. Few rows with int8 values: Z stays float32 between the products and is rounded once,
   to int16 (the two-op path rounds it to bfloat16 first); otherwise ``dictionary_product`` +
   ``coef_product``.
-- ``int4_dictionary_product(x, packed, scales, fused_max_rows)`` → Z = x·D [M, K] in x's dtype for a 4-bit D as
-  stored (GPTQ layout, csrc/int4_dictionary.cpp). Up to ``fused_max_rows`` rows: the packed words read once per
-  8 rows of x, codes decoded in registers (AVX2 + FMA + F16C; a scalar walk otherwise) into per-group float32
-  accumulators; more rows: tiles of 256 atoms decoded to float32 and torch's GEMM.
+- ``quantized_dictionary_product(x, codes, scales, fused_max_rows)`` → Z = x·D [M, K] in x's dtype for an integer D
+  as stored (csrc/quantized_dictionary.cpp): 4-bit in GPTQ's layout (int32 codes, float16 scales per group) or
+  int8 ([in, K], float32 scales per atom). Up to ``fused_max_rows`` rows: the codes read once per 8 rows of x,
+  widened in registers (AVX2 + FMA + F16C; a scalar walk otherwise) into per-chunk float32 accumulators; more
+  rows: tiles of 256 atoms decoded to float32 and torch's GEMM.
 Fake kernels are registered, so torch.compile treats the ops as opaque.
 """
 
@@ -39,7 +40,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "int4_dictionary.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "quantized_dictionary.cpp")]
 # The instruction set the library is compiled for: this CPU's (native), or another x86-64 level named here
 # (x86-64-v3: AVX2 + FMA, the kernels AVX2-only machines get; x86-64: the portable bit walk alone) — how
 # the tests build and check every variant on one machine. It must not exceed what the CPU runs.
@@ -136,9 +137,9 @@ def _register_fake() -> None:
     def _dictionary_product_fake(x, dictionary_t):
         return x.new_empty((x.shape[0], dictionary_t.shape[0]))
 
-    @torch.library.register_fake("cospadi_cpu::int4_dictionary_product")
-    def _int4_dictionary_product_fake(x, packed, scales, fused_max_rows):
-        return x.new_empty((x.shape[0], packed.shape[1]))
+    @torch.library.register_fake("cospadi_cpu::quantized_dictionary_product")
+    def _quantized_dictionary_product_fake(x, codes, scales, fused_max_rows):
+        return x.new_empty((x.shape[0], codes.shape[1]))
 
     @torch.library.register_fake("cospadi_cpu::linear")
     def _linear_fake(x, dictionary_t, coef_mask, coef_values, coef_scales, atom_offsets, value_table, value_kind,
