@@ -25,10 +25,10 @@ DIRECT_MAX_ROWS = 32
 # layers it beats the expanded tiles up to ~150 rows with 2 threads and ~64–100 with one (what vLLM's CPU
 # worker gets on a 2-core machine; NOTES.md item 28).
 INT16_MAX_ROWS = 96
-# x·D for an integer D (4-bit or int8): up to this many rows of x the C++ op widens the codes in registers (passes of 8
-# rows); above it, C++-decoded tiles of 256 atoms and torch's GEMM (benchmarks/quantized_dictionary_bench.py, NOTES.md
-# items 68, 69).
-QUANTIZED_DICTIONARY_FUSED_MAX_ROWS = 16
+# x·D for an integer D (4-bit or int8): up to this many rows of x the C++ op widens the codes in registers, one pass
+# over D; more rows would read D once per 8 rows, and C++-decoded tiles of 256 atoms with torch's GEMM (which decode D
+# once) are faster from 16 rows on for both layouts (benchmarks/quantized_dictionary_bench.py, NOTES.md items 68, 69).
+QUANTIZED_DICTIONARY_FUSED_MAX_ROWS = 8
 
 
 def direct_max_rows(z_dtype: torch.dtype, value_dtype: torch.dtype) -> int:

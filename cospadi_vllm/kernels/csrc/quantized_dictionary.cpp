@@ -6,9 +6,10 @@
 //
 // One pass over the codes, never a widened copy of D: a vector of 8 consecutive atoms' codes is widened in registers
 // (4-bit: and, convert, shift per 8 codes; int8: sign-extending load, convert), shared by every row of x in the pass,
-// into per-chunk float accumulators; the chunk's scale (and the 4-bit zero term) is applied once per chunk. Few rows:
-// 0.33–1.0× (4-bit) the time of a float32 GEMM reading a dense D. More rows (above the caller's fused_max_rows):
-// 256-atom tiles decoded to float32 and torch's GEMM, 1.1–1.4× a dense GEMM's time (NOTES.md items 68, 69).
+// into per-chunk float accumulators; the chunk's scale (and the 4-bit zero term) is applied once per chunk. One row:
+// 0.29–0.75× (4-bit) and 0.50–1.28× (int8) the time of a float32 GEMM reading a dense D, cold, one AVX2 thread. More
+// rows (above the caller's fused_max_rows): 256-atom tiles decoded to float32 and torch's GEMM, 1.0–1.4× a dense
+// GEMM's time (NOTES.md items 68, 69).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
