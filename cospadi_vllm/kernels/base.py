@@ -138,9 +138,10 @@ def choose_kernel(config: KernelConfig, name: str | None = None) -> CoSpaDiKerne
                        f"activations on {config.device} ({'; '.join(reasons)})")
 
 
-# x·D with an int8 D: torch's int8-weight GEMM (``_weight_int8pack_mm``) for up to this many rows of bf16 / fp16
-# x; above it, and for float32 x (its float32 kernel is 7–40× slower than a GEMM), tiles of INT8_TILE_ATOMS
-# atoms widened to x's dtype and torch's GEMM (benchmarks/results/NOTES.md item 53).
+# x·D with an int8 D held transposed — the GPU kernel's path (the CPU kernel reads D as stored in C++: NOTES.md item 69).
+# On CPU tensors (the Triton kernel under the interpreter; the benchmark's "torch" row) torch's int8-weight GEMM
+# (``_weight_int8pack_mm``) for up to this many rows of bf16 / fp16 x; above it, and for float32 x (its float32 kernel
+# is 7–40× slower than a GEMM), tiles of INT8_TILE_ATOMS atoms widened to x's dtype and torch's GEMM (item 53).
 INT8_GEMM_MAX_ROWS = 128
 INT8_TILE_ATOMS = 256
 
