@@ -52,7 +52,7 @@ class CoSpaDiKernel(ABC):
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
         # An int8 D: held as stored by the CPU kernel (its C++ x·D reads the codes along the atoms), transposed
-        # ([K, in] int8, the same bytes) by the GPU kernel (hold_int8_dictionary), float32 scales as stored.
+        # ([K, in] int8, the same bytes) by the GPU kernel for int8_dictionary_product, float32 scales as stored.
         self.int8_dictionary = config.dictionary_dtype == torch.int8
         # A 4-bit D is held as stored (GPTQ layout: int32 [ceil(in/8), K], float16 scales [groups, K]); x·D reads the
         # packed codes (CPU: csrc/quantized_dictionary.cpp) or widens tiles of atoms for the GEMM (int4_dictionary_product),
@@ -84,21 +84,6 @@ class CoSpaDiKernel(ABC):
     @abstractmethod
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         """{DICTIONARY, COEF_MASK, COEF_VALUES, COEF_SCALES} in their stored layout (for saving)."""
-
-    def hold_int8_dictionary(self, layer: torch.nn.Module) -> None:
-        replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
-
-    def int8_dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return int8_dictionary_product(x, layer.dictionary, layer.dictionary_scales.to(x.dtype))
-
-    def stored_int8_dictionary(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {fmt.DICTIONARY: layer.dictionary.t().contiguous(), fmt.DICTIONARY_SCALES: layer.dictionary_scales}
-
-    def quantized_dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x·D for an integer D (int8 held transposed, or 4-bit as stored)."""
-        if self.int4_dictionary:
-            return int4_dictionary_product(x, layer.dictionary, layer.dictionary_scales)
-        return self.int8_dictionary_product(layer, x)
 
     def held_dictionary_dtype(self) -> torch.dtype:
         """The dtype D is held in: float16 activations get D in float16 once (same bytes) instead of a

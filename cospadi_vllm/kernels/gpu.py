@@ -18,7 +18,13 @@ import torch
 
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import gpu_layout
-from cospadi_vllm.kernels.base import CoSpaDiKernel, KernelConfig, replace_tensor
+from cospadi_vllm.kernels.base import (
+    CoSpaDiKernel,
+    KernelConfig,
+    int4_dictionary_product,
+    int8_dictionary_product,
+    replace_tensor,
+)
 
 OP_NAME = "cospadi_packed_coefficient_product"
 # Which decode kernel (M ≤ 16) serves: "lanes" (every atom position) or "bitwalk" (only the set bits);
@@ -96,8 +102,8 @@ class TritonKernel(CoSpaDiKernel):
         self.bitwalk = decode == "bitwalk"
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
-        if owns_dictionary and self.int8_dictionary:
-            self.hold_int8_dictionary(layer)
+        if owns_dictionary and self.int8_dictionary:  # held transposed ([K, in], same bytes) for int8_dictionary_product
+            replace_tensor(layer, fmt.DICTIONARY, layer.dictionary.data.t().contiguous())
         elif owns_dictionary and not self.int4_dictionary and layer.dictionary.dtype != self.held_dictionary_dtype():
             replace_tensor(layer, fmt.DICTIONARY, self.held_dictionary(layer.dictionary.data))
         self.value_columns = layer.coef_values.shape[1]
@@ -112,8 +118,11 @@ class TritonKernel(CoSpaDiKernel):
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dictionary = layer.dictionary
-        if self.int8_dictionary or self.int4_dictionary:  # widened tile by tile for cuBLAS (no fused x·D kernel yet)
-            return self.quantized_dictionary_product(layer, x)
+        # An integer D: widened tile by tile for cuBLAS (no fused x·D kernel yet)
+        if self.int8_dictionary:
+            return int8_dictionary_product(x, dictionary, layer.dictionary_scales.to(x.dtype))
+        if self.int4_dictionary:
+            return int4_dictionary_product(x, dictionary, layer.dictionary_scales)
         if dictionary.dtype == x.dtype:
             return x @ dictionary  # cuBLAS
         if x.dtype == torch.float32:  # D stays bfloat16 (half the bytes): widened tile by tile, never copied
@@ -131,7 +140,7 @@ class TritonKernel(CoSpaDiKernel):
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         if self.int8_dictionary:
-            dictionary = self.stored_int8_dictionary(layer)
+            dictionary = {fmt.DICTIONARY: layer.dictionary.t().contiguous(), fmt.DICTIONARY_SCALES: layer.dictionary_scales}
         elif self.int4_dictionary:
             dictionary = {fmt.DICTIONARY: layer.dictionary, fmt.DICTIONARY_SCALES: layer.dictionary_scales}
         else:
