@@ -19,13 +19,15 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("variant", "dtype"), [(variant, dtype) for variant in ("bfloat16", "int8") for dtype in TOLERANCE]
-                         + [("int4-values", "bfloat16")])
-def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_checkpoints, int4_checkpoints, dtype,
-                                                     variant):
+@pytest.mark.parametrize(("variant", "dtype"), [(variant, dtype) for variant in ("bfloat16", "int8", "int4")
+                                                 for dtype in TOLERANCE] + [("int4-values", "bfloat16")])
+def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_checkpoints, int4_checkpoints,
+                                                     int4_dictionary_checkpoints, dtype, variant):
     """variant: the dictionary dtype (int8 values), or int4 values with a bfloat16 dictionary."""
-    checkpoint = {"bfloat16": tiny_checkpoints, "int8": int8_checkpoints, "int4-values": int4_checkpoints}[variant]["llama"]
-    dictionary = "int8" if variant == "int8" else "bfloat16"
+    checkpoint = {"bfloat16": tiny_checkpoints, "int8": int8_checkpoints, "int4": int4_dictionary_checkpoints,
+                  "int4-values": int4_checkpoints}[variant]["llama"]
+    # the dictionary as held: a 4-bit one stays in its GPTQ words (int32, eight codes each)
+    dictionary = {"int8": "int8", "int4": "int32"}.get(variant, "bfloat16")
     env = {**os.environ, "TRITON_INTERPRET": "1", "COSPADI_KERNEL": "triton", "PYTHONPATH": str(ROOT),
            "VLLM_HOST_IP": "127.0.0.1"}
     run = subprocess.run([sys.executable, "-m", "tests.vllm_gpu_branch", str(checkpoint), dtype],
@@ -33,6 +35,7 @@ def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_chec
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads(lines[-1])
+    config = json.loads((checkpoint / "config.json").read_text())
     assert set(result) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     for name, layer in result.items():
         assert layer["kernel"] == "TritonKernel", name
@@ -42,6 +45,11 @@ def test_vllm_layers_on_the_gpu_kernel_match_float64(tiny_checkpoints, int8_chec
         assert outputs == held["coef_scales"][0][0] and words < outputs, (name, held)
         assert {"value_starts", "shard_table"} <= set(held), (name, held)
         assert held["dictionary"][1] == f"torch.{dictionary}", (name, held)  # never widened at load
+        if variant == "int4":  # [in / 8, k] words and one float16 scale per (128 inputs, atom)
+            in_features = {"down_proj": config["intermediate_size"]}.get(name, config["hidden_size"])
+            words, atoms = held["dictionary"][0]
+            assert words * 8 == in_features and held["dictionary_scales"] == [[-(-in_features // 128), atoms],
+                                                                               "torch.float16"], (name, held)
         assert held["shard_table"][0][0] == {"qkv_proj": 3, "gate_up_proj": 2}.get(name, 1), (name, held)
         for rows, error in layer["relative_error"].items():
             assert error < TOLERANCE[dtype], (name, rows, error)

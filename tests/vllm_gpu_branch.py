@@ -56,8 +56,15 @@ def dense_reference(tensors: dict, module: str) -> torch.Tensor:
 
     mask, values, scales = (tensors[f"{module}.{s}"] for s in fmt.COEF_SUFFIXES)
     dictionary = tensors[f"{module}.{fmt.DICTIONARY}"].double()
-    if f"{module}.{fmt.DICTIONARY_SCALES}" in tensors:  # an int8 dictionary: times each atom's scale
-        dictionary = dictionary * tensors[f"{module}.{fmt.DICTIONARY_SCALES}"].double()
+    scale_name = f"{module}.{fmt.DICTIONARY_SCALES}"
+    if tensors[f"{module}.{fmt.DICTIONARY}"].dtype == torch.int32:  # 4-bit GPTQ words: the format's decode
+        from cospadi_vllm import codec
+
+        dictionary = codec.dequantize_dictionary(
+            {fmt.DICTIONARY: tensors[f"{module}.{fmt.DICTIONARY}"], fmt.DICTIONARY_SCALES: tensors[scale_name]},
+            tensors[f"{module}.{fmt.DICTIONARY}"].shape[0] * 8).double()
+    elif scale_name in tensors:  # an int8 dictionary: times each atom's scale
+        dictionary = dictionary * tensors[scale_name].double()
     offsets = torch.zeros(mask.shape[0], dtype=torch.int32)
     return dictionary @ reference_coefficients(mask, values, scales, offsets, dictionary.shape[1])
 
