@@ -40,6 +40,20 @@ def stored_value(coef_values: torch.Tensor, rows: torch.Tensor, rank: torch.Tens
     return coef_values[rows, rank].double()
 
 
+def reference_dictionary(tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+    """D [in, K] in float64 from a layer's stored dictionary, decoded here bit by bit: bfloat16 as is, int8 atoms
+    times their scales, 4-bit GPTQ words (eight codes per int32 along the input, zero 8) times their group's
+    scale."""
+    stored = tensors[fmt.DICTIONARY]
+    if stored.dtype == torch.int32:
+        codes = torch.stack([(stored.long() >> (4 * i)) & 0xF for i in range(8)], 1).reshape(-1, stored.shape[1])
+        group = torch.arange(in_features) // fmt.DICTIONARY_TYPES["int4"].group_size
+        return (codes[:in_features].double() - 8) * tensors[fmt.DICTIONARY_SCALES].double()[group]
+    if stored.dtype == torch.int8:
+        return stored.double() * tensors[fmt.DICTIONARY_SCALES].double()
+    return stored.double()
+
+
 def merged_layer_tensors(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48,
                          dictionary_dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
     """A merged layer of len(shards) shards (k, out, s) with random D (atoms of different scales) and random

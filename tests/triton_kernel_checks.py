@@ -189,3 +189,37 @@ def test_float32_dictionary_product_reads_bfloat16_d(kernels, m):
     reference = x.double().cpu() @ dictionary.double().cpu()
     assert z.dtype == torch.float32 and z.shape == (m, 150)
     assert relative_error(z, reference) < 1e-6
+
+
+@pytest.mark.parametrize("value_dtype", ["int8", "float8_e4m3fn", "bfloat16", "int4"])
+@pytest.mark.parametrize("dictionary_dtype", ["bfloat16", "int8", "int4"])
+def test_gpu_kernel_serves_every_dictionary_and_value_dtype(dictionary_dtype, value_dtype):
+    """The GPU kernel class (x·D for the stored dictionary, then the Triton Z·C on C repacked) on a merged
+    3-shard layer, every (dictionary dtype × value dtype) pair: float64 math of the stored tensors, decoded
+    bit by bit in tests/reference.py, is the reference; D is held in its stored dtype, never widened, and
+    given back as stored."""
+    from cospadi_vllm.kernels import KernelConfig, choose_kernel
+    from tests.reference import HeldLayer, merged_layer_tensors, reference_dictionary
+
+    g = torch.Generator().manual_seed(500 + 7 * len(dictionary_dtype) + len(value_dtype))
+    tensors = merged_layer_tensors(value_dtype, g, dictionary_dtype=dictionary_dtype)
+    in_features = 48
+    dictionary = reference_dictionary(tensors, in_features)
+    dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
+                                                tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
+    layer = HeldLayer.of(tensors).to(DEVICE)
+    config = KernelConfig(torch.device(DEVICE), torch.float32, fmt.VALUE_DTYPES[value_dtype],
+                          tensors[fmt.DICTIONARY].dtype)
+    kernel = choose_kernel(config, name="triton")
+    kernel.process_weights_after_loading(layer)
+    assert layer.dictionary.dtype == tensors[fmt.DICTIONARY].dtype and layer.dictionary.numel() == \
+        tensors[fmt.DICTIONARY].numel()
+    stored = kernel.stored_tensors(layer)
+    for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
+        if name in tensors:
+            assert stored[name].cpu().equal(tensors[name]), name
+    for rows in (1, 3, 16, 17, 130):
+        x = torch.randn(rows, in_features, generator=g)
+        y = kernel.apply(layer, x.to(DEVICE))
+        assert y.dtype == torch.float32 and y.shape == (rows, dense.shape[1])
+        assert relative_error(y, x.double() @ dense) < TOLERANCE[torch.float32], (rows, dictionary_dtype, value_dtype)

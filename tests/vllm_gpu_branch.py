@@ -49,22 +49,15 @@ SHARDS = {  # vLLM layer → (checkpoint modules, the shard ids its weight loade
 }
 
 
-def dense_reference(tensors: dict, module: str) -> torch.Tensor:
+def dense_reference(tensors: dict, module: str, in_features: int) -> torch.Tensor:
     """Wᵀ = D·C [in, out] in float64 from the stored tensors."""
     from cospadi_vllm import format as fmt
-    from tests.reference import reference_coefficients
+    from tests.reference import reference_coefficients, reference_dictionary
 
     mask, values, scales = (tensors[f"{module}.{s}"] for s in fmt.COEF_SUFFIXES)
-    dictionary = tensors[f"{module}.{fmt.DICTIONARY}"].double()
-    scale_name = f"{module}.{fmt.DICTIONARY_SCALES}"
-    if tensors[f"{module}.{fmt.DICTIONARY}"].dtype == torch.int32:  # 4-bit GPTQ words: the format's decode
-        from cospadi_vllm import codec
-
-        dictionary = codec.dequantize_dictionary(
-            {fmt.DICTIONARY: tensors[f"{module}.{fmt.DICTIONARY}"], fmt.DICTIONARY_SCALES: tensors[scale_name]},
-            tensors[f"{module}.{fmt.DICTIONARY}"].shape[0] * 8).double()
-    elif scale_name in tensors:  # an int8 dictionary: times each atom's scale
-        dictionary = dictionary * tensors[scale_name].double()
+    prefix = f"{module}."
+    layer = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+    dictionary = reference_dictionary(layer, in_features)
     offsets = torch.zeros(mask.shape[0], dtype=torch.int32)
     return dictionary @ reference_coefficients(mask, values, scales, offsets, dictionary.shape[1])
 
@@ -94,7 +87,7 @@ def main(checkpoint: Path, dtype_name: str) -> dict:
                     args = () if shard_id is None else (shard_id,)
                     param.weight_loader(param, stored, *args)
             layer.quant_method.process_weights_after_loading(layer)
-            dense = torch.cat([dense_reference(tensors, f"model.layers.0.{m}") for m in modules], 1)
+            dense = torch.cat([dense_reference(tensors, f"model.layers.0.{m}", layer.input_size) for m in modules], 1)
             errors = {}
             for rows in ROWS:  # decode (FMA, 16-row dot) and prefill tiles
                 x = torch.randn(rows, layer.input_size, generator=generator).to(dtype)
