@@ -1,4 +1,4 @@
-"""Per-module check: is the default CoSpaDi compression ever worse than SVD-LLM at the same bytes?
+"""Per-module check: is CoSpaDi's structure search ever worse than SVD-LLM at the same bytes?
 
 Reads the ``compress_report.json`` of the quality benchmark's checkpoints (``cospadi-int8@CR`` and
 ``svd-llm@CR`` in its work directory) and compares, for every compressed module, the whitened
@@ -13,8 +13,8 @@ error after quantization two ways:
     python benchmarks/module_errors.py --work-dir DIR --name NAME --ratios 0.3
 
 The one-shot comparison in results/ was made from checkpoints written with
-``cospadi-compress MODEL DIR/cospadi-int8@CR --ratio CR --one-shot`` and
-``cospadi-compress MODEL DIR/svd-llm@CR --ratio CR --method svd-llm --one-shot``, then
+``cospadi-compress MODEL DIR/cospadi-int8@CR --ratio CR --one-shot --dictionary-dtype bfloat16`` and
+``cospadi-compress MODEL DIR/svd-llm@CR --ratio CR --method svd-llm --one-shot --dictionary-dtype bfloat16``, then
 ``python benchmarks/module_errors.py --work-dir DIR --name smollm2-one-shot``.
 
 Writes benchmarks/results/module-errors-<name>.{json,md}.

@@ -48,17 +48,21 @@ from offline_compress.options import DEFAULT_TARGETS, CompressOptions
 from offline_compress.pipeline import compress_or_reuse
 
 RESULTS = Path(__file__).parent / "results"
-# Row name -> compressor options. SVD-LLM is stored like CoSpaDi-int8 with s = k.
+# Row name -> compressor options, every dtype spelled out, so a row keeps its meaning whatever the compressor's
+# defaults are: "cospadi-int8…" rows hold a bfloat16 dictionary and int8 values; "-d8" / "-d4" rows an int8 / 4-bit
+# dictionary (cospadi-int8-d8 is the compressor's default). SVD-LLM is stored like CoSpaDi-int8 with s = k.
+BF16_D = {"dictionary_dtype": "bfloat16"}
 VARIANTS: dict[str, dict] = {
-    "svd-llm": {"method": "svd-llm", "value_dtype": "int8"},
-    "cospadi-int8": {"method": "cospadi", "value_dtype": "int8"},
-    "cospadi-bf16": {"method": "cospadi", "value_dtype": "bfloat16"},
+    "svd-llm": {"method": "svd-llm", "value_dtype": "int8", **BF16_D},
+    "cospadi-int8": {"method": "cospadi", "value_dtype": "int8", **BF16_D},
+    "cospadi-bf16": {"method": "cospadi", "value_dtype": "bfloat16", **BF16_D},
     # cross-layer sharing: q/k/v/gate/up dictionaries shared by 2 consecutive layers
-    "cospadi-int8-g2": {"method": "cospadi", "value_dtype": "int8", "group_size": 2},
+    "cospadi-int8-g2": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, **BF16_D},
     # per-module ratios from the whitened spectra, same total bytes
-    "cospadi-int8-sens": {"method": "cospadi", "value_dtype": "int8", "allocation": "sensitivity"},
-    "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity"},
-    # stacked with quantization: an int8 dictionary (one scale per atom)
+    "cospadi-int8-sens": {"method": "cospadi", "value_dtype": "int8", "allocation": "sensitivity", **BF16_D},
+    "cospadi-int8-g2-sens": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "allocation": "sensitivity",
+                             **BF16_D},
+    # stacked with quantization: an int8 dictionary (one scale per atom), the compressor's default
     "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
     # ... and int4 values (two per byte, one scale per output column)
     "cospadi-int4-d8": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int8"},
@@ -67,8 +71,9 @@ VARIANTS: dict[str, dict] = {
     "cospadi-int4-d4": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int4"},
     # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
     # activations), so a group's second layer sees the same inputs in both
-    "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False},
-    "cospadi-int8-g2-1shot": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "sequential": False},
+    "cospadi-int8-1shot": {"method": "cospadi", "value_dtype": "int8", "sequential": False, **BF16_D},
+    "cospadi-int8-g2-1shot": {"method": "cospadi", "value_dtype": "int8", "group_size": 2, "sequential": False,
+                              **BF16_D},
 }
 
 

@@ -36,6 +36,8 @@ from offline_compress.whitening import unwhiten, whiten, whitening_factor
 class LayerSettings:
     method: str = "cospadi"
     value_dtype: str = "int8"
+    # The layer API's default is the format's float dictionary; the compressor passes its own
+    # (options.DEFAULT_DICTIONARY_DTYPE, int8) or the one asked for.
     dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE
     k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S  # one value forces that structure (no search)
     iterations: int = 8

@@ -17,6 +17,10 @@ from offline_compress.calibration import gram_key
 
 METHODS = ("cospadi", "svd-llm")
 DEFAULT_K_OVER_S = (1.5, 2.0)  # k/s = 3 never won on SmolLM2 (benchmarks/results/NOTES.md item 12)
+# What the compressor writes unless told (a checkpoint without the field is read as format's bfloat16): at the same
+# bytes an int8 dictionary buys more atoms and non-zeros, SmolLM2 perplexity 33.05 / 43.14 / 61.03 → 20.53 /
+# 20.58 / 22.23 at CR 0.2 / 0.3 / 0.4 (benchmarks/results/quality-smollm2.md, NOTES items 53–54, 72).
+DEFAULT_DICTIONARY_DTYPE = "int8"
 # Linears compressed by default, by their name inside a decoder layer.
 DEFAULT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -54,8 +58,9 @@ class CompressOptions:
         "quantization; one value forces that structure everywhere", kind="floats")
     value_dtype: str = option(fmt.DEFAULT_VALUE_DTYPE, "storage type of the coefficient values",
                               choices=tuple(sorted(fmt.VALUE_DTYPES)))
-    dictionary_dtype: str = option(fmt.DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale "
-                                   "per atom; a 1-byte dictionary buys more atoms and non-zeros at the same --ratio)",
+    dictionary_dtype: str = option(DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale per "
+                                   "atom, int4: GPTQ-rounded groups of 128 inputs; a smaller dictionary buys more "
+                                   "atoms and non-zeros at the same --ratio; bfloat16: the float dictionary)",
                                    choices=tuple(sorted(n for n, t in fmt.DICTIONARY_TYPES.items() if t.supported)))
     iterations: int = option(8, "dictionary-learning iterations T (each: dictionary update + sparse coding)")
     calib: str = option(BUILTIN_CALIBRATION,

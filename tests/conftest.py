@@ -63,7 +63,8 @@ def calib_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Path]:
-    """CoSpaDi checkpoints of the tiny models (fast settings: one learning iteration)."""
+    """CoSpaDi checkpoints of the tiny models with bfloat16 dictionaries (the float-D path; fast settings: one
+    learning iteration). The compressor's default (int8 dictionaries) is ``int8_checkpoints``."""
     from offline_compress.options import CompressOptions
     from offline_compress.pipeline import compress_model
 
@@ -71,8 +72,9 @@ def tiny_checkpoints(tiny_models, calib_file, tmp_path_factory) -> dict[str, Pat
     out = {}
     for arch in TINY_ARCHS:
         out[arch] = root / arch
-        compress_model(tiny_models[arch], out[arch], CompressOptions(iterations=1, calib=str(calib_file),
-                                                                     calib_samples=4, seq_len=64), log=lambda m: None)
+        options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
+                                  dictionary_dtype="bfloat16")
+        compress_model(tiny_models[arch], out[arch], options, log=lambda m: None)
     return out
 
 

@@ -32,7 +32,7 @@ def compressed(tiny_models, calib_file, tmp_path_factory):
         for value_dtype in ("int8", "float8_e4m3fn", "bfloat16") if arch == "llama" else ("int8",):
             out = root / f"{arch}-{value_dtype}"
             options = CompressOptions(ratio=0.3, iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
-                                      value_dtype=value_dtype)
+                                      value_dtype=value_dtype, dictionary_dtype="bfloat16")
             report = compress_model(tiny_models[arch], out, options, log=lambda m: None)
             result[(arch, value_dtype)] = (out, report)
     return result
@@ -176,6 +176,11 @@ def test_resume_reuses_finished_layers(tiny_models, calib_file, tmp_path):
     assert not partial.exists()
     a, b = read_all(full), read_all(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # the options' defaults write int8 dictionaries, one float32 scale per atom
+    assert json.loads((full / "config.json").read_text())["quantization_config"]["dictionary_dtype"] == "int8"
+    dictionaries = [name for name in a if name.endswith(".dictionary")]
+    assert dictionaries and all(a[name].dtype == torch.int8 and a[f"{name}_scales"].dtype == torch.float32
+                                for name in dictionaries)
 
 
 def test_compress_or_reuse_checks_options(tiny_models, calib_file, tmp_path):

@@ -41,7 +41,7 @@ def grouped(tiny_models, calib_file, tmp_path_factory):
     """Tiny Llama (2 layers) with G = 2: one group, q/k/v/gate/up shared, o/down per layer."""
     out = tmp_path_factory.mktemp("grouped") / "llama-g2"
     options = CompressOptions(ratio=0.3, iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64,
-                              group_size=2)
+                              group_size=2, dictionary_dtype="bfloat16")
     report = compress_model(tiny_models["llama"], out, options, log=lambda m: None)
     return out, report
 

@@ -63,6 +63,8 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
         row = got[rid]
         assert row["model_bytes"] == model_bf16 - layer_bf16 + row["layer_bytes"], rid
     assert got["cospadi-bf16@0.3"]["options"]["value_dtype"] == "bfloat16"
+    for rid in ("svd-llm@0.3", "cospadi-int8@0.3", "cospadi-int8-sens@0.3"):  # pinned, not the compressor's default
+        assert got[rid]["options"]["dictionary_dtype"] == "bfloat16", rid
     for rid in rows[4:-3]:
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
     # int8 / 4-bit dictionary (and int4 values): the ratio is a ceiling (full rank may fit with bytes to spare)
