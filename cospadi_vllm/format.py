@@ -82,7 +82,7 @@ DICTIONARY_TYPES: dict[str, StorageType] = {
 }
 VALUE_DTYPES: dict[str, torch.dtype] = {name: t.dtype for name, t in VALUE_TYPES.items()}
 DEFAULT_VALUE_DTYPE = "int8"
-DEFAULT_DICTIONARY_DTYPE = "bfloat16"
+DEFAULT_DICTIONARY_DTYPE = "bfloat16"  # what a checkpoint without the field holds (the compressor writes int8 unless told)
 
 # Checkpoint modules vLLM fuses into one layer (Llama / Qwen2 / Qwen3 / Mistral), by fused layer name,
 # in shard order. The members read the same input, so the compressor calibrates them on one Gram.
