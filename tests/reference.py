@@ -54,6 +54,16 @@ def reference_dictionary(tensors: dict[str, torch.Tensor], in_features: int) -> 
     return stored.double()
 
 
+def reference_weight_t(tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+    """Wᵀ = D·C [in, N] in float64 of one layer's stored tensors (a merged layer's, or one module's: without
+    ``atom_offsets`` every output reads atoms from 0)."""
+    dictionary = reference_dictionary(tensors, in_features)
+    mask = tensors[fmt.COEF_MASK]
+    offsets = tensors.get("atom_offsets", torch.zeros(mask.shape[0], dtype=torch.int32))
+    return dictionary @ reference_coefficients(mask, tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES], offsets,
+                                               dictionary.shape[1])
+
+
 def merged_layer_tensors(value_dtype: str, g: torch.Generator, shards=SHARDS, in_features: int = 48,
                          dictionary_dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
     """A merged layer of len(shards) shards (k, out, s) with random D (atoms of different scales) and random

@@ -14,7 +14,7 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
-from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_coefficients, reference_dictionary
+from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_weight_t
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
@@ -85,13 +85,11 @@ def test_cpu_kernel_with_int4_dictionary_matches_float64(act_dtype, value_dtype)
     the stored codes and scales is the reference; D is held as stored (4 bits) and given back bit-identical."""
     g = torch.Generator().manual_seed(51 + len(value_dtype))
     tensors = merged_layer_tensors(value_dtype, g, dictionary_dtype="int4")
-    dictionary = reference_dictionary(tensors, 48)  # decoded bit by bit, not by the codec
-    dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
-                                                tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
+    dense = reference_weight_t(tensors, 48)  # D decoded bit by bit, not by the codec
     layer = HeldLayer.of(tensors)
     kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, fmt.VALUE_DTYPES[value_dtype], torch.int32))
     kernel.process_weights_after_loading(layer)
-    assert layer.dictionary.dtype == torch.int32 and layer.dictionary.shape == (6, dictionary.shape[1])
+    assert layer.dictionary.dtype == torch.int32 and layer.dictionary.shape == (6, tensors[fmt.DICTIONARY].shape[1])
     stored = kernel.stored_tensors(layer)
     for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
         assert stored[name].equal(tensors[name]), name

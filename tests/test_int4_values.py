@@ -17,7 +17,7 @@ from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.quantization import feedback_codes, quantize_values
-from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
+from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
 from tests.test_compressor import wide_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
@@ -80,9 +80,7 @@ def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype
     dense math of the stored nibbles is the reference; the values are held packed and come back bit-identical."""
     g = torch.Generator().manual_seed(41 + len(dictionary_dtype))
     tensors = merged_layer_tensors("int4", g, dictionary_dtype=dictionary_dtype)
-    dictionary = codec.dequantize_dictionary(tensors).double()
-    dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
-                                                tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
+    dense = reference_weight_t(tensors, 48)
     layer = HeldLayer.of(tensors)
     kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, torch.uint8, fmt.DICTIONARY_TYPES[dictionary_dtype].dtype))
     kernel.process_weights_after_loading(layer)
@@ -92,7 +90,7 @@ def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype
     assert stored[fmt.COEF_VALUES].dtype == torch.uint8 and stored[fmt.COEF_VALUES].equal(tensors[fmt.COEF_VALUES])
     bound = 1e-5 if act_dtype == torch.float32 else 3e-2
     for rows in (1, 3, 16, 17, 130):
-        x = torch.randn(rows, dictionary.shape[0], generator=g).to(act_dtype)
+        x = torch.randn(rows, dense.shape[0], generator=g).to(act_dtype)
         reference = x.double() @ dense
         for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
             assert y.dtype == act_dtype and y.shape == reference.shape

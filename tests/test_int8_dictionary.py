@@ -18,20 +18,12 @@ from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.reader import load_reconstructed_model
-from tests.reference import HeldLayer, merged_layer_tensors, reference_coefficients
+from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
 from tests.test_compressor import wide_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
 LOGITS_RTOL = 1e-4
-
-
-def dense_reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """W^T [in, N] in float64 of a merged layer: int8 atoms times their scales, times C."""
-    dictionary = tensors[fmt.DICTIONARY].double() * tensors[fmt.DICTIONARY_SCALES].double()
-    coef = reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES], tensors[fmt.COEF_SCALES],
-                                  tensors["atom_offsets"], dictionary.shape[1])
-    return dictionary @ coef
 
 
 @pytest.mark.parametrize("in_features", [48, 40])  # 40: not a multiple of the C++ x·D's 16-row chunks
@@ -40,7 +32,7 @@ def dense_reference(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype, in_features):
     g = torch.Generator().manual_seed(31 + in_features + len(value_dtype))
     tensors = merged_layer_tensors(value_dtype, g, in_features=in_features, dictionary_dtype="int8")
-    dense = dense_reference(tensors)
+    dense = reference_weight_t(tensors, in_features)  # int8 atoms times their scales, times C
     layer = HeldLayer.of(tensors)
     kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, tensors[fmt.COEF_VALUES].dtype, torch.int8))
     kernel.process_weights_after_loading(layer)

@@ -199,14 +199,12 @@ def test_gpu_kernel_serves_every_dictionary_and_value_dtype(dictionary_dtype, va
     bit by bit in tests/reference.py, is the reference; D is held in its stored dtype, never widened, and
     given back as stored."""
     from cospadi_vllm.kernels import KernelConfig, choose_kernel
-    from tests.reference import HeldLayer, merged_layer_tensors, reference_dictionary
+    from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
 
     g = torch.Generator().manual_seed(500 + 7 * len(dictionary_dtype) + len(value_dtype))
     tensors = merged_layer_tensors(value_dtype, g, dictionary_dtype=dictionary_dtype)
     in_features = 48
-    dictionary = reference_dictionary(tensors, in_features)
-    dense = dictionary @ reference_coefficients(tensors[fmt.COEF_MASK], tensors[fmt.COEF_VALUES],
-                                                tensors[fmt.COEF_SCALES], tensors["atom_offsets"], dictionary.shape[1])
+    dense = reference_weight_t(tensors, in_features)
     layer = HeldLayer.of(tensors).to(DEVICE)
     config = KernelConfig(torch.device(DEVICE), torch.float32, fmt.VALUE_DTYPES[value_dtype],
                           tensors[fmt.DICTIONARY].dtype)

@@ -51,15 +51,11 @@ SHARDS = {  # vLLM layer → (checkpoint modules, the shard ids its weight loade
 
 def dense_reference(tensors: dict, module: str, in_features: int) -> torch.Tensor:
     """Wᵀ = D·C [in, out] in float64 from the stored tensors."""
-    from cospadi_vllm import format as fmt
-    from tests.reference import reference_coefficients, reference_dictionary
+    from tests.reference import reference_weight_t
 
-    mask, values, scales = (tensors[f"{module}.{s}"] for s in fmt.COEF_SUFFIXES)
     prefix = f"{module}."
-    layer = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-    dictionary = reference_dictionary(layer, in_features)
-    offsets = torch.zeros(mask.shape[0], dtype=torch.int32)
-    return dictionary @ reference_coefficients(mask, values, scales, offsets, dictionary.shape[1])
+    return reference_weight_t({name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
+                              in_features)
 
 
 def main(checkpoint: Path, dtype_name: str) -> dict:
