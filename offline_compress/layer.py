@@ -229,16 +229,25 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
         svd_shape = settings.shape(problem.in_features, problem.out_features, ratio, SVD_STRUCTURE)
         svd, candidates[SVD_STRUCTURE] = quantized(problem, SVD_STRUCTURE, svd_shape,
                                                    problem.svd_factorization(svd_shape.k), settings)
-    # Full rank leaves only the rounding of its coefficients: a learned structure whose trial error
-    # (before quantization) is not below that is not learned further, nor trialled when its first coding
-    # (estimated on a column sample) is far above it (STOP_RULE).
+    # Full rank leaves only the rounding of its coefficients, so it bounds what a learned structure must
+    # beat: trials that cannot are cut short (STOP_RULE).
     full_rank = svd is not None and svd.shape.k == min(problem.in_features, problem.out_features)
-    learned = learn_best_structure(problem, ratio, settings, candidates,
-                                   stop_above=candidates[SVD_STRUCTURE] if full_rank else None)
-    if learned is None:
+    stop_above = candidates[SVD_STRUCTURE] if full_rank else None
+    generator = torch.Generator().manual_seed(settings.seed)
+    trial = best_trial(problem, ratio, settings, candidates, generator, stop_above)
+    if trial is None:
         return svd, candidates
-    structure, shape, factorization = learned
-    chosen, error = quantized(problem, structure, shape, factorization, settings)
+    structure, shape, learned = trial
+    if stop_above is not None:
+        _, candidates[f"{structure} trial quantized"] = quantized(problem, structure, shape, learned, settings)
+        if candidates[f"{structure} trial quantized"] >= QUANTIZED_TRIAL_MARGIN * stop_above:
+            return svd, candidates
+    if settings.searches and settings.iterations > settings.trial_iterations:
+        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,
+                                                  settings.iterations - settings.trial_iterations, generator,
+                                                  settings.workspace_bytes,
+                                                  start=(learned.dictionary, learned.coef, learned.mask)))
+    chosen, error = quantized(problem, structure, shape, learned, settings)
     if svd is not None:  # keep whichever structure is better after quantization
         candidates[structure] = error
         if better(candidates[SVD_STRUCTURE], settings.stored_bytes(svd.shape), error, settings.stored_bytes(shape)):
@@ -256,8 +265,9 @@ def better(error_a: float, bytes_a: int, error_b: float, bytes_b: int) -> bool:
     return error_a < error_b
 
 
-STOP_RULE = ("a trial not below full-rank SVD's quantized error is not continued, and one whose first coding "
-             "(estimated on a column sample) is ESTIMATE_MARGIN × that error or more is not trialled at all")
+STOP_RULE = ("where full rank fits, a structure whose first coding (estimated on a column sample) is ESTIMATE_MARGIN "
+             "× full rank's quantized error or more is not trialled, and the best trial is continued only if it is "
+             "below that error both before and after quantization (× QUANTIZED_TRIAL_MARGIN)")
 # Coding is per column, so the first coding's error (the trial's starting atoms, coded as learn_dictionary
 # starts) is estimated on every j-th output column (j ≤ 8, ≥ 512 columns kept), at 1/j of the cost. A trial's
 # error after its iterations was ≥ 1/2.1 of its first coding's on every SmolLM2 and Qwen2.5-0.5B trial
@@ -265,6 +275,10 @@ STOP_RULE = ("a trial not below full-rank SVD's quantized error is not continued
 # would lose to full rank anyway, so skipping it changes no choice.
 ESTIMATE_MAX_STRIDE, ESTIMATE_MIN_COLUMNS = 8, 512
 ESTIMATE_MARGIN = 2.5
+# A trial's error before quantization says little when its structure is over-complete or holds every column
+# (k ≥ out: 0 before rounding, 10× full rank's after, on Qwen2.5-0.5B's down_proj): quantizing the trial costs
+# one more solve of its values, and continuing it costs six learning iterations (NOTES.md item 76).
+QUANTIZED_TRIAL_MARGIN = 1.0
 
 
 def first_coding_estimate(problem: WhitenedProblem, shape: fmt.LayerShape, generator: torch.Generator,
@@ -278,13 +292,13 @@ def first_coding_estimate(problem: WhitenedProblem, shape: fmt.LayerShape, gener
     return relative_error(sample, atoms, coef)
 
 
-def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: LayerSettings, candidates: dict[str, float],
-                         stop_above: float | None = None) -> tuple[str, fmt.LayerShape, Factorization] | None:
-    """Trial of every k/s (``candidates`` gets each one's error), then the best learned to the full count;
-    None if no trial's error is below ``stop_above`` (see STOP_RULE).
+def best_trial(problem: WhitenedProblem, ratio: float, settings: LayerSettings, candidates: dict[str, float],
+               generator: torch.Generator, stop_above: float | None = None
+               ) -> tuple[str, fmt.LayerShape, Factorization] | None:
+    """A trial of every k/s (``candidates`` gets each one's error) → the best one (learned to the full count
+    when there is no search); None if no trial's error is below ``stop_above`` (see STOP_RULE).
 
     At most two candidates' factorizations (the best so far and the one in trial) are alive at once."""
-    generator = torch.Generator().manual_seed(settings.seed)
     trial = settings.trial_iterations if settings.searches else settings.iterations
     best: tuple[str, fmt.LayerShape, Factorization] | None = None
     for k_over_s in settings.k_over_s:
@@ -296,6 +310,7 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
             if estimate >= ESTIMATE_MARGIN * stop_above:
                 candidates[f"{name} estimate"] = estimate
                 continue
+            candidates[f"{name} first coding"] = estimate  # kept: the margin's evidence (NOTES.md item 50)
             generator.set_state(before)
         learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s, trial, generator,
                                                   settings.workspace_bytes, left=problem.left))
@@ -305,13 +320,7 @@ def learn_best_structure(problem: WhitenedProblem, ratio: float, settings: Layer
         del learned
     if best is None or (stop_above is not None and candidates[f"{best[0]} trial"] >= stop_above):
         return None
-    structure, shape, learned = best
-    if settings.searches and settings.iterations > settings.trial_iterations:
-        start = (learned.dictionary, learned.coef, learned.mask)
-        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,
-                                                  settings.iterations - settings.trial_iterations, generator,
-                                                  settings.workspace_bytes, start=start))
-    return structure, shape, learned
+    return best
 
 
 def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStructure, candidates: dict[str, float],

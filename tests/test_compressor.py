@@ -354,6 +354,43 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
         assert full.candidates[f"{name} trial"] >= full.candidates["svd"], (name, full.candidates)
 
 
+def tall_layer(spectrum: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 256 → 48 layer (in = 5.3·out, like a down_proj; at CR 0.2 full rank fits, and k/s = 1.5 buys k > out
+    atoms, which hold every column before rounding) and its input Gram: (weight [48, 256], Gram float64)."""
+    g = torch.Generator().manual_seed(len(spectrum))
+    n, m = 256, 48
+    if spectrum == "random":
+        weight = torch.randn(m, n, generator=g)
+    else:
+        u, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+        weight = (v * (1.0 / torch.arange(1, m + 1, dtype=torch.float64)) @ u.T).float()
+    x = torch.randn(4096, n, generator=g) * torch.linspace(0.2, 3.0, n)
+    return weight, x.double().T @ x.double()
+
+
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
+    """A trial below full rank's error before rounding (here ≈ 0: k > out) is continued only if it is below it
+    after rounding too (layer.STOP_RULE). Where that ends the search (random), continuing would have lost to
+    full rank anyway and the stored tensors are the same; where it does not (decaying), the learned structure
+    is continued and stored."""
+    from offline_compress import layer
+
+    weight, gram = tall_layer(spectrum)
+    settings = layer.LayerSettings(dictionary_dtype="int8")
+    ruled = layer.compress_linear(weight, gram, 0.2, settings)
+    assert ruled.candidates["k/s=1.5 trial"] < ruled.candidates["svd"]  # the unquantized trial looks better
+    stopped = "k/s=1.5" not in ruled.candidates
+    assert stopped == (spectrum == "random"), ruled.candidates
+    monkeypatch.setattr(layer, "QUANTIZED_TRIAL_MARGIN", float("inf"))
+    full = layer.compress_linear(weight, gram, 0.2, settings)
+    assert "k/s=1.5" in full.candidates  # continued: the counterfactual
+    assert ruled.structure == full.structure == ("svd" if stopped else "k/s=1.5"), (ruled.candidates, full.candidates)
+    for name, tensor in full.tensors.items():
+        assert torch.equal(ruled.tensors[name], tensor), name
+
+
 def test_exactly_sparse_layer_compresses_to_finite_values():
     """Columns that are exact 8-term combinations under an identity Gram: the coding solves some rows
     exactly, and the CG step of such a row (curvature rounding to ≤ 0) once went to Inf and the
