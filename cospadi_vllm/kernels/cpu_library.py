@@ -30,10 +30,13 @@ Fake kernels are registered, so torch.compile treats the ops as opaque.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,6 +53,8 @@ ARCH_ENV = "COSPADI_CPU_ARCH"
 INT8, TABLE, BF16, INT4 = 0, 1, 2, 3
 
 _lock = threading.Lock()
+BUILD_LOCK = "build.flock"  # ours: an flock on it serialises builds across processes
+TORCH_BATON = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
 _loaded = False
 _features: dict[str, bool | int] = {}
 
@@ -112,10 +117,11 @@ def load() -> None:
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            cpp_extension.load(
-                name="cospadi_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
-                build_directory=str(directory), is_python_module=False, verbose=False,
-            )
+            with _build_lock(directory):
+                cpp_extension.load(
+                    name="cospadi_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=cflags(),
+                    extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False,
+                )
         except (RuntimeError, OSError, ImportError) as err:
             raise RuntimeError(
                 f"could not build the CoSpaDi CPU kernels ({', '.join(map(str, SOURCES))}) with the system C++ compiler: {err}. "
@@ -123,6 +129,21 @@ def load() -> None:
             ) from err
         _register_fake()
         _loaded = True
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """One build or load at a time per build directory, across processes (TP workers), by an OS file lock that
+    dies with its holder. torch's own lock is a file whose existence is the lock: a build killed part-way
+    (Ctrl-C, kill) left it behind and every later process waited for it forever, silently. Holding this
+    lock means no other process is building here, so such a file is stale and is removed."""
+    with open(directory / BUILD_LOCK, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / TORCH_BATON).unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _register_fake() -> None:
