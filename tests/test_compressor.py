@@ -287,19 +287,21 @@ def test_kill_9_then_same_command_gives_the_uninterrupted_checkpoint(tiny_models
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def wide_layer(spectrum: str, nonzeros: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 64 → 384 layer (out = 6·in; at CR 0.2 full rank fits with bytes to spare) and its input Gram:
-    (weight [384, 64], Gram [64, 64] float64). Spectrum "random", "decaying" (singular values 1/i) or
-    "sparse": every output column a combination of ``nonzeros`` of 48 random atoms (where a learned
-    structure beats full rank)."""
+def synthetic_layer(spectrum: str, nonzeros: int = 4, in_features: int = 64, out_features: int = 384
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer and its input Gram: (weight [out, in], Gram [in, in] float64). The default 64 → 384 (out = 6·in; at
+    CR 0.2 full rank fits with bytes to spare). Spectrum "random", "decaying" (singular values 1/i) or "sparse":
+    every output column a combination of ``nonzeros`` of 48 random atoms (where a learned structure beats full
+    rank; in ≥ 48)."""
     g = torch.Generator().manual_seed(len(spectrum))
-    n, m = 64, 384
+    n, m = in_features, out_features
     if spectrum == "random":
         weight = torch.randn(m, n, generator=g)
     elif spectrum == "decaying":
-        u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-        weight = (u * (1.0 / torch.arange(1, n + 1, dtype=torch.float64)) @ v.T).float()
+        rank = min(n, m)
+        u, _ = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
+        weight = (u * (1.0 / torch.arange(1, rank + 1, dtype=torch.float64)) @ v.T).float()
     else:
         atoms = torch.randn(n, 48, generator=g)
         picks = torch.rand(m, 48, generator=g).argsort(1)[:, :nonzeros]
@@ -316,7 +318,7 @@ def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
     balancing or refit), and nothing over the budget."""
     from offline_compress.layer import LayerSettings, compress_linear
 
-    weight, gram = wide_layer(spectrum)
+    weight, gram = synthetic_layer(spectrum)
     n, m = weight.shape[1], weight.shape[0]
     result = compress_linear(weight, gram, 0.2, LayerSettings())
     baseline = compress_linear(weight, gram, 0.2, LayerSettings(method="svd-llm"))
@@ -335,7 +337,7 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
     rank after its trial iterations anyway."""
     from offline_compress import layer
 
-    weight, gram = wide_layer(spectrum)
+    weight, gram = synthetic_layer(spectrum)
     settings = layer.LayerSettings(k_over_s=k_over_s)
     ruled = layer.compress_linear(weight, gram, 0.2, settings)
     ended = [key.removesuffix(" estimate") for key in ruled.candidates if key.endswith(" estimate")]
@@ -354,30 +356,16 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
         assert full.candidates[f"{name} trial"] >= full.candidates["svd"], (name, full.candidates)
 
 
-def tall_layer(spectrum: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 256 → 48 layer (in = 5.3·out, like a down_proj; at CR 0.2 full rank fits, and k/s = 1.5 buys k > out
-    atoms, which hold every column before rounding) and its input Gram: (weight [48, 256], Gram float64)."""
-    g = torch.Generator().manual_seed(len(spectrum))
-    n, m = 256, 48
-    if spectrum == "random":
-        weight = torch.randn(m, n, generator=g)
-    else:
-        u, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
-        weight = (v * (1.0 / torch.arange(1, m + 1, dtype=torch.float64)) @ u.T).float()
-    x = torch.randn(4096, n, generator=g) * torch.linspace(0.2, 3.0, n)
-    return weight, x.double().T @ x.double()
-
-
 @pytest.mark.parametrize("spectrum", ["random", "decaying"])
 def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
-    """A trial below full rank's error before rounding (here ≈ 0: k > out) is continued only if it is below it
+    """On a 256 → 48 layer full rank fits at CR 0.2 and k/s = 1.5 buys k > out atoms, which hold every column
+    before rounding. A trial below full rank's error before rounding (here ≈ 0) is continued only if it is below it
     after rounding too (layer.STOP_RULE). Where that ends the search (random), continuing would have lost to
     full rank anyway and the stored tensors are the same; where it does not (decaying), the learned structure
     is continued and stored."""
     from offline_compress import layer
 
-    weight, gram = tall_layer(spectrum)
+    weight, gram = synthetic_layer(spectrum, in_features=256, out_features=48)  # like a down_proj: in = 5.3·out
     settings = layer.LayerSettings(dictionary_dtype="int8")
     ruled = layer.compress_linear(weight, gram, 0.2, settings)
     assert ruled.candidates["k/s=1.5 trial"] < ruled.candidates["svd"]  # the unquantized trial looks better
@@ -397,7 +385,7 @@ def test_exactly_sparse_layer_compresses_to_finite_values():
     dictionary update failed. The stored layer must be finite and no worse than full rank."""
     from offline_compress.layer import LayerSettings, compress_linear
 
-    weight, _ = wide_layer("sparse", nonzeros=8)
+    weight, _ = synthetic_layer("sparse", nonzeros=8)
     gram = 2048.0 * torch.eye(weight.shape[1], dtype=torch.float64)
     result = compress_linear(weight, gram, 0.2, LayerSettings())
     assert all(torch.isfinite(t.float()).all() for t in result.tensors.values())

@@ -18,7 +18,7 @@ from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.quantization import feedback_codes, quantize_values
 from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
-from tests.test_compressor import wide_layer
+from tests.test_compressor import synthetic_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
@@ -101,7 +101,7 @@ def test_cpu_kernel_with_int4_values_matches_float64(act_dtype, dictionary_dtype
 def test_compressed_layer_with_int4_values(spectrum):
     """Stored: packed uint8 values [out, ceil(s/2)], bytes within the budget (int4 counted at half a byte), and the
     reported whitened error is the float64 error of the stored tensors."""
-    weight, gram = wide_layer(spectrum)
+    weight, gram = synthetic_layer(spectrum)
     ratio = 0.5
     result = compress_linear(weight, gram, ratio, LayerSettings(value_dtype="int4", dictionary_dtype="int8", iterations=2))
     values = result.tensors[fmt.COEF_VALUES]

@@ -19,7 +19,7 @@ from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.reader import load_reconstructed_model
 from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
-from tests.test_compressor import wide_layer
+from tests.test_compressor import synthetic_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
 
@@ -54,7 +54,7 @@ def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype,
 def test_compressed_layer_with_int8_dictionary(spectrum):
     """The stored layer: int8 atoms in [-127, 127] with positive float32 scales, stored bytes within the
     budget, and the reported whitened error is the one of the stored tensors (rebuilt in float64)."""
-    weight, gram = wide_layer(spectrum)
+    weight, gram = synthetic_layer(spectrum)
     ratio = 0.3
     result = compress_linear(weight, gram, ratio, LayerSettings(dictionary_dtype="int8", iterations=2))
     dictionary, scales = result.tensors[fmt.DICTIONARY], result.tensors[fmt.DICTIONARY_SCALES]
