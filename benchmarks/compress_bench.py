@@ -60,8 +60,9 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
 
     from offline_compress.budget import layer_shape
     from offline_compress.dictionary import learn_dictionary, relative_error
-    from offline_compress.layer import LayerSettings, compress_linear, whitened_target
+    from offline_compress.layer import LayerSettings, compress_linear
     from offline_compress.options import workspace_bytes
+    from offline_compress.problem import whitened_target
     from offline_compress.quantization import quantize_and_refit
     from offline_compress.whitening import whitening_factor
 

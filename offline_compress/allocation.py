@@ -26,7 +26,7 @@ import torch
 
 from cospadi_vllm import format as fmt
 from offline_compress.budget import BudgetError, solve_k_s
-from offline_compress.layer import whitened_target
+from offline_compress.problem import whitened_target
 
 SPREAD = 0.25  # unit ratios in [target − SPREAD, target + SPREAD] ∩ [MIN_RATIO, MAX_RATIO]
 MIN_RATIO, MAX_RATIO = 0.02, 0.9

@@ -332,10 +332,10 @@ def test_wide_layer_never_worse_than_full_rank_svd(spectrum):
 @pytest.mark.parametrize("k_over_s", [(1.5, 2.0), (3.0, 1.5)])  # (3, 1.5): a skipped trial, then a trialled one
 @pytest.mark.parametrize("spectrum", ["random", "decaying", "sparse"])
 def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
-    """Skipping the trials whose quick first coding is far above full rank's error (layer.STOP_RULE)
+    """Skipping the trials whose quick first coding is far above full rank's error (search.STOP_RULE)
     stores the very tensors the full trials store, and every trial it skipped would have lost to full
     rank after its trial iterations anyway."""
-    from offline_compress import layer
+    from offline_compress import layer, search
 
     weight, gram = synthetic_layer(spectrum)
     settings = layer.LayerSettings(k_over_s=k_over_s)
@@ -345,7 +345,7 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
         assert ruled.structure != "svd", ruled.candidates
     else:
         assert ended, ruled.candidates  # the rule fired: the case under test
-    monkeypatch.setattr(layer, "ESTIMATE_MARGIN", float("inf"))
+    monkeypatch.setattr(search, "ESTIMATE_MARGIN", float("inf"))
     full = layer.compress_linear(weight, gram, 0.2, settings)
     assert not any(key.endswith(" estimate") for key in full.candidates)
     assert ruled.structure == full.structure
@@ -360,10 +360,10 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
 def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
     """On a 256 → 48 layer full rank fits at CR 0.2 and k/s = 1.5 buys k > out atoms, which hold every column
     before rounding. A trial below full rank's error before rounding (here ≈ 0) is continued only if it is below it
-    after rounding too (layer.STOP_RULE). Where that ends the search (random), continuing would have lost to
+    after rounding too (search.STOP_RULE). Where that ends the search (random), continuing would have lost to
     full rank anyway and the stored tensors are the same; where it does not (decaying), the learned structure
     is continued and stored."""
-    from offline_compress import layer
+    from offline_compress import layer, search
 
     weight, gram = synthetic_layer(spectrum, in_features=256, out_features=48)  # like a down_proj: in = 5.3·out
     settings = layer.LayerSettings(dictionary_dtype="int8")
@@ -371,7 +371,7 @@ def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
     assert ruled.candidates["k/s=1.5 trial"] < ruled.candidates["svd"]  # the unquantized trial looks better
     stopped = "k/s=1.5" not in ruled.candidates
     assert stopped == (spectrum == "random"), ruled.candidates
-    monkeypatch.setattr(layer, "QUANTIZED_TRIAL_MARGIN", float("inf"))
+    monkeypatch.setattr(search, "QUANTIZED_TRIAL_MARGIN", float("inf"))
     full = layer.compress_linear(weight, gram, 0.2, settings)
     assert "k/s=1.5" in full.candidates  # continued: the counterfactual
     assert ruled.structure == full.structure == ("svd" if stopped else "k/s=1.5"), (ruled.candidates, full.candidates)
