@@ -1,7 +1,7 @@
 """Per-module check: is CoSpaDi's structure search ever worse than SVD-LLM at the same bytes?
 
-Reads the ``compress_report.json`` of the quality benchmark's checkpoints (``cospadi-int8@CR`` and
-``svd-llm@CR`` in its work directory) and compares, for every compressed module, the whitened
+Reads the ``compress_report.json`` of the quality benchmark's checkpoints (``<variant>@CR``, by default
+the compressor's defaults ``cospadi-int8-d8``, and ``svd-llm@CR`` in its work directory) and compares, for every compressed module, the whitened
 error after quantization two ways:
 
   * against the separate SVD-LLM run at the same CR (its own sequential calibration, so the two
@@ -11,6 +11,7 @@ error after quantization two ways:
 
     python benchmarks/module_errors.py                 # SmolLM2, CR 0.2 / 0.3 / 0.4
     python benchmarks/module_errors.py --work-dir DIR --name NAME --ratios 0.3
+    python benchmarks/module_errors.py --variant cospadi-int8   # the bf16-dictionary rows
 
 The one-shot comparison in results/ was made from checkpoints written with
 ``cospadi-compress MODEL DIR/cospadi-int8@CR --ratio CR --one-shot --dictionary-dtype bfloat16`` and
@@ -61,21 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="smollm2")
     parser.add_argument("--work-dir", type=Path, help="the quality benchmark's work directory (default: its cache dir)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
+    parser.add_argument("--variant", default="cospadi-int8-d8",
+                        help="the CoSpaDi rows to compare (a benchmarks/quality.py variant; default: the compressor's defaults)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or assets.cache_dir() / "quality" / args.name
     results, lines = {}, [
-        f"# Per-module whitened error: default CoSpaDi vs SVD-LLM at the same bytes — {args.name}", "",
+        f"# Per-module whitened error: CoSpaDi (`{args.variant}`) vs SVD-LLM at the same bytes — {args.name}", "",
         "Whitened error after quantization, every compressed module. `vs SVD-LLM run`: the separate "
         "`--method svd-llm` checkpoint, calibrated the same way (sequential, the default: each run on its own "
         "compressed earlier layers, so the two runs' Grams differ after layer 0; `--one-shot`: both on the "
         "original model's activations, identical Grams); `vs same Gram`: SVD-LLM's structure evaluated inside "
-        "the CoSpaDi run on the same Gram (modules that store it are not counted: they are that candidate, plus the bf16 "
-        "rounding of D).", "",
+        "the CoSpaDi run on the same Gram (modules that store it are not counted: they are that candidate, plus the "
+        "rounding of D where it is stored in bf16). SVD-LLM is the published baseline: a bf16 dictionary, int8 values.", "",
         "| CR | modules | worse than SVD-LLM run | worse than SVD on the same Gram | mean error CoSpaDi | mean error SVD-LLM run | structures chosen |",
         "|---|---|---|---|---|---|---|",
     ]
     for ratio in args.ratios:
-        paths = [work_dir / f"{variant}@{ratio}" / "compress_report.json" for variant in ("cospadi-int8", "svd-llm")]
+        paths = [work_dir / f"{variant}@{ratio}" / "compress_report.json" for variant in (args.variant, "svd-llm")]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             print(f"module_errors: no report {missing[0]} (run benchmarks/quality.py for CR {ratio} first)", file=sys.stderr)

@@ -64,6 +64,9 @@ VARIANTS: dict[str, dict] = {
                              **BF16_D},
     # stacked with quantization: an int8 dictionary (one scale per atom), the compressor's default
     "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
+    # ... with per-module ratios from the whitened spectra, same total bytes
+    "cospadi-int8-d8-sens": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8",
+                             "allocation": "sensitivity"},
     # ... and int4 values (two per byte, one scale per output column)
     "cospadi-int4-d8": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int8"},
     # a 4-bit dictionary (GPTQ layout, rounded by GPTQ for the module's inputs) + int8 / int4 values
@@ -230,7 +233,7 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
     verdicts = []
     for ratio in meta["ratios"]:
         svd = results.get(row_id("svd-llm", ratio))
-        for variant in ("cospadi-int8", "cospadi-bf16"):
+        for variant in ("cospadi-int8-d8", "cospadi-int8-d8-sens", "cospadi-int8", "cospadi-bf16"):
             cos = results.get(row_id(variant, ratio))
             if svd and cos:
                 better = cos["perplexity"] < svd["perplexity"]
@@ -267,7 +270,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
               "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
               f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":"), "cospadi-int8-g2": ("tab:green", "D", "-"),
               "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-"),
-              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
+              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int8-d8-sens": ("tab:olive", "v", ":"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
               "cospadi-int8-d4": ("tab:brown", "v", "--"), "cospadi-int4-d4": ("tab:gray", "P", "--")}
     for variant, (color, marker, line) in styles.items():
         pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])

@@ -38,7 +38,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     rows = ["dense", "rtn-int8", "rtn-int4-g128", "rtn-int3-g128", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-g2@0.3",
             "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3", "cospadi-int8-1shot@0.3", "cospadi-int8-g2-1shot@0.3", "cospadi-int8-d8@0.3",
-            "cospadi-int4-d8@0.3", "cospadi-int4-d4@0.3"]
+            "cospadi-int8-d8-sens@0.3", "cospadi-int4-d8@0.3", "cospadi-int4-d4@0.3"]
     common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
     run_quality(*common, "--iterations", "1", "--rows", *rows)
     result = json.loads((out / "quality-tiny.json").read_text())
@@ -65,15 +65,16 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     assert got["cospadi-bf16@0.3"]["options"]["value_dtype"] == "bfloat16"
     for rid in ("svd-llm@0.3", "cospadi-int8@0.3", "cospadi-int8-sens@0.3"):  # pinned, not the compressor's default
         assert got[rid]["options"]["dictionary_dtype"] == "bfloat16", rid
-    for rid in rows[4:-3]:
+    for rid in rows[4:-4]:
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
     # int8 / 4-bit dictionary (and int4 values): the ratio is a ceiling (full rank may fit with bytes to spare)
-    for rid, dictionary_dtype in zip(rows[-3:], ("int8", "int8", "int4"), strict=True):
+    for rid, dictionary_dtype in zip(rows[-4:], ("int8", "int8", "int8", "int4"), strict=True):
         assert got[rid]["options"]["dictionary_dtype"] == dictionary_dtype
         assert 1 - got[rid]["layer_bytes"] / layer_bf16 >= 0.3, rid
     assert got["cospadi-int4-d8@0.3"]["options"]["value_dtype"] == "int4"
     assert got["cospadi-int8-g2@0.3"]["options"]["group_size"] == 2
     assert got["cospadi-int8-sens@0.3"]["options"]["allocation"] == "sensitivity"
+    assert got["cospadi-int8-d8-sens@0.3"]["options"]["allocation"] == "sensitivity"
     assert got["cospadi-int8-g2-1shot@0.3"]["options"]["sequential"] is False
 
     # Perplexity: the dense row equals HF's own loss; compressed rows are finite and differ from it (a random model need not get worse).
@@ -82,7 +83,8 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
                 "cospadi-int4-d8@0.3", "cospadi-int4-d4@0.3"):
         assert math.isfinite(got[rid]["perplexity"]) and got[rid]["perplexity"] != got["dense"]["perplexity"]
     table = (out / "quality-tiny.md").read_text()
-    assert "- CR 0.3: CoSpaDi int8" in table and "- CR 0.3: CoSpaDi bf16" in table
+    for variant in ("int8-d8", "int8-d8-sens", "int8", "bf16"):
+        assert f"- CR 0.3: CoSpaDi {variant} " in table, variant
     assert "Not measured in this run: gptq-int4-g128, gptq-int3-g128, cospadi-int8-d4@0.3." in table
     assert "- CR 0.3: grouped (G = 2)" in table and "- CR 0.3: sensitivity allocation" in table
     assert (out / "quality-tiny.png").stat().st_size > 10_000
