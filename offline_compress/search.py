@@ -10,6 +10,8 @@ Where full rank fits, trials that cannot beat it are cut short (``STOP_RULE``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cospadi_vllm import format as fmt
@@ -41,17 +43,19 @@ def cospadi(problem: WhitenedProblem, ratio: float, settings: LayerSettings
     trial = best_trial(problem, ratio, settings, candidates, generator, stop_above)
     if trial is None:
         return svd, candidates
-    structure, shape, learned = trial
-    if stop_above is not None:
-        _, candidates[f"{structure} trial quantized"] = quantized(problem, structure, shape, learned, settings)
-        if candidates[f"{structure} trial quantized"] >= QUANTIZED_TRIAL_MARGIN * stop_above:
-            return svd, candidates
-    if settings.searches and settings.iterations > settings.trial_iterations:
-        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,
-                                                  settings.iterations - settings.trial_iterations, generator,
-                                                  settings.workspace_bytes,
-                                                  start=(learned.dictionary, learned.coef, learned.mask)))
-    chosen, error = quantized(problem, structure, shape, learned, settings)
+    structure, shape = trial.name, trial.shape
+    if trial.rounded is not None and trial.error <= EXACT_TRIAL * stop_above:
+        # It holds every column already (k ≥ out): further iterations have nothing left to reduce and only move
+        # the rounding error about, so the trial as rounded is the candidate (NOTES.md item 82).
+        chosen, error = trial.rounded, trial.rounded_error
+    else:
+        learned = trial.learned
+        if settings.searches and settings.iterations > settings.trial_iterations:
+            learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s,
+                                                      settings.iterations - settings.trial_iterations, generator,
+                                                      settings.workspace_bytes,
+                                                      start=(learned.dictionary, learned.coef, learned.mask)))
+        chosen, error = quantized(problem, structure, shape, learned, settings)
     if svd is not None:  # keep whichever structure is better after quantization
         candidates[structure] = error
         if better(candidates[SVD_STRUCTURE], settings.stored_bytes(svd.shape), error, settings.stored_bytes(shape)):
@@ -70,8 +74,9 @@ def better(error_a: float, bytes_a: int, error_b: float, bytes_b: int) -> bool:
 
 
 STOP_RULE = ("where full rank fits, a structure whose first coding (estimated on a column sample) is ESTIMATE_MARGIN "
-             "× full rank's quantized error or more is not trialled, and the best trial is continued only if it is "
-             "below that error both before and after quantization (× QUANTIZED_TRIAL_MARGIN)")
+             "× full rank's quantized error or more is not trialled; a trial counts only if it is below that error both "
+             "before and after quantization (× QUANTIZED_TRIAL_MARGIN), and the lowest after quantization is continued — "
+             "unless it holds every column already (EXACT_TRIAL): then it is stored as rounded")
 # Coding is per column, so the first coding's error (the trial's starting atoms, coded as learn_dictionary
 # starts) is estimated on every j-th output column (j ≤ 8, ≥ 512 columns kept), at 1/j of the cost. A trial's
 # error after its iterations was ≥ 1/2.1 of its first coding's on every SmolLM2 and Qwen2.5-0.5B trial
@@ -83,6 +88,26 @@ ESTIMATE_MARGIN = 2.5
 # (k ≥ out: 0 before rounding, 10× full rank's after, on Qwen2.5-0.5B's down_proj): quantizing the trial costs
 # one more solve of its values, and continuing it costs six learning iterations (NOTES.md item 76).
 QUANTIZED_TRIAL_MARGIN = 1.0
+# A trial this far below full rank's quantized error before rounding holds every column (≈ 0): it is stored as
+# rounded after its trial, not learned further.
+EXACT_TRIAL = 1e-3
+
+
+@dataclass
+class Trial:
+    """One k/s after its trial iterations: the factorization and, where full rank fits, it rounded as stored."""
+
+    name: str  # "k/s=1.5"
+    shape: fmt.LayerShape
+    learned: Factorization
+    error: float  # whitened error before rounding
+    rounded: QuantizedStructure | None = None
+    rounded_error: float = float("inf")
+
+    @property
+    def score(self) -> float:
+        """What trials are ranked by: the error after rounding where it was measured (full rank fits), else before."""
+        return self.rounded_error if self.rounded is not None else self.error
 
 
 def first_coding_estimate(problem: WhitenedProblem, shape: fmt.LayerShape, generator: torch.Generator,
@@ -97,14 +122,15 @@ def first_coding_estimate(problem: WhitenedProblem, shape: fmt.LayerShape, gener
 
 
 def best_trial(problem: WhitenedProblem, ratio: float, settings: LayerSettings, candidates: dict[str, float],
-               generator: torch.Generator, stop_above: float | None = None
-               ) -> tuple[str, fmt.LayerShape, Factorization] | None:
+               generator: torch.Generator, stop_above: float | None = None) -> Trial | None:
     """A trial of every k/s (``candidates`` gets each one's error) → the best one (learned to the full count
-    when there is no search); None if no trial's error is below ``stop_above`` (see STOP_RULE).
+    when there is no search); None if none can beat full rank's error ``stop_above`` (see STOP_RULE).
 
-    At most two candidates' factorizations (the best so far and the one in trial) are alive at once."""
-    trial = settings.trial_iterations if settings.searches else settings.iterations
-    best: tuple[str, fmt.LayerShape, Factorization] | None = None
+    Trials are ranked by their error; where full rank fits, by their error after rounding, since before it
+    every structure that holds each column exactly (k ≥ out) looks the same (≈ 0). At most two candidates'
+    factorizations (the best so far and the one in trial) are alive at once."""
+    iterations = settings.trial_iterations if settings.searches else settings.iterations
+    best: Trial | None = None
     for k_over_s in settings.k_over_s:
         name = f"k/s={k_over_s:g}"
         shape = settings.shape(problem.in_features, problem.out_features, ratio, k_over_s)
@@ -116,12 +142,18 @@ def best_trial(problem: WhitenedProblem, ratio: float, settings: LayerSettings, 
                 continue
             candidates[f"{name} first coding"] = estimate  # kept: the margin's evidence (NOTES.md item 50)
             generator.set_state(before)
-        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s, trial, generator,
+        learned = Factorization(*learn_dictionary(problem.target, shape.k, shape.s, iterations, generator,
                                                   settings.workspace_bytes, left=problem.left))
-        candidates[f"{name} trial"] = relative_error(problem.target, learned.dictionary, learned.coef)
-        if best is None or candidates[f"{name} trial"] < candidates[f"{best[0]} trial"]:
-            best = (name, shape, learned)
-        del learned
-    if best is None or (stop_above is not None and candidates[f"{best[0]} trial"] >= stop_above):
-        return None
+        trial = Trial(name, shape, learned, relative_error(problem.target, learned.dictionary, learned.coef))
+        candidates[f"{name} trial"] = trial.error
+        if stop_above is not None:
+            if trial.error >= stop_above:
+                continue
+            trial.rounded, trial.rounded_error = quantized(problem, name, shape, learned, settings)
+            candidates[f"{name} trial quantized"] = trial.rounded_error
+            if trial.rounded_error >= QUANTIZED_TRIAL_MARGIN * stop_above:
+                continue
+        if best is None or trial.score < best.score:
+            best = trial
+        del learned, trial
     return best

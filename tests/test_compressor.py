@@ -379,6 +379,29 @@ def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
         assert torch.equal(ruled.tensors[name], tensor), name
 
 
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_exact_trials_ranked_after_rounding_and_stored_as_rounded(spectrum, monkeypatch):
+    """On the 256 → 48 layer both k/s = 1.2 and 1.5 buy k > out atoms and hold every column before rounding
+    (search.EXACT_TRIAL): they are ranked by their error after rounding, and the better one is stored as rounded
+    after its trial — learning it further has nothing left to reduce, and here it only made the rounded layer worse."""
+    from offline_compress import layer, search
+
+    weight, gram = synthetic_layer(spectrum, in_features=256, out_features=48)
+    settings = layer.LayerSettings(dictionary_dtype="int8", k_over_s=(1.2, 1.5))
+    ruled = layer.compress_linear(weight, gram, 0.2, settings)
+    trials = ["k/s=1.2", "k/s=1.5"]
+    for name in trials:  # both exact before rounding: the case under test
+        assert ruled.candidates[f"{name} trial"] <= search.EXACT_TRIAL * ruled.candidates["svd"], ruled.candidates
+    best = min(trials, key=lambda name: ruled.candidates[f"{name} trial quantized"])
+    assert ruled.candidates[best] == ruled.candidates[f"{best} trial quantized"]  # not learned further
+    assert not any(name in ruled.candidates for name in trials if name != best)
+    monkeypatch.setattr(search, "EXACT_TRIAL", 0.0)
+    continued = layer.compress_linear(weight, gram, 0.2, settings)
+    assert continued.candidates[best] != continued.candidates[f"{best} trial quantized"]  # the counterfactual
+    assert ruled.whitened_rel_error <= continued.whitened_rel_error * (1 + search.TIE), (ruled.candidates,
+                                                                                          continued.candidates)
+
+
 def test_exactly_sparse_layer_compresses_to_finite_values():
     """Columns that are exact 8-term combinations under an identity Gram: the coding solves some rows
     exactly, and the CG step of such a row (curvature rounding to ≤ 0) once went to Inf and the
