@@ -72,29 +72,32 @@ def operands(layout: str, in_f: int, k: int, act_dtype: torch.dtype) -> dict[str
     return held
 
 
+def vllm_wna16_kernel(in_f: int, k: int, act_dtype: torch.dtype) -> tuple[type, object]:
+    """(vLLM's CPU W4A16 kernel class, its layer config for x [·, in_f] · D [in_f, k], GPTQ uint4b8, groups of 128);
+    ImportError where vLLM is not installed."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    return CPUWNA16LinearKernel, MPLinearLayerConfig((in_f, k), (in_f, k), scalar_types.uint4b8, act_dtype, 128, False)
+
+
 def vllm_wna16_reason(in_f: int, k: int, act_dtype: torch.dtype) -> str | None:
     """None if vLLM's CPU W4A16 kernel can serve x [·, in_f] · D [in_f, k] here, else why not."""
     try:
-        from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
-        from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-        from vllm.scalar_type import scalar_types
+        kernel_class, config = vllm_wna16_kernel(in_f, k, act_dtype)
     except ImportError as err:
         return f"vLLM not importable ({err})"
     if act_dtype not in (torch.bfloat16, torch.float16):
         return f"{act_dtype} activations (bf16 / fp16 only)"
     if in_f % 128:
         return f"in = {in_f} is not a multiple of the group size 128"
-    config = MPLinearLayerConfig((in_f, k), (in_f, k), scalar_types.uint4b8, act_dtype, 128, False)
-    return CPUWNA16LinearKernel.can_implement(config)[1]
+    return kernel_class.can_implement(config)[1]
 
 
 def vllm_wna16_layer(codes: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype) -> tuple:
     """(kernel, holder module) with the stored GPTQ tensors processed by vLLM's CPU W4A16 kernel (same bytes)."""
-    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-    from vllm.scalar_type import scalar_types
-
-    in_f, k = codes.shape[0] * 8, codes.shape[1]
+    kernel_class, config = vllm_wna16_kernel(codes.shape[0] * 8, codes.shape[1], act_dtype)
     layer = torch.nn.Module()
     layer.weight_packed = torch.nn.Parameter(codes.clone(), requires_grad=False)
     layer.weight_scale = torch.nn.Parameter(scales.to(act_dtype), requires_grad=False)
@@ -102,8 +105,7 @@ def vllm_wna16_layer(codes: torch.Tensor, scales: torch.Tensor, act_dtype: torch
     for name, packed_dim in (("weight_packed", 0), ("weight_scale", None)):  # vLLM's parameter metadata
         param = getattr(layer, name)
         param.input_dim, param.output_dim, param.packed_dim = 0, 1, packed_dim
-    config = MPLinearLayerConfig((in_f, k), (in_f, k), scalar_types.uint4b8, act_dtype, 128, False)
-    kernel = CPUWNA16LinearKernel(config, "weight_packed", "weight_scale", None)
+    kernel = kernel_class(config, "weight_packed", "weight_scale", None)
     kernel.process_weights_after_loading(layer)
     return kernel, layer
 

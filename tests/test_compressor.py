@@ -359,10 +359,10 @@ def test_first_coding_rule_changes_no_choice(spectrum, k_over_s, monkeypatch):
 @pytest.mark.parametrize("spectrum", ["random", "decaying"])
 def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
     """On a 256 → 48 layer full rank fits at CR 0.2 and k/s = 1.5 buys k > out atoms, which hold every column
-    before rounding. A trial below full rank's error before rounding (here ≈ 0) is continued only if it is below it
-    after rounding too (search.STOP_RULE). Where that ends the search (random), continuing would have lost to
-    full rank anyway and the stored tensors are the same; where it does not (decaying), the learned structure
-    is continued and stored."""
+    before rounding. A trial below full rank's error before rounding (here ≈ 0) counts only if it is below it
+    after rounding too (search.STOP_RULE). Where that ends the search (random), counting the trial anyway would
+    have lost to full rank and the stored tensors are the same; where it does not (decaying), the learned
+    structure is stored (as rounded after its trial: it holds every column, search.EXACT_TRIAL)."""
     from offline_compress import layer, search
 
     weight, gram = synthetic_layer(spectrum, in_features=256, out_features=48)  # like a down_proj: in = 5.3·out
@@ -373,7 +373,7 @@ def test_quantized_trial_rule_changes_no_choice(spectrum, monkeypatch):
     assert stopped == (spectrum == "random"), ruled.candidates
     monkeypatch.setattr(search, "QUANTIZED_TRIAL_MARGIN", float("inf"))
     full = layer.compress_linear(weight, gram, 0.2, settings)
-    assert "k/s=1.5" in full.candidates  # continued: the counterfactual
+    assert "k/s=1.5" in full.candidates  # counted and compared with full rank: the counterfactual
     assert ruled.structure == full.structure == ("svd" if stopped else "k/s=1.5"), (ruled.candidates, full.candidates)
     for name, tensor in full.tensors.items():
         assert torch.equal(ruled.tensors[name], tensor), name
