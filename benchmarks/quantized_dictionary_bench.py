@@ -11,10 +11,10 @@ last-level cache:
                 GEMM); int8 ``kernels.base.int8_dictionary_product`` on D held transposed (torch's int8 GEMM for
                 bf16 / fp16 x, widened tiles for float32) — the GPU paths, and the CPU's before the C++ op
   dense-gemm    x @ D with D dense in the activation dtype (what a bf16 / float32 layer of the same k costs)
-  vllm wna16    (4-bit, where it can implement the shape) vLLM's own CPU W4A16 kernel, ``CPUWNA16LinearKernel`` of
-                ``choose_mp_linear_kernel``, on the same stored tensors after its ``process_weights_after_loading`` —
-                the kernel issue 27 would have serve x·D; it needs bf16 / fp16 x, in a multiple of the group (128)
-                and of 32, k a multiple of 32
+  vllm wna16    (4-bit, where vLLM's op exists: AVX-512 builds, bf16 / fp16 x) the plugin's ``cpu-wna16`` x·D
+                (``kernels.cpu_wna16``): vLLM's own CPU W4A16 kernel, ``CPUWNA16LinearKernel`` of
+                ``choose_mp_linear_kernel``, on the same stored tensors padded to whole groups of 128 inputs and 32
+                atoms (x padded per call, padded atoms dropped)
 Reported per variant: best and median per-call µs, and the median over rounds of the per-round ratio to
 dense-gemm (< 1: faster than the dense GEMM).
 
@@ -38,8 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.value_kernel_bench import COPIES_BYTES, one_thread_cpu, per_call_seconds, write_results  # noqa: E402
 from cospadi_vllm import codec  # noqa: E402
+from cospadi_vllm import format as fmt  # noqa: E402
 from cospadi_vllm.kernels import base  # noqa: E402
 from cospadi_vllm.kernels.cpu import QUANTIZED_DICTIONARY_FUSED_MAX_ROWS  # noqa: E402
+from cospadi_vllm.kernels.cpu_wna16 import CPUWNA16Kernel, wna16_unavailable  # noqa: E402
 from offline_compress import report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,45 +69,18 @@ def operands(layout: str, in_f: int, k: int, act_dtype: torch.dtype) -> dict[str
     torch_held = stored if layout == "int4" else [(codes.t().contiguous(), scales.to(act_dtype)) for codes, scales in stored]
     dense = [torch.randn(in_f, k).to(act_dtype) for _ in range(max(2, min(16, COPIES_BYTES // dense_bytes)))]
     held = {"c++ fused": stored, "c++ tiles": stored, "torch": torch_held, "dense-gemm": dense}
-    if layout == "int4" and vllm_wna16_reason(in_f, k, act_dtype) is None:
+    if layout == "int4" and wna16_unavailable(act_dtype) is None:
         held["vllm wna16"] = [vllm_wna16_layer(codes, scales, act_dtype) for codes, scales in stored]
     return held
 
 
-def vllm_wna16_kernel(in_f: int, k: int, act_dtype: torch.dtype) -> tuple[type, object]:
-    """(vLLM's CPU W4A16 kernel class, its layer config for x [·, in_f] · D [in_f, k], GPTQ uint4b8, groups of 128);
-    ImportError where vLLM is not installed."""
-    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
-    from vllm.scalar_type import scalar_types
-
-    return CPUWNA16LinearKernel, MPLinearLayerConfig((in_f, k), (in_f, k), scalar_types.uint4b8, act_dtype, 128, False)
-
-
-def vllm_wna16_reason(in_f: int, k: int, act_dtype: torch.dtype) -> str | None:
-    """None if vLLM's CPU W4A16 kernel can serve x [·, in_f] · D [in_f, k] here, else why not."""
-    try:
-        kernel_class, config = vllm_wna16_kernel(in_f, k, act_dtype)
-    except ImportError as err:
-        return f"vLLM not importable ({err})"
-    if act_dtype not in (torch.bfloat16, torch.float16):
-        return f"{act_dtype} activations (bf16 / fp16 only)"
-    if in_f % 128:
-        return f"in = {in_f} is not a multiple of the group size 128"
-    return kernel_class.can_implement(config)[1]
-
-
 def vllm_wna16_layer(codes: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype) -> tuple:
-    """(kernel, holder module) with the stored GPTQ tensors processed by vLLM's CPU W4A16 kernel (same bytes)."""
-    kernel_class, config = vllm_wna16_kernel(codes.shape[0] * 8, codes.shape[1], act_dtype)
+    """(the plugin's ``cpu-wna16`` kernel, a module holding D) with the stored GPTQ tensors processed for vLLM's CPU
+    W4A16 kernel (padded to whole groups of 128 inputs and 32 atoms, re-laid in vLLM's blocks)."""
     layer = torch.nn.Module()
-    layer.weight_packed = torch.nn.Parameter(codes.clone(), requires_grad=False)
-    layer.weight_scale = torch.nn.Parameter(scales.to(act_dtype), requires_grad=False)
-    layer.bias = None
-    for name, packed_dim in (("weight_packed", 0), ("weight_scale", None)):  # vLLM's parameter metadata
-        param = getattr(layer, name)
-        param.input_dim, param.output_dim, param.packed_dim = 0, 1, packed_dim
-    kernel = kernel_class(config, "weight_packed", "weight_scale", None)
+    layer.register_buffer(fmt.DICTIONARY, codes.clone())
+    layer.register_buffer(fmt.DICTIONARY_SCALES, scales.clone())
+    kernel = CPUWNA16Kernel(base.KernelConfig(torch.device("cpu"), act_dtype, torch.int8, torch.int32))
     kernel.process_weights_after_loading(layer)
     return kernel, layer
 
@@ -117,7 +92,7 @@ def runs(layout: str) -> dict:
         "c++ tiles": lambda x, o: torch.ops.cospadi_cpu.quantized_dictionary_product(x, *o, 0),
         "torch": lambda x, o: torch_path(x, *o),
         "dense-gemm": lambda x, o: x @ o,
-        "vllm wna16": lambda x, o: o[0].apply_weights(o[1], x),
+        "vllm wna16": lambda x, o: o[0].dictionary_product(o[1], x),
     }
 
 
@@ -157,9 +132,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Random {described}, {meta['rounds']} alternating rounds, weights rotated past the cache. "
              "`c++ fused` / `c++ tiles`: `cospadi_cpu::quantized_dictionary_product` forced to either path (served: "
              f"fused up to {meta['fused_max_rows']} rows); `torch`: {torch_path}; `dense-gemm`: x @ D with a dense D "
-             "in the activation dtype; `vllm wna16`: vLLM's CPU W4A16 kernel (`CPUWNA16LinearKernel`) on the same "
-             "stored tensors, where it can implement the shape"
-             + "".join(f" (not {name}: {why})" for name, why in meta.get("vllm_wna16_not", {}).items()) + ".", "",
+             "in the activation dtype; `vllm wna16`: the plugin's `cpu-wna16` x·D, vLLM's CPU W4A16 kernel "
+             "(`CPUWNA16LinearKernel`) on the same stored tensors padded to whole groups of 128 inputs and 32 atoms"
+             + (f" (not measured: {meta['vllm_wna16_not']})" if meta.get("vllm_wna16_not") else "") + ".", "",
              "| shape | in → k | M | variant | best µs | median µs | median ÷ dense-gemm |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -187,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "act_dtype": str(act_dtype).removeprefix("torch."), "rounds": args.rounds, "threads": 1,
                 "torch": torch.__version__, "fused_max_rows": QUANTIZED_DICTIONARY_FUSED_MAX_ROWS}
         if layout == "int4":
-            meta["vllm_wna16_not"] = {name: why for name, in_f, k in SHAPES if name in args.shapes
-                                      and (why := vllm_wna16_reason(in_f, k, act_dtype)) is not None}
+            meta["vllm_wna16_not"] = wna16_unavailable(act_dtype)
         suffix = "" if act_dtype == served_dtype else f"-{meta['act_dtype']}"
         write_results(args.out / f"{layout}-dictionary-{build}{suffix}", meta, rows, markdown(meta, rows))
     return 0
