@@ -216,6 +216,7 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
         for variant, what, reference in (
                 ("cospadi-int8-g2", "grouped (G = 2)", "cospadi-int8"),
                 ("cospadi-int8-sens", "sensitivity allocation", "cospadi-int8"),
+                ("cospadi-int8-d8-sens", "sensitivity allocation (int8 dictionary)", "cospadi-int8-d8"),
                 ("cospadi-int8-g2-sens", "grouped + sensitivity", "cospadi-int8"),
                 ("cospadi-int8-g2-1shot", "grouped (G = 2), one-shot", "cospadi-int8-1shot")):
             row, base = results.get(row_id(variant, ratio)), results.get(row_id(reference, ratio))
@@ -228,7 +229,8 @@ def markdown(results: dict, meta: dict, missing: list[str]) -> str:
                                f"time {cost:.2f}× (layer CR {row['compression_ratio_actual']:.4f} vs "
                                f"{base['compression_ratio_actual']:.4f})")
     if sharing:
-        lines += ["", "Cross-layer sharing and sensitivity allocation against per-layer uniform CoSpaDi int8, same bytes:",
+        lines += ["", "Cross-layer sharing and sensitivity allocation against per-layer uniform CoSpaDi with the same dtypes, "
+                  "same budget:",
                   "", *sharing]
     verdicts = []
     for ratio in meta["ratios"]:

@@ -9,6 +9,8 @@ server settings for both models.
     python benchmarks/serve_bench.py --model /models/Llama-3.1-8B --checkpoint ./llama-cospadi --gpu
     python benchmarks/serve_bench.py --checkpoint ./smollm2-int8-dictionary --also bf16-dictionary=./smollm2-cospadi \
         --name smollm2-int8-dictionary --rounds 3      # a second checkpoint in the same alternating rounds
+    python benchmarks/serve_bench.py --checkpoint ./smollm2-int4-dictionary --kernel wna16=cpu-wna16 --rounds 3
+                                                       # the same checkpoint again with COSPADI_KERNEL=cpu-wna16
 
 Then it loads each model once more with ``cospadi-vllm memory`` (parameter + buffer bytes as
 loaded by vLLM). Writes benchmarks/results/serve-<name>-<label>.json (vLLM's result file, one per
@@ -57,14 +59,14 @@ def platform_line() -> str:
     return line
 
 
-def bench_one(label: str, model_dir: Path, args, name: str) -> dict:
+def bench_one(label: str, model_dir: Path, args, name: str, env: dict[str, str]) -> dict:
     port = free_port()
     config = ROOT / "serve_configs" / ("single-gpu.yaml" if args.gpu else "cpu-demo.yaml")
     extra = ["--served-model-name", label, "--max-model-len", str(args.input_len + args.output_len + 16),
              "--dtype", args.dtype]
     log_path = args.out / f"serve-{name}-{label}.server.log"
     filename = f"serve-{name}-{label}.json"
-    with running_server(serve_command(model_dir, port, extra, config), log_path, port) as base_url:
+    with running_server(serve_command(model_dir, port, extra, config), log_path, port, env=env) as base_url:
         cmd = [
             sys.executable, "-m", "cospadi_vllm", "bench", "serve",
             "--backend", "vllm", "--base-url", base_url.removesuffix("/v1"), "--model", label,
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                              "with the median CoSpaDi / dense ratio and list every round's (these machines are noisy)")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=CHECKPOINT",
                         help="another checkpoint served in the same rounds, after dense and --checkpoint (repeatable)")
+    parser.add_argument("--kernel", action="append", default=[], metavar="LABEL=KERNEL",
+                        help="serve --checkpoint once more per round with COSPADI_KERNEL=KERNEL (e.g. wna16=cpu-wna16)")
     parser.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -108,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== serving dtype: {args.dtype}", flush=True)
     model_dir, name = assets.model_dir_and_name(args.model, args.name)
     models = [("dense", model_dir), ("cospadi", args.checkpoint)]
-    for also in args.also:
-        label, _, path = also.partition("=")
-        if not path or label in dict(models):
-            parser.error(f"--also {also}: expected LABEL=CHECKPOINT with a new label")
-        models.append((label, Path(path)))
+    envs: dict[str, dict[str, str]] = {}  # label → extra environment of its server
+    for option, values in (("--also", args.also), ("--kernel", args.kernel)):
+        for value in values:
+            label, _, target = value.partition("=")
+            if not target or label in dict(models):
+                parser.error(f"{option} {value}: expected LABEL={option[2:].upper()} with a new label")
+            models.append((label, Path(target) if option == "--also" else args.checkpoint))
+            if option == "--kernel":
+                envs[label] = {"COSPADI_KERNEL": target}
     for _, path in models:
         if not (path / "config.json").is_file():
             parser.error(f"{path}: no config.json there (expected a model or checkpoint directory)")
@@ -120,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds, memory = [], {}
     try:
         for _ in range(args.rounds):
-            rounds.append({label: bench_one(label, path, args, name) for label, path in models})
+            rounds.append({label: bench_one(label, path, args, name, envs.get(label, {})) for label, path in models})
         if not args.no_memory:
             for label, path in models:
                 print(f"== {label}: weight memory as loaded by vLLM ({args.dtype})", flush=True)
-                memory[label] = run_isolated(path, args.dtype, tp=1)
+                saved = dict(os.environ)
+                os.environ.update(envs.get(label, {}))  # (run_isolated's process inherits it)
+                try:
+                    memory[label] = run_isolated(path, args.dtype, tp=1)
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
                 memory[label]["model"] = label
     except (ServerError, subprocess.CalledProcessError, RuntimeError) as err:
         print(f"serve_bench: error: {err}", file=sys.stderr)
@@ -151,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{x:.3f}" for x in ratios) + "; the table shows that round)")
     for label, _ in models[2:]:
         also = [r[label]["output_throughput"] / r["dense"]["output_throughput"] for r in rounds]
-        lines += ["", f"{label} / dense output throughput, every round: " + ", ".join(f"{x:.3f}" for x in also)
+        served = f" (the cospadi checkpoint with COSPADI_KERNEL={envs[label]['COSPADI_KERNEL']})" if label in envs else ""
+        lines += ["", f"{label}{served} / dense output throughput, every round: " + ", ".join(f"{x:.3f}" for x in also)
                   + f" (median {sorted(also)[len(also) // 2]:.3f})"]
     for label, _ in models:  # vLLM's result files: the median round's
         (args.out / f"serve-{name}-{label}.json").write_text(json.dumps(results[label], indent=1))

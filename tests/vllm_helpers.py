@@ -60,39 +60,50 @@ def untied_prefix(margins: list[float], min_margin: float = 1e-3) -> int:
     return next((i for i, m in enumerate(margins) if m < min_margin), len(margins))
 
 
-def assert_same_greedy(vllm_tokens, hf, min_margin: float = 1e-3):
-    """Tokens must match up to the first numerical tie of HF's picks (``untied_prefix``)."""
+def assert_same_greedy(vllm_tokens, hf, min_margin: float = 1e-3, every_prompt: bool = True):
+    """Tokens must match up to the first numerical tie of HF's picks (``untied_prefix``); at least one token per
+    prompt (``every_prompt``) or in all."""
+    compared = 0
     for got, want, margins in zip(vllm_tokens, hf["tokens"], hf["margins"], strict=True):
         n = untied_prefix(margins, min_margin)
         assert got[:n] == want[:n], (got, want, margins)
-        assert n >= 1
+        assert n >= 1 or not every_prompt, (got, want, margins)
+        compared += n
+    assert compared >= 1
 
 
 # Top-2 logit gaps below which either greedy pick is right: float32 sums in another order; bfloat16 activations
-# (vLLM) against the float32 dense rebuild (transformers).
-MIN_MARGIN = {"float32": 1e-3, "bfloat16": 0.1}
+# (vLLM) against the float32 dense rebuild (transformers), whose prompt log-probabilities differed by ≤ 0.011 on
+# the tiny shared Qwen2 — there, every prompt's logprobs must stay within BF16_LOGPROB_TOL, and the tiny random
+# model's near-ties (top-2 gaps of 0.003–0.4) leave some prompts without a token to compare.
+MIN_MARGIN = {"float32": 1e-3, "bfloat16": 0.025}
+BF16_LOGPROB_TOL = 0.03
 
 
 def assert_vllm_matches_dense_rebuild(checkpoint: Path, tensor_parallel: tuple[int, ...] = (1,),
                                       dtype: str = "float32") -> None:
     """vLLM (CPU) at TP = 1 gives the greedy tokens of transformers on the checkpoint's dense rebuild, and every
-    other TP size in ``tensor_parallel`` the same tokens as TP = 1 (at bfloat16: the rebuild's tokens, each run
-    up to its first near-tie, ``MIN_MARGIN``)."""
+    other TP size in ``tensor_parallel`` the same tokens as TP = 1; at bfloat16, every TP size the rebuild's
+    tokens up to each prompt's first near-tie (``MIN_MARGIN``) and its prompt log-probabilities within
+    ``BF16_LOGPROB_TOL``."""
     from transformers import AutoTokenizer
 
     from offline_compress.reader import load_reconstructed_model
 
-    tp1 = run_vllm(checkpoint, tp=1, dtype=dtype)
-    assert "error" not in tp1, tp1.get("error")
-    assert "quantization=cospadi" in tp1["stderr"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     reference = hf_reference(load_reconstructed_model(checkpoint), tokenizer)
-    assert_same_greedy(tp1["tokens"], reference, MIN_MARGIN[dtype])
-    for tp in tensor_parallel:
-        if tp != 1:
-            run = run_vllm(checkpoint, tp=tp, dtype=dtype)
-            assert "error" not in run, run.get("error")
-            if dtype == "float32":
-                assert run["tokens"] == tp1["tokens"], tp
+    tp1 = None
+    for tp in sorted(set(tensor_parallel) | {1}):
+        run = run_vllm(checkpoint, tp=tp, dtype=dtype)
+        assert "error" not in run, (tp, run.get("error"))
+        assert "quantization=cospadi" in run["stderr"]
+        if dtype == "float32":
+            if tp == 1:
+                tp1 = run
+                assert_same_greedy(run["tokens"], reference)
             else:
-                assert_same_greedy(run["tokens"], reference, MIN_MARGIN[dtype])
+                assert run["tokens"] == tp1["tokens"], tp
+            continue
+        assert_same_greedy(run["tokens"], reference, MIN_MARGIN[dtype], every_prompt=False)
+        for got, want in zip(run["prompt_logprobs"], reference["prompt_logprobs"], strict=True):
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= BF16_LOGPROB_TOL, (tp, got, want)
