@@ -132,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             for label, path in models:
                 print(f"== {label}: weight memory as loaded by vLLM ({args.dtype})", flush=True)
-                saved = dict(os.environ)
-                os.environ.update(envs.get(label, {}))  # (run_isolated's process inherits it)
-                try:
-                    memory[label] = run_isolated(path, args.dtype, tp=1)
-                finally:
-                    os.environ.clear()
-                    os.environ.update(saved)
+                memory[label] = run_isolated(path, args.dtype, tp=1, env=envs.get(label))
                 memory[label]["model"] = label
     except (ServerError, subprocess.CalledProcessError, RuntimeError) as err:
         print(f"serve_bench: error: {err}", file=sys.stderr)

@@ -94,10 +94,11 @@ def measure(model: str, dtype: str, tp: int) -> dict:
     return {"ranks": llm.apply_model(memory.count_weight_bytes)}
 
 
-def run_isolated(model: Path, dtype: str, tp: int, timeout: float = 900) -> dict:
-    """``measure`` in a fresh process (one engine per process); adds vLLM's loading figure(s)."""
+def run_isolated(model: Path, dtype: str, tp: int, timeout: float = 900, env: dict[str, str] | None = None) -> dict:
+    """``measure`` in a fresh process (one engine per process, ``env`` added to its environment); adds vLLM's
+    loading figure(s)."""
     cmd = [sys.executable, "-m", "cospadi_vllm.memory", "--inner", str(model), "--dtype", dtype, "--tp", str(tp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-2000:]

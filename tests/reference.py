@@ -104,3 +104,15 @@ class HeldLayer(torch.nn.Module):
         if fmt.DICTIONARY_SCALES in tensors:
             layer.register_buffer(fmt.DICTIONARY_SCALES, tensors[fmt.DICTIONARY_SCALES].clone())
         return layer
+
+
+def assert_kernel_matches_float64(kernel, layer, dense: torch.Tensor, act_dtype: torch.dtype, g: torch.Generator,
+                                  bound: float) -> None:
+    """The kernel seam on fresh x [M, in] for M ∈ {1, 3, 16, 17, 130}: ``apply`` and x·D then Z·C both give x·Wᵀ of
+    float64 ``dense`` [in, N] within relative ``bound``, in the activation dtype."""
+    for rows in (1, 3, 16, 17, 130):
+        x = torch.randn(rows, dense.shape[0], generator=g).to(act_dtype)
+        reference = x.double() @ dense
+        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
+            assert y.dtype == act_dtype and y.shape == reference.shape
+            assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, act_dtype)

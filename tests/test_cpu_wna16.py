@@ -12,7 +12,13 @@ import torch
 from cospadi_vllm import format as fmt
 from cospadi_vllm.kernels import KernelConfig, KernelUnavailableError, choose_kernel
 from cospadi_vllm.kernels.cpu_wna16 import ATOM_MULTIPLE, GROUP, STORED_SCALES, wna16_unavailable
-from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_weight_t
+from tests.reference import (
+    VALUE_DTYPES,
+    HeldLayer,
+    assert_kernel_matches_float64,
+    merged_layer_tensors,
+    reference_weight_t,
+)
 
 ACT_DTYPES = [torch.bfloat16, torch.float16]
 BOUND = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative: x rounded to the activation dtype, D's scales too
@@ -27,15 +33,6 @@ def require_wna16(act_dtype: torch.dtype = torch.bfloat16) -> None:
 def wna16_kernel(value_dtype: str, act_dtype: torch.dtype):
     return choose_kernel(KernelConfig(torch.device("cpu"), act_dtype, fmt.VALUE_DTYPES[value_dtype], torch.int32),
                          "cpu-wna16")
-
-
-def assert_matches_float64(kernel, layer, dense: torch.Tensor, act_dtype: torch.dtype, g: torch.Generator) -> None:
-    for rows in (1, 3, 16, 17, 130):
-        x = torch.randn(rows, dense.shape[0], generator=g).to(act_dtype)
-        reference = x.double() @ dense
-        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
-            assert y.dtype == act_dtype and y.shape == reference.shape
-            assert float((y.double() - reference).norm() / reference.norm()) < BOUND[act_dtype], (rows, act_dtype)
 
 
 @pytest.mark.parametrize("in_features", [48, 256])  # one partial group (padded to 128 inputs); two whole groups
@@ -63,7 +60,7 @@ def test_wna16_kernel_matches_float64(act_dtype, value_dtype, in_features):
     for name in fmt.TENSOR_SUFFIXES:
         if name in tensors:
             assert stored[name].equal(tensors[name]), name
-    assert_matches_float64(kernel, layer, dense, act_dtype, g)
+    assert_kernel_matches_float64(kernel, layer, dense, act_dtype, g, BOUND[act_dtype])
 
 
 def test_wna16_shared_dictionary_reads_the_owners_held_tensors():
@@ -81,7 +78,8 @@ def test_wna16_shared_dictionary_reads_the_owners_held_tensors():
         setattr(other, name, getattr(owner, name))
     kernels[1].process_weights_after_loading(other, owns_dictionary=False)
     assert other.dictionary.data_ptr() == owner.dictionary.data_ptr()
-    assert_matches_float64(kernels[1], other, reference_weight_t(other_tensors, 256), torch.bfloat16, g)
+    assert_kernel_matches_float64(kernels[1], other, reference_weight_t(other_tensors, 256), torch.bfloat16, g,
+                                  BOUND[torch.bfloat16])
 
 
 def test_wna16_is_chosen_for_a_4bit_dictionary_where_it_can_serve():

@@ -14,7 +14,13 @@ from cospadi_vllm import format as fmt
 from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
-from tests.reference import VALUE_DTYPES, HeldLayer, merged_layer_tensors, reference_weight_t
+from tests.reference import (
+    VALUE_DTYPES,
+    HeldLayer,
+    assert_kernel_matches_float64,
+    merged_layer_tensors,
+    reference_weight_t,
+)
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.test_int8_dictionary import _edit_tensors, assert_logits_match_dense_rebuild
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
@@ -95,12 +101,7 @@ def test_cpu_kernel_with_int4_dictionary_matches_float64(act_dtype, value_dtype)
     for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
         assert stored[name].equal(tensors[name]), name
     bound = 1e-5 if act_dtype == torch.float32 else 3e-2
-    for rows in (1, 3, 16, 17, 130):
-        x = torch.randn(rows, 48, generator=g).to(act_dtype)
-        reference = x.double() @ dense
-        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
-            assert y.dtype == act_dtype and y.shape == reference.shape
-            assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, act_dtype)
+    assert_kernel_matches_float64(kernel, layer, dense, act_dtype, g, bound)
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-shared"])

@@ -18,7 +18,7 @@ from cospadi_vllm.check import check_checkpoint
 from cospadi_vllm.kernels import KernelConfig, choose_kernel
 from offline_compress.layer import LayerSettings, compress_linear
 from offline_compress.reader import load_reconstructed_model
-from tests.reference import HeldLayer, merged_layer_tensors, reference_weight_t
+from tests.reference import HeldLayer, assert_kernel_matches_float64, merged_layer_tensors, reference_weight_t
 from tests.test_compressor import synthetic_layer
 from tests.test_hf_quantizer import assert_save_pretrained_round_trips
 from tests.vllm_helpers import assert_vllm_matches_dense_rebuild
@@ -42,12 +42,7 @@ def test_cpu_kernel_with_int8_dictionary_matches_float64(value_dtype, act_dtype,
     for name in (fmt.DICTIONARY, fmt.DICTIONARY_SCALES):
         assert stored[name].dtype == tensors[name].dtype and stored[name].equal(tensors[name]), name
     bound = 1e-5 if act_dtype == torch.float32 else 3e-2
-    for rows in (1, 3, 16, 17, 130):
-        x = torch.randn(rows, in_features, generator=g).to(act_dtype)
-        reference = x.double() @ dense
-        for y in (kernel.apply(layer, x), kernel.coefficient_product(layer, kernel.dictionary_product(layer, x))):
-            assert y.dtype == act_dtype and y.shape == reference.shape
-            assert float((y.double() - reference).norm() / reference.norm()) < bound, (rows, act_dtype)
+    assert_kernel_matches_float64(kernel, layer, dense, act_dtype, g, bound)
 
 
 @pytest.mark.parametrize("spectrum", ["random", "decaying"])
