@@ -20,6 +20,8 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   cospadi-int8-g2-sens@CR  both
   cospadi-int8-d8@CR  int8 dictionary (one scale per atom) + int8 values (--dictionary-dtype int8): the
                       byte D saves buys more atoms and non-zeros at the same CR
+  cospadi-int8-d8-fast@CR  the same, closed-form structures only (--fast)
+  cospadi-int8-d8-quick@CR  --fast --iterations 2 --calib-samples 16 (the quick recipe)
   cospadi-int4-d8@CR  int8 dictionary + int4 values (two per byte, rounded with error feedback)
   cospadi-int8-d4@CR, cospadi-int4-d4@CR  4-bit dictionary (--dictionary-dtype int4) + int8 / int4 values
   cospadi-int8-1shot@CR, cospadi-int8-g2-1shot@CR  per-layer and grouped, both calibrated --one-shot
@@ -64,6 +66,11 @@ VARIANTS: dict[str, dict] = {
                              **BF16_D},
     # stacked with quantization: an int8 dictionary (one scale per atom), the compressor's default
     "cospadi-int8-d8": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8"},
+    # ... closed-form structures only (--fast: SVD's s = k or the orthogonal dictionary per module)
+    "cospadi-int8-d8-fast": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8", "fast": True},
+    # ... and the quick recipe: --fast --iterations 2 --calib-samples 16
+    "cospadi-int8-d8-quick": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8", "fast": True,
+                              "iterations": 2, "calib_samples": 16},
     # ... with per-module ratios from the whitened spectra, same total bytes
     "cospadi-int8-d8-sens": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int8",
                              "allocation": "sensitivity"},
@@ -129,15 +136,9 @@ def evaluate_baseline(model_dir: Path, windows, args, method: str = "dense", bit
 
 
 def evaluate_compressed(model_dir: Path, work_dir: Path, variant: str, ratio: float, windows, args) -> dict:
-    options = CompressOptions(
-        ratio=ratio,
-        **VARIANTS[variant],
-        iterations=args.iterations,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
-        device=args.device,
-        seed=args.seed,
-    )
+    run = {"iterations": args.iterations, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
+           "device": args.device, "seed": args.seed}
+    options = CompressOptions(ratio=ratio, **{**run, **VARIANTS[variant]})  # a variant may set its own run options
     checkpoint = work_dir / row_id(variant, ratio)
     report = compress_or_reuse(model_dir, checkpoint, options, log=lambda msg: print(msg, file=sys.stderr))
     totals = report["totals"]
@@ -272,7 +273,8 @@ def plot(results: dict, meta: dict, path: Path) -> None:
               "cospadi-bf16": ("tab:cyan", "^", "-"), f"cospadi-int8{KEPT_SUFFIX}": ("tab:blue", "o", ":"),
               f"cospadi-bf16{KEPT_SUFFIX}": ("tab:cyan", "^", ":"), "cospadi-int8-g2": ("tab:green", "D", "-"),
               "cospadi-int8-sens": ("tab:red", "v", "-"), "cospadi-int8-g2-sens": ("tab:purple", "P", "-"),
-              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int8-d8-sens": ("tab:olive", "v", ":"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
+              "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int8-d8-sens": ("tab:olive", "v", ":"), "cospadi-int8-d8-fast": ("tab:olive", "*", "--"),
+              "cospadi-int8-d8-quick": ("tab:olive", "d", "--"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
               "cospadi-int8-d4": ("tab:brown", "v", "--"), "cospadi-int4-d4": ("tab:gray", "P", "--")}
     for variant, (color, marker, line) in styles.items():
         pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])
@@ -343,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
     }
     json_path = args.out / f"quality-{name}.json"
-    results = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["rows"]
+    stored = {} if args.fresh or not json_path.exists() else json.loads(json_path.read_text())
+    results = stored.get("rows", {})
+    # The per-CR comparisons cover every CR the JSON holds rows of, not only this run's --ratios.
+    meta["ratios"] = sorted({*args.ratios, *stored.get("meta", {}).get("ratios", [])})
     todo = [rid for rid in planned if (not args.rows or rid in args.rows) and (rid not in results or args.redo)]
     if args.redo and not args.rows:
         parser.error("--redo needs --rows (which rows to evaluate again)")

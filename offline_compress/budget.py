@@ -67,3 +67,22 @@ def layer_shape(in_features: int, out_features: int, ratio: float, structure: st
     dense = structure == SVD_STRUCTURE
     return solve_k_s(in_features, out_features, ratio, 1.0 if dense else float(structure), value_dtype,
                      dense_coefficients=dense, dictionary_dtype_name=dictionary_dtype)
+
+
+def largest_sparsity(in_features: int, out_features: int, ratio: float, k: int, value_dtype: str,
+                     dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE) -> int:
+    """The most non-zeros per column (≤ min(k, in)) that k atoms leave room for in the budget; 0 if none fits."""
+    budget = (1.0 - ratio) * fmt.dense_bf16_bytes(in_features, out_features)
+
+    def fits(s: int) -> bool:
+        shape = fmt.LayerShape(in_features, out_features, k, s)
+        return fmt.stored_bytes(shape, value_dtype, dictionary_dtype_name=dictionary_dtype) <= budget
+
+    lo, hi = 0, min(k, in_features)
+    while lo < hi:  # largest s in [0, hi] that fits (stored bytes grow with s)
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

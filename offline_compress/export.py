@@ -70,7 +70,7 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path) ->
 def quantization_config(shapes: dict[str, fmt.LayerShape], options, dictionary_owners: dict[str, str]) -> dict:
     """config.json's quantization_config for a finished run (``options``: its CompressOptions): the format's
     fields, then how the checkpoint was made (informational)."""
-    k_over_s = options.k_over_s
+    k_over_s = options.learned_k_over_s
     return fmt.build_quantization_config(
         shapes, options.value_dtype, dictionary_owners, options.dictionary_dtype,
         # The k/s tried per module (the chosen k and s of each module are in ``modules``).

@@ -53,9 +53,13 @@ class CompressOptions:
     method: str = option("cospadi", "cospadi = sparse dictionary learning; svd-llm = whitened truncated SVD baseline",
                          choices=METHODS)
     k_over_s: tuple[float, ...] = option(
-        DEFAULT_K_OVER_S, "atoms per non-zero (k/s). Several comma-separated values: per module, a short trial of "
-        "each picks the structure, and the dense s = k structure (SVD-LLM's) is kept where it is better after "
-        "quantization; one value forces that structure everywhere", kind="floats")
+        DEFAULT_K_OVER_S, "atoms per non-zero (k/s) of the learned dictionary. Several comma-separated values: per "
+        "module, a short trial of each picks the structure, and the closed-form ones (SVD-LLM's dense s = k, an "
+        "orthogonal dictionary) are kept where better after quantization; one value forces that structure everywhere",
+        kind="floats")
+    fast: bool = option(False, "closed-form structures only: per module the better of SVD-LLM's s = k and an orthogonal "
+                        "dictionary (exact sparse coding, Procrustes updates), no learned k/s trials (--k-over-s is not "
+                        "used); several times faster, somewhat higher error on square layers", kind="flag")
     value_dtype: str = option(fmt.DEFAULT_VALUE_DTYPE, "storage type of the coefficient values",
                               choices=tuple(sorted(fmt.VALUE_DTYPES)))
     dictionary_dtype: str = option(DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale per "
@@ -94,6 +98,11 @@ class CompressOptions:
                              "extra calibration pass; measured to help with a bfloat16 dictionary, to hurt with the "
                              "default int8 one)", choices=ALLOCATIONS)
     layers: list[int] | None = option(None, "restrict to these decoder layers (tests, debugging)", cli=False)
+
+    @property
+    def learned_k_over_s(self) -> tuple[float, ...]:
+        """The k/s of the learned structures tried per module (none with --fast)."""
+        return () if self.fast else tuple(self.k_over_s)
 
     def affecting(self) -> dict:
         """The options that change the checkpoint, JSON-normalised (tuples as lists) to compare with a report.

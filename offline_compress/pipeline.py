@@ -91,7 +91,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     inputs = capture_layer_inputs(model, input_ids.to(device), options.batch_size)
     release(embed)
     settings = LayerSettings(method=options.method, value_dtype=options.value_dtype,
-                             dictionary_dtype=options.dictionary_dtype, k_over_s=tuple(options.k_over_s),
+                             dictionary_dtype=options.dictionary_dtype, k_over_s=options.learned_k_over_s,
                              iterations=options.iterations, seed=options.seed,
                              workspace_bytes=workspace_bytes(options.max_memory_gb, device))
     loop = LayerLoop(layers, source, options, device, settings, inputs, layer_ids,

@@ -29,7 +29,8 @@ class LayerSettings:
     # The layer API's default is the format's float dictionary; the compressor passes its own
     # (options.DEFAULT_DICTIONARY_DTYPE, int8) or the one asked for.
     dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE
-    k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S  # one value forces that structure (no search)
+    # Learned structures tried: one value forces it (no search); none: only the closed-form ones (SVD, orthogonal).
+    k_over_s: tuple[float, ...] = DEFAULT_K_OVER_S
     iterations: int = 8
     trial_iterations: int = 2  # after 1, low k/s always looks better; after 2 the ranking matches T = 8
     refit_rounds: int = 1
@@ -39,7 +40,7 @@ class LayerSettings:
 
     @property
     def searches(self) -> bool:
-        return self.method == "cospadi" and len(self.k_over_s) > 1
+        return self.method == "cospadi" and len(self.k_over_s) != 1
 
     def shape(self, in_features: int, out_features: int, ratio: float, structure: str | float) -> fmt.LayerShape:
         """(k, s) of ``structure`` at this layer's byte budget, in these settings' storage dtypes."""

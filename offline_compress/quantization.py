@@ -242,11 +242,17 @@ def resolve_values(target: torch.Tensor, dictionary: torch.Tensor, coef: torch.T
 def solve_on_support(target: torch.Tensor, dictionary: torch.Tensor, mask: torch.Tensor, start: torch.Tensor
                      ) -> torch.Tensor:
     """argmin ‖target − dictionary·coefᵀ‖ over coef [m, k] supported on mask (CG from ``start``; on a dense
-    support, SVD's s = k, one Cholesky solve of the normal equations instead)."""
-    gram = dictionary.T @ dictionary
-    alpha = target.T @ dictionary
+    support, SVD's s = k, one Cholesky solve of the normal equations instead).
+
+    The solve runs on unit-norm atoms (Jacobi preconditioning) and the values are scaled back: after balancing
+    (``balance_atom_scales``) the atoms' norms differ by 100× and more, and CG needs more steps the wider the
+    spread of its Gram — nearly orthogonal atoms (the orthogonal structure) converge in a few steps this way."""
+    norms = dictionary.norm(dim=0).clamp_min(torch.finfo(dictionary.dtype).tiny)
+    unit = dictionary / norms
+    gram = unit.T @ unit
+    alpha = target.T @ unit
     if bool(mask.all()):
         factor, info = torch.linalg.cholesky_ex(gram.double())
         if int(info) == 0:
-            return torch.cholesky_solve(alpha.T.double(), factor).T.to(alpha.dtype)
-    return least_squares_on_support(gram, alpha, mask, start, 50, 1e-5)
+            return (torch.cholesky_solve(alpha.T.double(), factor).T / norms).to(alpha.dtype)
+    return least_squares_on_support(gram, alpha, mask, start * norms, 50, 1e-5) / norms
