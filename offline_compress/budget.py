@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cospadi_vllm import format as fmt
 
 SVD_STRUCTURE = "svd"  # the dense structure s = k (SVD-LLM's), as named in reports
@@ -44,14 +46,7 @@ def solve_k_s(
         return stored(k, s_for(k)) <= budget
 
     k_cap = min(in_features, out_features) if dense_coefficients else 4 * max(in_features, out_features)
-    lo, hi = 0, k_cap
-    while lo < hi:  # largest k in [0, k_cap] with fits(k)
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    k = lo
+    k = largest_fitting(k_cap, fits)
     if k < 1:
         raise BudgetError(f"ratio {ratio} leaves no room for even one atom in a {in_features}->{out_features} layer")
     s = s_for(k)
@@ -78,8 +73,14 @@ def largest_sparsity(in_features: int, out_features: int, ratio: float, k: int, 
         shape = fmt.LayerShape(in_features, out_features, k, s)
         return fmt.stored_bytes(shape, value_dtype, dictionary_dtype_name=dictionary_dtype) <= budget
 
-    lo, hi = 0, min(k, in_features)
-    while lo < hi:  # largest s in [0, hi] that fits (stored bytes grow with s)
+    return largest_fitting(min(k, in_features), fits)
+
+
+def largest_fitting(cap: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in [0, cap] with fits(n), for a ``fits`` that holds up to some n and fails above (stored
+    bytes grow with k and with s); 0 when fits(1) fails. Bisection: log2(cap) byte counts."""
+    lo, hi = 0, cap
+    while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid):
             lo = mid
