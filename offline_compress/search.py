@@ -74,16 +74,17 @@ def learned_candidate(problem: WhitenedProblem, ratio: float, settings: LayerSet
     full_rank = svd is not None and svd.shape.k == min(problem.in_features, problem.out_features)
     stop_above = candidates[SVD_STRUCTURE] if full_rank else None
     # The closed-form errors bound which trials are worth starting (the first-coding estimate of STOP_RULE).
-    orthogonal = candidates.get(ORTHOGONAL_STRUCTURE)
-    limits = [margin * error for margin, error in ((ESTIMATE_MARGIN, stop_above),
-                                                   (ORTHOGONAL_ESTIMATE_MARGIN, orthogonal)) if error is not None]
+    bars = [(margin, error) for margin, error in ((ESTIMATE_MARGIN, stop_above),
+                                                  (ORTHOGONAL_ESTIMATE_MARGIN, candidates.get(ORTHOGONAL_STRUCTURE)))
+            if error is not None]
     generator = torch.Generator().manual_seed(settings.seed)
-    trial = best_trial(problem, ratio, settings, candidates, generator, stop_above, min(limits, default=None))
+    trial = best_trial(problem, ratio, settings, candidates, generator, stop_above,
+                       min((margin * error for margin, error in bars), default=None))
     if trial is None:
         return None
     structure, shape = trial.name, trial.shape
-    bar = min(error for error in (stop_above, orthogonal, float("inf")) if error is not None)
-    if trial.rounded is not None and trial.error <= EXACT_TRIAL * bar:
+    # Exact only measured against a closed-form error: without one, the trial is learned to the full count.
+    if trial.rounded is not None and bars and trial.error <= EXACT_TRIAL * min(error for _, error in bars):
         # It holds every column already (k ≥ out): further iterations have nothing left to reduce and only move
         # the rounding error about, so the trial as rounded is the candidate (NOTES.md item 82).
         chosen, error = trial.rounded, trial.rounded_error
