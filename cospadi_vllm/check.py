@@ -104,11 +104,10 @@ def files_problems(checkpoint: Path) -> tuple[dict | None, dict[str, Path], list
 def module_problems(hf_config: dict, qc: dict, headers: dict) -> list[str]:
     """Every compressed module's tensors against the shapes the model config implies, fused groups
     compressed together, and no compressed tensors of modules the config does not list."""
-    value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
-    dictionary_dtype = fmt.dictionary_dtype_from_name(qc["dictionary_dtype"])
-    modules: dict[str, dict[str, int]] = qc["modules"]
+    modules: dict[str, dict] = qc["modules"]
     problems: list[str] = []
     for name, spec in modules.items():
+        value_dtype, dictionary_dtype = fmt.module_dtypes(spec)
         dims = module_dims(hf_config, name.rpartition(".")[2])
         owner = fmt.dictionary_owner(modules, name)
         if dims is None:  # unknown module kind: take the sizes from its own tensors

@@ -145,6 +145,10 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         self.shard_names = shard_names
         self.prefix = prefix
         self.dictionary_owner = dictionary_owner  # vLLM layer whose dictionary this one uses (None: its own)
+        # Storage types of this layer's modules (the same for all: parse_quantization_config checks fused modules).
+        spec = quant_config.modules[shard_names[0]]
+        self.value_dtype_name, self.dictionary_dtype_name = spec["value_dtype"], spec["dictionary_dtype"]
+        self.value_dtype, self.dictionary_dtype = fmt.module_dtypes(spec)
         self.layout: LayerLayout | None = None
         self.kernel: CoSpaDiKernel | None = None
         self.params_dtype = torch.bfloat16
@@ -163,7 +167,7 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         split = split_mode(tp_size, input_size_per_partition, input_size, isinstance(layer, ColumnParallelLinear))
         self.layout = plan_layer(self.shard_names, self.quant_config.modules, output_partition_sizes, split, tp_rank,
                                  tp_size, getattr(layer, "num_kv_head_replicas", 1), input_size_per_partition,
-                                 output_size, self.quant_config.value_dtype, self.quant_config.dictionary_dtype)
+                                 output_size, self.value_dtype, self.dictionary_dtype)
         self.params_dtype = params_dtype
         specs = self.layout.tensor_specs(owns_dictionary=self.dictionary_owner is None)
         for role, (shape, dtype) in specs.items():
@@ -196,8 +200,8 @@ class CoSpaDiLinearMethod(LinearMethodBase):
         layer.atom_offsets = layer.atom_offsets.to(device)
         if hasattr(layer, "atom_gather_index"):
             layer.atom_gather_index = layer.atom_gather_index.to(device)
-        self.kernel = choose_kernel(KernelConfig(device, self.params_dtype, self.quant_config.value_dtype,
-                                                 self.quant_config.dictionary_dtype, self.prefix))
+        self.kernel = choose_kernel(KernelConfig(device, self.params_dtype, self.value_dtype, self.dictionary_dtype,
+                                                 self.prefix))
         self.kernel.process_weights_after_loading(layer, owns_dictionary=owns)
         if owns:
             self.quant_config.dictionary_layers[self.prefix] = layer

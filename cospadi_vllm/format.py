@@ -43,6 +43,9 @@ TENSOR_AXES: dict[str, tuple[str, ...]] = {
 GROUPED_DICTIONARY_SCALES_AXES = (IN, ATOMS)  # one scale per group of inputs and atom
 # Key of a module's quantization_config entry naming the module whose stored dictionary it uses.
 SHARED_DICTIONARY_KEY = "dictionary"
+# Keys of a module's entry overriding the checkpoint-wide storage types for that module (a precision search's
+# choice); the modules vLLM fuses into one layer, and the users of a shared dictionary, store the same types.
+MODULE_DTYPE_KEYS = ("value_dtype", "dictionary_dtype")
 
 MASK_DTYPE = torch.int32
 SCALES_DTYPE = torch.float32
@@ -336,14 +339,21 @@ def build_quantization_config(
     value_dtype: str,
     dictionary_owners: dict[str, str] | None = None,
     dictionary_dtype: str = DEFAULT_DICTIONARY_DTYPE,
+    module_dtypes: dict[str, tuple[str, str]] | None = None,
     **info,
 ) -> dict:
     """config.json's quantization_config. ``dictionary_owners``: {module: the module whose stored
     dictionary it uses} for the members of shared-dictionary groups (all but each group's first).
+    ``module_dtypes``: {module: (value dtype, dictionary dtype)} where a module stores other types than the
+    checkpoint-wide ``value_dtype`` / ``dictionary_dtype`` (only the differing keys are written).
     ``info``: informational fields (how the checkpoint was made), written after the format fields."""
     entries = {name: {"k": shape.k, "s": shape.s} for name, shape in modules.items()}
     for name, owner in (dictionary_owners or {}).items():
         entries[name][SHARED_DICTIONARY_KEY] = owner
+    for name, dtypes in (module_dtypes or {}).items():
+        for key, dtype, default in zip(MODULE_DTYPE_KEYS, dtypes, (value_dtype, dictionary_dtype), strict=True):
+            if dtype != default:
+                entries[name][key] = dtype
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -356,7 +366,8 @@ def build_quantization_config(
 
 
 def parse_quantization_config(qc: dict) -> dict:
-    """Validate a config.json ``quantization_config`` dict; return it with defaults filled."""
+    """Validate a config.json ``quantization_config`` dict; return it with defaults filled, every module's entry
+    holding its own ``value_dtype`` and ``dictionary_dtype`` names (``module_dtypes`` reads them)."""
     if qc.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"quant_method is {qc.get('quant_method')!r}, expected {QUANT_METHOD!r}")
     version = qc.get("format_version")
@@ -385,4 +396,33 @@ def parse_quantization_config(qc: dict) -> dict:
         if modules[owner]["k"] != spec["k"]:
             raise FormatError(f"module {name} uses the dictionary of {owner} but has k={spec['k']}, {owner} has "
                               f"k={modules[owner]['k']}")
-    return {"value_dtype": DEFAULT_VALUE_DTYPE, "dictionary_dtype": DEFAULT_DICTIONARY_DTYPE, "ignore": [], **qc}
+    parsed = {"value_dtype": DEFAULT_VALUE_DTYPE, "dictionary_dtype": DEFAULT_DICTIONARY_DTYPE, "ignore": [], **qc}
+    parsed["modules"] = resolved_module_dtypes(modules, parsed["value_dtype"], parsed["dictionary_dtype"])
+    return parsed
+
+
+def resolved_module_dtypes(modules: dict[str, dict], value_dtype: str, dictionary_dtype: str) -> dict[str, dict]:
+    """``modules`` with each entry's own storage types filled in (its keys, else the checkpoint-wide ones), checked:
+    valid names, the same types across modules vLLM fuses, a shared dictionary's type the same for all users."""
+    resolved = {name: {MODULE_DTYPE_KEYS[0]: value_dtype, MODULE_DTYPE_KEYS[1]: dictionary_dtype, **spec}
+                for name, spec in modules.items()}
+    fused: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, str]]] = {}
+    for name, spec in resolved.items():
+        value_dtype_from_name(spec["value_dtype"])
+        dictionary_dtype_from_name(spec["dictionary_dtype"])
+        parent, _, leaf = name.rpartition(".")
+        dtypes = (spec["value_dtype"], spec["dictionary_dtype"])
+        first = fused.setdefault((parent, fused_group(leaf)), (name, dtypes))
+        if first[1] != dtypes:
+            raise FormatError(f"modules {first[0]} and {name} store {first[1]} and {dtypes} as (value_dtype, "
+                              "dictionary_dtype), but vLLM fuses them into one layer: they must store the same types")
+        owner = spec.get(SHARED_DICTIONARY_KEY, name)
+        if resolved[owner]["dictionary_dtype"] != spec["dictionary_dtype"]:
+            raise FormatError(f"module {name} uses the dictionary of {owner} but has dictionary_dtype "
+                              f"{spec['dictionary_dtype']!r}, {owner} has {resolved[owner]['dictionary_dtype']!r}")
+    return resolved
+
+
+def module_dtypes(spec: dict) -> tuple[torch.dtype, torch.dtype]:
+    """(value dtype, dictionary dtype) a module stores, from its entry in a parsed quantization_config."""
+    return value_dtype_from_name(spec["value_dtype"]), dictionary_dtype_from_name(spec["dictionary_dtype"])

@@ -34,9 +34,7 @@ class CoSpaDiHfConfig(QuantizationConfigMixin):
         self._config = copy.deepcopy(config)
         parsed = fmt.parse_quantization_config(config)
         self.quant_method = fmt.QUANT_METHOD
-        self.modules: dict[str, dict[str, int]] = parsed["modules"]
-        self.value_dtype = fmt.value_dtype_from_name(parsed["value_dtype"])
-        self.dictionary_dtype = fmt.dictionary_dtype_from_name(parsed["dictionary_dtype"])
+        self.modules: dict[str, dict] = parsed["modules"]  # each entry with its own storage types
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
@@ -149,9 +147,10 @@ class CoSpaDiHfQuantizer(HfQuantizer):
                 raise fmt.FormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
             shape = fmt.LayerShape(linear.in_features, linear.out_features, spec["k"], spec["s"])
             owner = fmt.dictionary_owner(config.modules, name)
+            value_dtype, dictionary_dtype = fmt.module_dtypes(spec)
             bias_dtype = linear.bias.dtype if linear.bias is not None else None
             if found is not None:
-                problems = fmt.layer_problems(name, found, shape, config.value_dtype, config.dictionary_dtype, owner,
+                problems = fmt.layer_problems(name, found, shape, value_dtype, dictionary_dtype, owner,
                                               fmt.dictionary_users(config.modules, name))
                 if problems:
                     raise fmt.FormatError(problems[0])
@@ -159,8 +158,8 @@ class CoSpaDiHfQuantizer(HfQuantizer):
                 bias_dtype = bias[0] if bias is not None else None
                 if isinstance(bias_dtype, str):
                     raise fmt.FormatError(f"tensor {name}.bias has unsupported safetensors dtype {bias_dtype}")
-            module = CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"], config.value_dtype,
-                                   bias_dtype, owns_dictionary=owner == name, dictionary_dtype=config.dictionary_dtype)
+            module = CoSpaDiLinear(linear.in_features, linear.out_features, spec["k"], spec["s"], value_dtype,
+                                   bias_dtype, owns_dictionary=owner == name, dictionary_dtype=dictionary_dtype)
             module.name = name
             model.set_submodule(name, module)
         return model
@@ -174,7 +173,8 @@ class CoSpaDiHfQuantizer(HfQuantizer):
             if owner != name:
                 module.share_dictionary_of(model.get_submodule(owner))
             shape = fmt.LayerShape(module.in_features, module.out_features, module.k, module.s)
-            suffixes = (*shape.tensor_specs(config.value_dtype, config.dictionary_dtype),
+            value_dtype, dictionary_dtype = fmt.module_dtypes(config.modules[name])
+            suffixes = (*shape.tensor_specs(value_dtype, dictionary_dtype),
                         *(("bias",) if module.bias is not None else ()))
             loaded = {f"{owner if suffix in fmt.DICTIONARY_SUFFIXES else name}.{suffix}": getattr(module, suffix)
                       for suffix in suffixes}
@@ -182,7 +182,7 @@ class CoSpaDiHfQuantizer(HfQuantizer):
                 if tensor.is_meta or not getattr(tensor, "_is_hf_initialized", True):
                     raise fmt.FormatError(fmt.missing_tensor(tensor_name))
             found = {tensor_name: (t.dtype, tuple(t.shape)) for tensor_name, t in loaded.items()}
-            problems = fmt.layer_problems(name, found, shape, config.value_dtype, config.dictionary_dtype, owner)
+            problems = fmt.layer_problems(name, found, shape, value_dtype, dictionary_dtype, owner)
             if problems:
                 raise fmt.FormatError(problems[0])
             fmt.check_mask_bits(name, module.coef_mask, module.k, module.s)

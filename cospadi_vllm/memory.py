@@ -51,9 +51,9 @@ def count_weight_bytes(model) -> dict:
         if isinstance(method, CoSpaDiLinearMethod):
             result["cospadi_linear"] += held
             stored = sum(
-                fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.quant_config.value_dtype_name,
+                fmt.stored_bytes(fmt.LayerShape(module.input_size, s.out_full, s.k, s.s), method.value_dtype_name,
                                  owns_dictionary=method.dictionary_owner is None,
-                                 dictionary_dtype_name=method.quant_config.dictionary_dtype_name)
+                                 dictionary_dtype_name=method.dictionary_dtype_name)
                 for s in method.layout.shards
             )
             result["cospadi_layers"][name] = {

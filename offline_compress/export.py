@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cospadi_vllm import format as fmt
+from offline_compress.report import shapes
 
 MAX_SHARD_BYTES = 2 * 1024**3
 # Files of the source model directory that the checkpoint rewrites or must not carry over.
@@ -67,12 +68,18 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path) ->
     return total
 
 
-def quantization_config(shapes: dict[str, fmt.LayerShape], options, dictionary_owners: dict[str, str]) -> dict:
-    """config.json's quantization_config for a finished run (``options``: its CompressOptions): the format's
-    fields, then how the checkpoint was made (informational)."""
+def quantization_config(stats: dict[str, dict], options, dictionary_owners: dict[str, str]) -> dict:
+    """config.json's quantization_config for a finished run (``stats``: its modules' report entries, ``options``:
+    its CompressOptions): the format's fields, then how the checkpoint was made (informational). The checkpoint-wide
+    storage types are the ones most modules store; a module storing others (the precision search's choice) names
+    them in its entry."""
     k_over_s = options.learned_k_over_s
+    dtypes = {prefix: (s.get("value_dtype", options.value_dtype), s.get("dictionary_dtype", options.dictionary_dtype))
+              for prefix, s in stats.items()}
+    pairs = list(dtypes.values())
+    value_dtype, dictionary_dtype = max(pairs, key=pairs.count)
     return fmt.build_quantization_config(
-        shapes, options.value_dtype, dictionary_owners, options.dictionary_dtype,
+        shapes(stats), value_dtype, dictionary_owners, dictionary_dtype, dtypes,
         # The k/s tried per module (the chosen k and s of each module are in ``modules``).
         k_over_s=k_over_s[0] if len(k_over_s) == 1 else list(k_over_s),
         target_compression_ratio=options.ratio,

@@ -40,6 +40,8 @@ class CompressedLinear:
     candidates: dict[str, float] = field(default_factory=dict)  # trial / final errors of the structures tried
     damping: float = 0.0
     seconds: float = 0.0
+    value_dtype: str = "int8"  # the storage types of its tensors (format names)
+    dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE
 
 
 def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, settings: LayerSettings) -> CompressedLinear:
@@ -53,7 +55,7 @@ def compress_linear(weight: torch.Tensor, gram: torch.Tensor, ratio: float, sett
         chosen, candidates = cospadi(problem, ratio, settings)
     else:
         raise ValueError(f"unknown method {settings.method!r}")
-    return pack(weight, problem, chosen, candidates, started)
+    return pack(weight, problem, chosen, candidates, settings, started)
 
 
 def svd_llm(problem: WhitenedProblem, ratio: float, settings: LayerSettings) -> QuantizedStructure:
@@ -67,7 +69,7 @@ def svd_llm(problem: WhitenedProblem, ratio: float, settings: LayerSettings) -> 
 
 
 def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStructure, candidates: dict[str, float],
-         started: float) -> CompressedLinear:
+         settings: LayerSettings, started: float) -> CompressedLinear:
     """Un-whiten the chosen dictionary (D = L⁻ᵀD̃, stored in bf16) unless it is stored rounded already, and
     measure the stored layer's error."""
     stored_dictionary = chosen.stored_dictionary or quantize_dictionary(
@@ -83,6 +85,8 @@ def pack(weight: torch.Tensor, problem: WhitenedProblem, chosen: QuantizedStruct
         candidates=candidates,
         damping=problem.damping,
         seconds=time.perf_counter() - started,
+        value_dtype=settings.value_dtype,
+        dictionary_dtype=settings.dictionary_dtype,
     )
 
 
@@ -127,5 +131,7 @@ def compress_shared(
             candidates=group.candidates,
             damping=damping,
             seconds=group.seconds / len(weights),
+            value_dtype=group.value_dtype,
+            dictionary_dtype=group.dictionary_dtype,
         ))
     return results

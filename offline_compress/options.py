@@ -31,6 +31,7 @@ ALLOCATIONS = ("uniform", "sensitivity")
 BUILTIN_CALIBRATION = "wikipedia"
 CHAT_CALIBRATION = "wikipedia-chat"  # the same split as chat exchanges in the model's own chat template
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+AUTO = "auto"  # --value-dtype / --dictionary-dtype: chosen per vLLM layer by the precision search (``precision``)
 # Where the work runs: changes how fast, not what is computed (a resumed run may change them).
 RUN_ONLY_OPTIONS = ("device", "batch_size", "max_memory_gb")
 
@@ -60,12 +61,16 @@ class CompressOptions:
     fast: bool = option(False, "closed-form structures only: per module the better of SVD-LLM's s = k and an orthogonal "
                         "dictionary (exact sparse coding, Procrustes updates), no learned k/s trials (--k-over-s is not "
                         "used); several times faster, somewhat higher error on square layers", kind="flag")
-    value_dtype: str = option(fmt.DEFAULT_VALUE_DTYPE, "storage type of the coefficient values",
-                              choices=tuple(sorted(fmt.VALUE_DTYPES)))
+    value_dtype: str = option(fmt.DEFAULT_VALUE_DTYPE, "storage type of the coefficient values (int4: two per byte; "
+                              f"{AUTO}: per vLLM layer the better of int8 and int4 at the same bytes, see "
+                              "--dictionary-dtype)", choices=(*sorted(fmt.VALUE_DTYPES), AUTO))
     dictionary_dtype: str = option(DEFAULT_DICTIONARY_DTYPE, "storage type of the dictionary (int8: one scale per "
                                    "atom, int4: GPTQ-rounded groups of 128 inputs; a smaller dictionary buys more "
-                                   "atoms and non-zeros at the same --ratio; bfloat16: the float dictionary)",
-                                   choices=tuple(sorted(n for n, t in fmt.DICTIONARY_TYPES.items() if t.supported)))
+                                   "atoms and non-zeros at the same --ratio; bfloat16: the float dictionary; "
+                                   f"{AUTO}: per vLLM layer (q/k/v, o, gate/up, down) the type pair with the lowest "
+                                   "error after quantization on the closed-form structures, then the structure search "
+                                   "at that pair)",
+                                   choices=(*sorted(n for n, t in fmt.DICTIONARY_TYPES.items() if t.supported), AUTO))
     iterations: int = option(8, "dictionary-learning iterations T (each: dictionary update + sparse coding)")
     calib: str = option(BUILTIN_CALIBRATION,
                         f"calibration text: '{BUILTIN_CALIBRATION}' (built-in split), '{CHAT_CALIBRATION}' (the same "
@@ -141,11 +146,12 @@ def validate_options(options: CompressOptions) -> torch.device:
         raise CompressError(f"--max-memory must be > 0 GiB, got {options.max_memory_gb}")
     if options.method not in METHODS:
         raise CompressError(f"--method must be one of {METHODS}, got {options.method!r}")
-    if options.value_dtype not in fmt.VALUE_DTYPES:
-        raise CompressError(f"--value-dtype must be one of {sorted(fmt.VALUE_DTYPES)}, got {options.value_dtype!r}")
-    served = sorted(name for name, t in fmt.DICTIONARY_TYPES.items() if t.supported)
+    if options.value_dtype not in (*fmt.VALUE_DTYPES, AUTO):
+        raise CompressError(f"--value-dtype must be one of {[*sorted(fmt.VALUE_DTYPES), AUTO]}, got {options.value_dtype!r}")
+    served = [*sorted(name for name, t in fmt.DICTIONARY_TYPES.items() if t.supported), AUTO]
     if options.dictionary_dtype not in served:  # a reserved dtype would write a checkpoint nothing serves
         raise CompressError(f"--dictionary-dtype must be one of {served}, got {options.dictionary_dtype!r}")
+    _validate_precision_search(options)
     if options.iterations < 0:
         raise CompressError(f"--iterations must be >= 0, got {options.iterations}")
     if options.calib_samples < 1 or options.seq_len < 2:
@@ -163,6 +169,20 @@ def validate_options(options: CompressOptions) -> torch.device:
     if options.dtype not in DTYPES:
         raise CompressError(f"--dtype must be auto, bfloat16, float16 or float32, got {options.dtype!r}")
     return device
+
+
+def _validate_precision_search(options: CompressOptions) -> None:
+    """``auto`` storage types are chosen per vLLM layer by the CoSpaDi search at that layer's own budget."""
+    if AUTO not in (options.value_dtype, options.dictionary_dtype):
+        return
+    flag = "--value-dtype" if options.value_dtype == AUTO else "--dictionary-dtype"
+    if options.method != "cospadi":
+        raise CompressError(f"{flag} {AUTO} needs --method cospadi (svd-llm is the baseline as published)")
+    if options.group_size > 1:
+        raise CompressError(f"{flag} {AUTO} does not support --group-size > 1 yet: pass the storage types")
+    if options.allocation != "uniform":
+        raise CompressError(f"{flag} {AUTO} does not support --allocation {options.allocation} yet (its budgets "
+                            "are computed for one pair of storage types): pass the storage types")
 
 
 def _validate_group_targets(options: CompressOptions) -> None:

@@ -22,7 +22,7 @@ from offline_compress import resume
 from offline_compress.calibration import LayerInputs, capture_layer_inputs, decoder_layers, gram_key, run_layer
 from offline_compress.calibration_text import calibration_ids
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
-from offline_compress.layer import LayerSettings, compress_linear, compress_shared
+from offline_compress.layer import LayerSettings, compress_shared
 from offline_compress.loading import (
     SafetensorsSource,
     check_finite_weights,
@@ -33,7 +33,8 @@ from offline_compress.loading import (
     validate_model_dir,
 )
 from offline_compress.options import CompressError, CompressOptions, validate_options, workspace_bytes
-from offline_compress.report import build_report, module_stats, peak_rss_bytes, reset_peak_rss, shapes
+from offline_compress.precision import compress_fused
+from offline_compress.report import build_report, module_stats, peak_rss_bytes, reset_peak_rss
 from offline_compress.sensitivity import sensitivity_ratios
 
 Tensors = dict[str, dict[str, torch.Tensor]]  # {module prefix: {format suffix: tensor}}
@@ -110,7 +111,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
         report["allocation"] = ratios
     owners = {prefix: s["dictionary"] for prefix, s in stats.items() if "dictionary" in s}
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
-    write_checkpoint(model_dir, out_dir, part_files, quantization_config(shapes(stats), options, owners), report,
+    write_checkpoint(model_dir, out_dir, part_files, quantization_config(stats, options, owners), report,
                      dtype=dtype)
     shutil.rmtree(partial, ignore_errors=True)
     return report
@@ -172,14 +173,21 @@ def compress_group(loop: LayerLoop, group: list[int], bar) -> tuple[Tensors, dic
         if targets:
             grams, outputs = run_layer(layer, inputs, loop.device, targets, collect_outputs=not options.sequential)
             for name in targets:
-                prefix = f"model.layers.{index}.{name}"
-                weight, gram = layer.get_submodule(name).weight.detach(), grams[gram_key(name)]
                 if name in loop.shared:  # learned once every layer of the group is calibrated
-                    members.setdefault(name, []).append((prefix, weight, gram))
-                    continue
-                result = _compress(loop, prefix, compress_linear, weight, gram, loop.ratio(prefix), loop.settings)
-                tensors[prefix], stats[prefix] = result.tensors, module_stats(result, options)
-                del result
+                    prefix = f"model.layers.{index}.{name}"
+                    members.setdefault(name, []).append((prefix, layer.get_submodule(name).weight.detach(),
+                                                         grams[gram_key(name)]))
+            own = [t for t in targets if t not in loop.shared]
+            for key in dict.fromkeys(map(gram_key, own)):
+                # The modules reading one input are one vLLM layer: compressed together (one precision).
+                names = [t for t in own if gram_key(t) == key]
+                prefixes = [f"model.layers.{index}.{t}" for t in names]
+                weights = [layer.get_submodule(t).weight.detach() for t in names]
+                results = _compress(loop, ", ".join(prefixes), compress_fused, weights, grams[key],
+                                    [loop.ratio(p) for p in prefixes], loop.settings)
+                for prefix, result in zip(prefixes, results, strict=True):
+                    tensors[prefix], stats[prefix] = result.tensors, module_stats(result)
+                del results
                 return_free_memory()
             del grams
         if index != group[-1]:  # the group's next layer calibrates on this one's outputs
@@ -195,7 +203,7 @@ def compress_group(loop: LayerLoop, group: list[int], bar) -> tuple[Tensors, dic
                             loop.ratio(owner), loop.settings)
         for (prefix, _, _), result in zip(items, results, strict=True):
             tensors[prefix] = result.tensors
-            stats[prefix] = module_stats(result, options, owner if prefix != owner else None)
+            stats[prefix] = module_stats(result, owner if prefix != owner else None)
         del results
         return_free_memory()
     return tensors, stats, outputs

@@ -108,12 +108,13 @@ def feedback_codes(scaled: torch.Tensor, support_idx: torch.Tensor, gram: torch.
     scaled, support_idx = scaled[:, reverse], support_idx[:, reverse]
     codes = torch.empty_like(scaled)
     shared = bool((support_idx == support_idx[:1]).all())
+    gram = gram.float()  # gathered per column below: [block, s, s] in float32, as factored (half the bytes moved)
     eye = torch.eye(s, dtype=torch.float32, device=gram.device)
     factor = None
     for start in range(0, out, block):
         if factor is None or not shared:
             idx = support_idx[start: start + (1 if shared else block)]
-            hessian = gram[idx[:, :, None], idx[:, None, :]].float()  # [B, s, s]: the Gram of each column's atoms
+            hessian = gram[idx[:, :, None], idx[:, None, :]]  # [B, s, s]: the Gram of each column's atoms
             hessian = hessian + damp * hessian.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
             factor = torch.linalg.cholesky(hessian, upper=True)
         values = scaled[start: start + block].float()

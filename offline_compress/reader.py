@@ -33,9 +33,8 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.T
             compressed[prefix][suffix] = tensor
         else:
             plain[name] = tensor
-    value_dtype = fmt.value_dtype_from_name(qc["value_dtype"])
-    dictionary_dtype = fmt.dictionary_dtype_from_name(qc["dictionary_dtype"])
     for prefix, spec in modules.items():
+        value_dtype, dictionary_dtype = fmt.module_dtypes(spec)
         owner = fmt.dictionary_owner(modules, prefix)
         # in/out come from the tensors themselves; a missing one is reported by layer_problems.
         dictionary, scales = compressed[owner].get(fmt.DICTIONARY), compressed[prefix].get(fmt.COEF_SCALES)

@@ -47,17 +47,19 @@ def machine() -> dict:
     return {"cpu": model, "isa": isa, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
-def module_stats(result, options: CompressOptions, owner: str | None = None) -> dict:
-    """The report entry of one module (a ``layer.CompressedLinear`` made with ``options``); ``owner``: the
-    module whose dictionary it uses, if not its own."""
+def module_stats(result, owner: str | None = None) -> dict:
+    """The report entry of one module (a ``layer.CompressedLinear``); ``owner``: the module whose dictionary it
+    uses, if not its own."""
     shape = result.shape
     dense = fmt.dense_bf16_bytes(shape.in_features, shape.out_features)
-    stored = fmt.stored_bytes(shape, options.value_dtype, owns_dictionary=owner is None,
-                              dictionary_dtype_name=options.dictionary_dtype)
+    stored = fmt.stored_bytes(shape, result.value_dtype, owns_dictionary=owner is None,
+                              dictionary_dtype_name=result.dictionary_dtype)
     stats = {
         "k": shape.k,
         "s": shape.s,
         "structure": result.structure,
+        "value_dtype": result.value_dtype,
+        "dictionary_dtype": result.dictionary_dtype,
         "in_features": shape.in_features,
         "out_features": shape.out_features,
         "bytes_dense_bf16": dense,
@@ -110,18 +112,28 @@ def build_report(
     }
 
 
+def storage_types(items: list[dict], options: dict) -> str:
+    """The (values / dictionary) types of these modules' report entries, with counts where they differ."""
+    pairs = [f"{i.get('value_dtype', options['value_dtype'])}/{i.get('dictionary_dtype', options['dictionary_dtype'])}"
+             for i in items]
+    counts = {pair: pairs.count(pair) for pair in sorted(set(pairs), key=pairs.index)}
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{p} ×{n}" for p, n in counts.items())
+
+
 def summary_table(report: dict) -> str:
     """Plain-text per-module-kind summary for the end of a CLI run."""
     kinds: dict[str, list[dict]] = {}
     for prefix, stats in report["modules"].items():
         kinds.setdefault(prefix.rsplit(".", 1)[1], []).append(stats)
-    lines = [f"{'module':<10} {'count':>5} {'k':>6} {'s':>6} {'CR':>7} {'whitened err':>13} {'seconds':>8}"]
+    lines = [f"{'module':<10} {'count':>5} {'k':>6} {'s':>6} {'CR':>7} {'whitened err':>13} {'seconds':>8}  "
+             "values/dictionary"]
     for kind, items in kinds.items():
         cr = 1 - sum(i["bytes_stored"] for i in items) / sum(i["bytes_dense_bf16"] for i in items)
         err = sum(i["whitened_rel_error"] for i in items) / len(items)
         secs = sum(i["seconds"] for i in items)
         lines.append(
-            f"{kind:<10} {len(items):>5} {items[0]['k']:>6} {items[0]['s']:>6} {cr:>7.3f} {err:>13.4f} {secs:>8.1f}"
+            f"{kind:<10} {len(items):>5} {items[0]['k']:>6} {items[0]['s']:>6} {cr:>7.3f} {err:>13.4f} {secs:>8.1f}  "
+            + storage_types(items, report["options"])
         )
     t = report["totals"]
     lines.append(
