@@ -114,8 +114,8 @@ def build_report(
 
 def storage_types(items: list[dict], options: dict) -> str:
     """The (values / dictionary) types of these modules' report entries, with counts where they differ."""
-    pairs = [f"{i.get('value_dtype', options['value_dtype'])}/{i.get('dictionary_dtype', options['dictionary_dtype'])}"
-             for i in items]
+    pairs = [f"{i.get('value_dtype', options.get('value_dtype', '?'))}/"
+             f"{i.get('dictionary_dtype', options.get('dictionary_dtype', '?'))}" for i in items]
     counts = {pair: pairs.count(pair) for pair in sorted(set(pairs), key=pairs.index)}
     return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{p} ×{n}" for p, n in counts.items())
 

@@ -153,10 +153,10 @@ def test_bad_device_string(tiny_models, tmp_path, capsys, device):
 def test_out_of_memory_names_the_layer(tiny_models, tmp_path, capsys, monkeypatch):
     """Running out of memory in a layer: one line naming the module and the memory option, exit 2, no
     OUT_DIR (the finished layers stay in .OUT.partial for the resumed run)."""
-    from offline_compress import pipeline
+    from offline_compress import precision
 
     calls = {"n": 0}
-    real = pipeline.compress_linear
+    real = precision.compress_linear  # what the pipeline's compress_fused calls per module
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -164,7 +164,7 @@ def test_out_of_memory_names_the_layer(tiny_models, tmp_path, capsys, monkeypatc
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compress_linear", failing)
+    monkeypatch.setattr(precision, "compress_linear", failing)
     out = tmp_path / "out"
     code, message = run_cli([tiny_models["llama"], out, "--iterations", "1", "--calib-samples", "4",
                              "--seq-len", "64"], capsys)

@@ -146,10 +146,10 @@ def test_resume_reuses_finished_layers(tiny_models, calib_file, tmp_path):
     compress_model(tiny_models["llama"], full, options, log=lambda m: None)
     # Simulate an interrupted run: compress into `resumed`, but keep its partial dir and drop the output.
     resumed = tmp_path / "resumed"
-    import offline_compress.pipeline as pipeline
+    import offline_compress.precision as precision  # the pipeline compresses each module through it
 
     calls = []
-    original = pipeline.compress_linear
+    original = precision.compress_linear
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -157,21 +157,21 @@ def test_resume_reuses_finished_layers(tiny_models, calib_file, tmp_path):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    pipeline.compress_linear = failing
+    precision.compress_linear = failing
     try:
         with pytest.raises(KeyboardInterrupt):
             compress_model(tiny_models["llama"], resumed, options, log=lambda m: None)
     finally:
-        pipeline.compress_linear = original
+        precision.compress_linear = original
     assert not resumed.exists()
     partial = tmp_path / ".resumed.partial"
     assert (partial / "layer-00000.safetensors").is_file()
     calls.clear()
-    pipeline.compress_linear = lambda *a, **kw: (calls.append(1), original(*a, **kw))[1]
+    precision.compress_linear = lambda *a, **kw: (calls.append(1), original(*a, **kw))[1]
     try:  # where the work runs (here: the memory budget; likewise --device) does not invalidate finished layers
         compress_model(tiny_models["llama"], resumed, replace(options, max_memory_gb=0.25), log=lambda m: None)
     finally:
-        pipeline.compress_linear = original
+        precision.compress_linear = original
     assert len(calls) == 7, "only layer 1 is recomputed"
     assert not partial.exists()
     a, b = read_all(full), read_all(resumed)
@@ -210,6 +210,7 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(tiny_models, calib_file,
     """Layer streaming: whenever a layer runs or a linear is compressed, every other decoder layer's
     weights are on the meta device (not in memory)."""
     import offline_compress.pipeline as pipeline
+    import offline_compress.precision as precision
 
     built = []
     seen = []
@@ -231,7 +232,7 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(tiny_models, calib_file,
     pipeline_skeleton = pipeline.skeleton_model
     monkeypatch.setattr(pipeline, "skeleton_model", skeleton)
     monkeypatch.setattr(pipeline, "run_layer", check(pipeline.run_layer))
-    monkeypatch.setattr(pipeline, "compress_linear", check(pipeline.compress_linear))
+    monkeypatch.setattr(precision, "compress_linear", check(precision.compress_linear))  # per module, via compress_fused
     options = CompressOptions(iterations=1, calib=str(calib_file), calib_samples=4, seq_len=64)
     compress_model(tiny_models["qwen2"], tmp_path / "out", options, log=lambda m: None)
     assert len(seen) >= 2 * 7 and max(seen) == 1, seen
@@ -429,10 +430,15 @@ def test_summary_says_when_the_checkpoint_is_smaller_than_asked():
                          "compression_ratio_actual": 1 - (37376 + 6553) / (2 * 64 * 448),
                          "compression_ratio_model": 0.2, "mean_whitened_rel_error": 0.01, "seconds": 2.0}}
     lines = summary_table(report).splitlines()
+    assert lines[0].endswith("values/dictionary") and lines[1].endswith("?/?")  # a report without storage types
     assert lines[-1] == ("smaller than asked: CR 0.2339 for --ratio 0.2: 1 modules store full-rank s = k, which "
                          "fits in fewer bytes than their budget with a lower error")
     report["totals"]["compression_ratio_actual"] = 0.2
     assert not summary_table(report).splitlines()[-1].startswith("smaller than asked")
+    # per-module types (the precision search's): counted per module kind where they differ
+    report["modules"]["b.gate_proj"] = {**full_rank, "value_dtype": "int4", "dictionary_dtype": "int4"}
+    report["modules"]["a.gate_proj"] = {**full_rank, "value_dtype": "int8", "dictionary_dtype": "int4"}
+    assert summary_table(report).splitlines()[1].endswith("  int8/int4 ×1, int4/int4 ×1")
 
 
 def test_peak_rss_is_this_runs_and_the_report_names_the_cpu(compressed):
