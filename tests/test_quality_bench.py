@@ -46,7 +46,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     got = result["rows"]
     assert sorted(got) == sorted(rows)
     # not asked for (GPTQ: their own test below)
-    assert result["missing"] == ["gptq-int4-g128", "gptq-int3-g128", "cospadi-int8-d4@0.3"]
+    assert result["missing"] == ["gptq-int4-g128", "gptq-int3-g128", "cospadi-int8-d4@0.3", "cospadi-auto@0.3"]
 
     # Bytes from the model's own tensors: 2 layers x 7 target linears.
     with safe_open(str(model / "model.safetensors"), framework="pt") as fh:
