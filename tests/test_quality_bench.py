@@ -89,7 +89,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     table = (out / "quality-tiny.md").read_text()
     for variant in ("int8-d8", "int8-d8-sens", "int8", "bf16"):
         assert f"- CR 0.3: CoSpaDi {variant} " in table, variant
-    assert "Not measured in this run: gptq-int4-g128, gptq-int3-g128, cospadi-int8-d4@0.3." in table
+    assert "Not measured in this run: gptq-int4-g128, gptq-int3-g128, cospadi-int8-d4@0.3, cospadi-auto@0.3." in table
     assert "- CR 0.3: grouped (G = 2)" in table and "- CR 0.3: sensitivity allocation" in table
     assert (out / "quality-tiny.png").stat().st_size > 10_000
     marked = {line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.endswith("| ● |")}
