@@ -39,6 +39,11 @@ class LayerSettings:
     compute_dtype: torch.dtype = torch.float32
 
     @property
+    def rounds_dictionary(self) -> bool:
+        """Whether the dictionary is stored rounded (int8 / int4), the values then re-solved for it."""
+        return fmt.DICTIONARY_TYPES[self.dictionary_dtype].max_abs is not None
+
+    @property
     def searches(self) -> bool:
         return self.method == "cospadi" and len(self.k_over_s) != 1
 
@@ -138,7 +143,8 @@ def quantized(problem: WhitenedProblem, structure: str, shape: fmt.LayerShape, l
     unquantized = relative_error(problem.target, learned.dictionary, learned.coef)
     dictionary, stored, dequantized = quantize_and_refit(problem.target, learned.dictionary, learned.coef,
                                                          learned.mask, settings.value_dtype,
-                                                         rounds=settings.refit_rounds)
+                                                         rounds=settings.refit_rounds,
+                                                         provisional=settings.rounds_dictionary)
     chosen, dequantized = with_rounded_dictionary(problem, QuantizedStructure(structure, shape, dictionary, stored,
                                                                               unquantized),
                                                   learned.mask, dequantized, settings)
@@ -153,7 +159,7 @@ def with_rounded_dictionary(problem: WhitenedProblem, structure: QuantizedStruct
 
     mask / coef [m, k]: the support and the dequantized values of ``structure``."""
     storage = fmt.DICTIONARY_TYPES[settings.dictionary_dtype]
-    if storage.max_abs is None:
+    if not settings.rounds_dictionary:
         return structure, coef
     # Grouped (4-bit) dictionaries are rounded for the module's inputs (GPTQ), whose Gram is LLᵀ.
     gram = problem.factor.double() @ problem.factor.double().T if storage.group_size is not None else None

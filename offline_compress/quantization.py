@@ -27,14 +27,14 @@ from offline_compress.dictionary import least_squares_dictionary, least_squares_
 from offline_compress.gptq import quantize_gptq
 
 
-def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    shared_factor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-column symmetric quantization.
 
     values: [out, s] float → (coef_values [out, s] value_dtype (int4: [out, ceil(s/2)] packed uint8),
     coef_scales [out] float32) with ``values ≈ codec.dequantize_values(coef_values, coef_scales, s)``.
     ``atoms`` = (support_idx [out, s], gram [k, k] = DᵀD of the whitened dictionary): codes of ≤ 4 bits are
-    rounded with error feedback (:func:`feedback_codes`) instead of to nearest.
+    rounded with error feedback (:func:`feedback_codes`, over one ``shared_factor`` if asked) instead of to nearest.
     """
     dtype = fmt.value_dtype_from_name(value_dtype_name)
     values = values.float()
@@ -49,7 +49,7 @@ def quantize_values(values: torch.Tensor, value_dtype_name: str, atoms: tuple[to
     if dtype.is_floating_point:
         quantized = scaled.clamp(-qmax, qmax).to(dtype)
     else:
-        codes = (feedback_codes(scaled, *atoms, qmax) if atoms is not None and rounds_with_feedback(value_dtype_name)
+        codes = (feedback_codes(scaled, *atoms, qmax, shared_factor=shared_factor) if atoms is not None and rounds_with_feedback(value_dtype_name)
                  else scaled.round().clamp(-qmax, qmax))
         quantized = codes.to(torch.int8)
         if fmt.values_per_byte(dtype) == 2:
@@ -89,7 +89,7 @@ def clipped_scales(values: torch.Tensor, scales: torch.Tensor, qmax: float) -> t
 
 
 def feedback_codes(scaled: torch.Tensor, support_idx: torch.Tensor, gram: torch.Tensor, qmax: float,
-                   block: int = 256, damp: float = 0.01) -> torch.Tensor:
+                   block: int = 256, damp: float = 0.01, shared_factor: bool = False) -> torch.Tensor:
     """Each column's values rounded for the error that matters, ‖D_S·(c − q)‖ (the whitened error of the
     column's atoms S), not ‖c − q‖: an over-complete dictionary's atoms are far from orthogonal, so the
     rounding error of one value can be partly undone by moving the others. This is GPTQ's error feedback,
@@ -100,36 +100,62 @@ def feedback_codes(scaled: torch.Tensor, support_idx: torch.Tensor, gram: torch.
     SVD start and carry most of a column): rounding them first, as GPTQ does, measured 0.037 against 0.105
     the other way on a SmolLM2 q_proj (benchmarks/results/NOTES.md item 60).
 
-    scaled [out, s] values in code units, support_idx [out, s], gram [k, k] = DᵀD (whitened D) → codes [out, s]
-    float (integers in [-qmax, qmax]). ``damp``: fraction of the mean diagonal added, as GPTQ does. Columns
-    that share their atoms (a dense support: SVD's s = k) share one factorisation."""
+    ``shared_factor``: factor the whole k × k Gram once and round every column over all k atoms, codes off its
+    support held at zero (SparseGPT's treatment of pruned weights) — O(k³ + out·k²) instead of O(out·s³), but
+    a held code cannot absorb its row's residual, so the error is higher, the more so the sparser the support
+    (benchmarks/results/feedback-rounding-smollm2.md); only for roundings that are redone later
+    (:func:`quantize_and_refit`). Columns that share their atoms (a dense support: SVD's s = k) share one
+    factorisation either way, with the same codes.
+
+    scaled [out, s] values in code units, support_idx [out, s] (increasing), gram [k, k] = DᵀD (whitened D)
+    → codes [out, s] float (integers in [-qmax, qmax]). ``damp``: fraction of the mean diagonal added, as GPTQ
+    does."""
     out, s = scaled.shape
-    reverse = torch.arange(s - 1, -1, -1, device=scaled.device)
-    scaled, support_idx = scaled[:, reverse], support_idx[:, reverse]
-    codes = torch.empty_like(scaled)
-    shared = bool((support_idx == support_idx[:1]).all())
     gram = gram.float()  # gathered per column below: [block, s, s] in float32, as factored (half the bytes moved)
-    eye = torch.eye(s, dtype=torch.float32, device=gram.device)
+    dense = bool((support_idx == support_idx[:1]).all())
+    if shared_factor and not dense:
+        k = gram.shape[0]
+        spread = torch.zeros(out, k, dtype=torch.float32, device=scaled.device).scatter_(1, support_idx, scaled.float())
+        held = torch.ones(out, k, dtype=torch.bool, device=scaled.device).scatter_(1, support_idx, False)
+        atoms = torch.arange(k, device=scaled.device).expand(1, k)
+        return nearest_plane_codes(spread, atoms, gram, qmax, block, damp, held).gather(1, support_idx).to(scaled.dtype)
+    return nearest_plane_codes(scaled.float(), support_idx[:1] if dense else support_idx, gram, qmax, block, damp
+                               ).to(scaled.dtype)
+
+
+def nearest_plane_codes(values: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor, qmax: float, block: int,
+                        damp: float, held: torch.Tensor | None = None) -> torch.Tensor:
+    """values [out, n] rounded in the order of their atoms by Babai's nearest plane on each column's Gram
+    ``gram[atoms_j][:, atoms_j]`` (atoms [out, n], or [1, n] when every column has the same atoms: one factor);
+    ``held`` [out, n]: codes fixed at zero. → codes [out, n] float32."""
+    out, n = values.shape
+    reverse = torch.arange(n - 1, -1, -1, device=values.device)
+    values, atoms = values[:, reverse], atoms[:, reverse]
+    held = None if held is None else held[:, reverse]
+    codes = torch.empty_like(values)
+    eye = torch.eye(n, dtype=torch.float32, device=gram.device)
     factor = None
     for start in range(0, out, block):
-        if factor is None or not shared:
-            idx = support_idx[start: start + (1 if shared else block)]
-            hessian = gram[idx[:, :, None], idx[:, None, :]]  # [B, s, s]: the Gram of each column's atoms
+        if factor is None or atoms.shape[0] > 1:
+            idx = atoms[start: start + block] if atoms.shape[0] > 1 else atoms
+            hessian = gram[idx[:, :, None], idx[:, None, :]]  # [B, n, n]: the Gram of each column's atoms
             hessian = hessian + damp * hessian.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
             factor = torch.linalg.cholesky(hessian, upper=True)
-        values = scaled[start: start + block].float()
-        error = torch.zeros_like(values)  # c − q of the values already rounded (zero for the rest)
-        for i in range(s - 1, -1, -1):
-            shifted = values[:, i] + (factor[:, i, i + 1:] * error[:, i + 1:]).sum(1) / factor[:, i, i]
+        chunk = values[start: start + block]
+        error = torch.zeros_like(chunk)  # c − q of the values already rounded (zero for the rest)
+        for i in range(n - 1, -1, -1):
+            shifted = chunk[:, i] + (factor[:, i, i + 1:] * error[:, i + 1:]).sum(1) / factor[:, i, i]
             rounded = shifted.round().clamp(-qmax, qmax)
-            error[:, i] = values[:, i] - rounded
-            codes[start: start + block, i] = rounded.to(codes.dtype)
+            if held is not None:
+                rounded = rounded.masked_fill(held[start: start + block, i], 0.0)
+            error[:, i] = chunk[:, i] - rounded
+            codes[start: start + block, i] = rounded
     return codes[:, reverse]
 
 
 def encode_coefficients(
     support_idx: torch.Tensor, support_values: torch.Tensor, k: int, value_dtype_name: str,
-    gram: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None, shared_factor: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Column-sparse C given as (atom index, value) pairs → the stored mask / values / scales tensors.
 
@@ -142,7 +168,7 @@ def encode_coefficients(
     support = torch.zeros(support_idx.shape[0], k, dtype=torch.bool, device=support_idx.device)
     support.scatter_(1, idx_sorted, True)
     atoms = None if gram is None else (idx_sorted, gram)
-    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name, atoms)
+    coef_values, coef_scales = quantize_values(values_sorted, value_dtype_name, atoms, shared_factor)
     return {fmt.COEF_MASK: codec.pack_mask(support), fmt.COEF_VALUES: coef_values, fmt.COEF_SCALES: coef_scales}
 
 
@@ -165,18 +191,26 @@ def support_indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero()[:, 1].view(m, -1)
 
 
-def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str, dictionary: torch.Tensor | None = None
-             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def quantize(coef: torch.Tensor, mask: torch.Tensor, value_dtype: str, dictionary: torch.Tensor | None = None,
+             shared_factor: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """coef [m, k] on mask → (stored {coef_mask, coef_values, coef_scales}, dequantized coef [m, k] float).
-    ``dictionary`` [n, k] (whitened space): ≤ 4-bit values are rounded for it (:func:`feedback_codes`)."""
+    ``dictionary`` [n, k] (whitened space): ≤ 4-bit values are rounded for it (:func:`feedback_codes`, over one
+    ``shared_factor`` if asked)."""
     idx = support_indices(mask)
     # The Gram only where the rounding reads it (≤ 4-bit values): int8 / fp8 / bf16 never pay for it.
     gram = dictionary.T @ dictionary if dictionary is not None and rounds_with_feedback(value_dtype) else None
-    stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype, gram)
+    stored = encode_coefficients(idx, coef.gather(1, idx), coef.shape[1], value_dtype, gram, shared_factor)
     dequantized = codec.decode_coefficients(
         stored[fmt.COEF_MASK], stored[fmt.COEF_VALUES], stored[fmt.COEF_SCALES], coef.shape[1]
     ).T.to(coef.dtype)
     return stored, dequantized
+
+
+# A rounding that is redone later (the dictionary is then refitted and rounded, the values re-solved and rounded
+# again) uses one shared factor where each column holds at least this fraction of the atoms: there the per-column
+# factors cost most (s³ each, s close to k) and steering the refit with the shared one left the stored error
+# unchanged (≤ 0.01 %); on sparser supports it cost up to +6.8 % on the stored layer (NOTES.md item 96).
+SHARED_FACTOR_MIN_COVER = 0.8
 
 
 def quantize_and_refit(
@@ -187,19 +221,27 @@ def quantize_and_refit(
     value_dtype: str,
     rounds: int = 1,
     refit: bool = True,
+    provisional: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Balance, quantize, refit the dictionary to the quantized coefficients (whitened space).
 
     target [n, m], dictionary [n, k], coef/mask [m, k]. Returns (dictionary [n, k] to store, stored
     coefficient tensors, their dequantized values as coef [m, k]). With ``rounds`` = 2 the values are re-solved on the same support for the
     refitted dictionary and the balance/quantize/refit is repeated.
+
+    Values that are rounded again later — every round but the last, and the last too when ``provisional`` (the
+    caller re-solves and re-rounds them for a rounded dictionary) — are rounded over one shared factor
+    (:func:`feedback_codes`) where the columns use at least ``SHARED_FACTOR_MIN_COVER`` of the atoms; the
+    rounding that is stored is always the per-column one.
     """
     stored: dict[str, torch.Tensor] = {}
     for round_index in range(rounds):
         if round_index:
             coef = solve_on_support(target, dictionary, mask, coef)
         dictionary, coef = balance_atom_scales(dictionary, coef, mask)
-        stored, dequantized = quantize(coef, mask, value_dtype, dictionary)
+        shared_factor = (provisional or round_index < rounds - 1) and bool(
+            mask[:1].sum() >= SHARED_FACTOR_MIN_COVER * mask.shape[1])
+        stored, dequantized = quantize(coef, mask, value_dtype, dictionary, shared_factor)
         if refit:
             dictionary = least_squares_dictionary(target, dequantized)
         coef = dequantized

@@ -49,10 +49,12 @@ def test_int4_quantization_error_and_range():
     assert float((error / absmax_error).mean()) < 0.8
 
 
-def test_feedback_rounding_lowers_the_whitened_error():
+@pytest.mark.parametrize("shared_factor", [False, True])
+def test_feedback_rounding_lowers_the_whitened_error(shared_factor):
     """With correlated atoms (an over-complete dictionary), rounding with error feedback through each column's
     atoms gives a lower ‖D·(c − q)‖ than rounding to nearest at the same scales, on every column in sum and on
-    most columns one by one; the codes stay integers in [-7, 7]. Reference: float64 products of the codes."""
+    most columns one by one; the codes stay integers in [-7, 7]. Reference: float64 products of the codes. Over one
+    shared factor (codes off the support held at zero) still lower than to nearest, but above the per-column one."""
     g = torch.Generator().manual_seed(11)
     n, k, out, s = 24, 64, 96, 20
     dictionary = torch.randn(n, k, generator=g, dtype=torch.float64)
@@ -60,7 +62,7 @@ def test_feedback_rounding_lowers_the_whitened_error():
     values = torch.randn(out, s, generator=g, dtype=torch.float64)
     scales = values.abs().amax(1) / 7
     scaled = values / scales[:, None]
-    feedback = feedback_codes(scaled, support, dictionary.T @ dictionary, 7.0)
+    feedback = feedback_codes(scaled, support, dictionary.T @ dictionary, 7.0, shared_factor=shared_factor)
     nearest = scaled.round()
     assert torch.equal(feedback, feedback.round()) and float(feedback.abs().max()) <= 7
 
@@ -69,8 +71,25 @@ def test_feedback_rounding_lowers_the_whitened_error():
         return torch.stack([(dictionary[:, support[j]] @ delta[j]).norm() for j in range(out)])
 
     with_feedback, to_nearest = errors(feedback), errors(nearest)
-    assert float(with_feedback.norm()) < 0.85 * float(to_nearest.norm())
-    assert int((with_feedback < to_nearest).sum()) >= 0.7 * out
+    if not shared_factor:
+        assert float(with_feedback.norm()) < 0.85 * float(to_nearest.norm())
+        assert int((with_feedback < to_nearest).sum()) >= 0.7 * out
+    else:  # a third of the atoms per column: the held codes' residuals cost most of the exact rounding's gain
+        exact = errors(feedback_codes(scaled, support, dictionary.T @ dictionary, 7.0))
+        assert float(exact.norm()) < float(with_feedback.norm()) < float(to_nearest.norm())
+
+
+def test_shared_factor_rounding_is_exact_on_a_dense_support():
+    """Where every column uses every atom (SVD's s = k) the shared factor is each column's own: the same codes as
+    the per-column rounding, which differ from rounding to nearest."""
+    g = torch.Generator().manual_seed(12)
+    dictionary = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    scaled = torch.randn(50, 24, generator=g, dtype=torch.float64) * 4
+    support = torch.arange(24).expand(50, 24)
+    gram = dictionary.T @ dictionary
+    exact = feedback_codes(scaled, support, gram, 7.0)
+    assert torch.equal(feedback_codes(scaled, support, gram, 7.0, shared_factor=True), exact)
+    assert not torch.equal(exact, scaled.round().clamp(-7, 7))
 
 
 @pytest.mark.parametrize("dictionary_dtype", ["bfloat16", "int8"])
