@@ -128,21 +128,20 @@ def module_problems(hf_config: dict, qc: dict, headers: dict) -> list[str]:
 def fused_group_problems(modules: dict[str, dict], name: str) -> list[str]:
     """Modules vLLM fuses into one layer (``format.FUSED_MODULES``) must be compressed together, and share
     one other layer's dictionaries together or none."""
-    parent, _, leaf = name.rpartition(".")
-    group = fmt.fused_group(leaf)
-    if len(group) == 1:
+    members = fmt.fused_members(name)
+    if len(members) == 1:
         return []
-    missing = [f"{parent}.{g}" for g in group if f"{parent}.{g}" not in modules]
+    missing = [member for member in members if member not in modules]
     if missing:
         return [f"quantization_config.modules has {name} but not {', '.join(missing)}: "
                 "vLLM fuses them, so they must be compressed together"]
-    if leaf != group[0]:
+    if name != members[0]:
         return []
-    owners = [fmt.dictionary_owner(modules, f"{parent}.{g}") for g in group]
-    owner_parent = owners[0].rpartition(".")[0]
-    if owners != [f"{owner_parent}.{g}" for g in group]:
-        return [f"{parent}: {', '.join(group)} use the dictionaries of {owners}; vLLM fuses them into one layer, "
-                "so they must share one other layer's dictionaries together or none"]
+    owners = [fmt.dictionary_owner(modules, member) for member in members]
+    if owners != fmt.fused_members(owners[0]):
+        leaves = ", ".join(member.rpartition(".")[2] for member in members)
+        return [f"{name.rpartition('.')[0]}: {leaves} use the dictionaries of {owners}; vLLM fuses them into one "
+                "layer, so they must share one other layer's dictionaries together or none"]
     return []
 
 

@@ -43,21 +43,18 @@ if not vllm.__version__.startswith(SUPPORTED_VLLM):
 class CoSpaDiConfig(QuantizationConfig):
     """Reads ``quantization_config`` of a CoSpaDi checkpoint (format version 1)."""
 
-    def __init__(self, modules: dict[str, dict[str, int]], value_dtype: str, ignore: list[str],
-                 dictionary_dtype: str = fmt.DEFAULT_DICTIONARY_DTYPE) -> None:
+    def __init__(self, modules: dict[str, dict], ignore: list[str]) -> None:
+        """``modules``: parsed entries (``format.parse_quantization_config``), each naming its storage types."""
         super().__init__()
         self.modules = modules
-        self.value_dtype_name = value_dtype
-        self.value_dtype = fmt.value_dtype_from_name(value_dtype)
-        self.dictionary_dtype_name = dictionary_dtype
-        self.dictionary_dtype = fmt.dictionary_dtype_from_name(dictionary_dtype)
         self.ignore = ignore
         # Layers that store a dictionary, by vLLM prefix, once processed: the layers that share it
         # (cross-layer groups, docs/format.md) take that very tensor instead of a copy.
         self.dictionary_layers: dict[str, torch.nn.Module] = {}
 
     def __repr__(self) -> str:
-        return f"CoSpaDiConfig(value_dtype={self.value_dtype_name}, modules={len(self.modules)})"
+        types = sorted({(spec["value_dtype"], spec["dictionary_dtype"]) for spec in self.modules.values()})
+        return f"CoSpaDiConfig(modules={len(self.modules)}, (value_dtype, dictionary_dtype)={types})"
 
     @classmethod
     def get_name(cls) -> str:
@@ -79,8 +76,7 @@ class CoSpaDiConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CoSpaDiConfig:
         qc = fmt.parse_quantization_config(config)
-        return cls(modules=qc["modules"], value_dtype=qc["value_dtype"], ignore=list(qc["ignore"]),
-                   dictionary_dtype=qc["dictionary_dtype"])
+        return cls(modules=qc["modules"], ignore=list(qc["ignore"]))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         """vLLM calls this with the model path before building the model: validate the checkpoint's

@@ -162,6 +162,13 @@ def fused_group(leaf: str) -> tuple[str, ...]:
     return next((group for group in FUSED_MODULES.values() if leaf in group), (leaf,))
 
 
+def fused_members(name: str) -> list[str]:
+    """Full names of the modules vLLM fuses with module ``name`` into one layer, in shard order
+    (``model.layers.0.self_attn.k_proj`` → its q/k/v), ``[name]`` if none."""
+    parent, _, leaf = name.rpartition(".")
+    return [f"{parent}.{member}" if parent else member for member in fused_group(leaf)]
+
+
 def mask_words(k: int) -> int:
     """Number of int32 words per output column for a dictionary of k atoms."""
     return (k + BITS_PER_WORD - 1) // BITS_PER_WORD
@@ -406,15 +413,14 @@ def resolved_module_dtypes(modules: dict[str, dict], value_dtype: str, dictionar
     valid names, the same types across modules vLLM fuses, a shared dictionary's type the same for all users."""
     resolved = {name: {MODULE_DTYPE_KEYS[0]: value_dtype, MODULE_DTYPE_KEYS[1]: dictionary_dtype, **spec}
                 for name, spec in modules.items()}
-    fused: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, str]]] = {}
     for name, spec in resolved.items():
         value_dtype_from_name(spec["value_dtype"])
         dictionary_dtype_from_name(spec["dictionary_dtype"])
-        parent, _, leaf = name.rpartition(".")
         dtypes = (spec["value_dtype"], spec["dictionary_dtype"])
-        first = fused.setdefault((parent, fused_group(leaf)), (name, dtypes))
-        if first[1] != dtypes:
-            raise FormatError(f"modules {first[0]} and {name} store {first[1]} and {dtypes} as (value_dtype, "
+        first = next(member for member in fused_members(name) if member in resolved)
+        first_dtypes = (resolved[first]["value_dtype"], resolved[first]["dictionary_dtype"])
+        if first_dtypes != dtypes:
+            raise FormatError(f"modules {first} and {name} store {first_dtypes} and {dtypes} as (value_dtype, "
                               "dictionary_dtype), but vLLM fuses them into one layer: they must store the same types")
         owner = spec.get(SHARED_DICTIONARY_KEY, name)
         if resolved[owner]["dictionary_dtype"] != spec["dictionary_dtype"]:
