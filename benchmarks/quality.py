@@ -24,6 +24,7 @@ Rows (each one resumable: finished rows are kept in the JSON and skipped on the 
   cospadi-int8-d8-quick@CR  --fast --iterations 2 --calib-samples 16 (the quick recipe)
   cospadi-int4-d8@CR  int8 dictionary + int4 values (two per byte, rounded with error feedback)
   cospadi-int8-d4@CR, cospadi-int4-d4@CR  4-bit dictionary (--dictionary-dtype int4) + int8 / int4 values
+  cospadi-int4-d4-fast@CR  the latter with closed-form structures only (--fast)
   cospadi-auto@CR     per vLLM layer the (value, dictionary) types of int8 / int4 with the lowest error at the
                       same bytes (--value-dtype auto --dictionary-dtype auto)
   cospadi-int8-1shot@CR, cospadi-int8-g2-1shot@CR  per-layer and grouped, both calibrated --one-shot
@@ -81,6 +82,7 @@ VARIANTS: dict[str, dict] = {
     # a 4-bit dictionary (GPTQ layout, rounded by GPTQ for the module's inputs) + int8 / int4 values
     "cospadi-int8-d4": {"method": "cospadi", "value_dtype": "int8", "dictionary_dtype": "int4"},
     "cospadi-int4-d4": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int4"},
+    "cospadi-int4-d4-fast": {"method": "cospadi", "value_dtype": "int4", "dictionary_dtype": "int4", "fast": True},
     "cospadi-auto": {"method": "cospadi", "value_dtype": "auto", "dictionary_dtype": "auto"},
     # diagnostics for grouped sharing: both calibrated one-shot (every layer on the original model's
     # activations), so a group's second layer sees the same inputs in both
@@ -279,6 +281,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
               "cospadi-int8-d8": ("tab:olive", "h", "-"), "cospadi-int8-d8-sens": ("tab:olive", "v", ":"), "cospadi-int8-d8-fast": ("tab:olive", "*", "--"),
               "cospadi-int8-d8-quick": ("tab:olive", "d", "--"), "cospadi-int4-d8": ("tab:pink", "X", "-"),
               "cospadi-int8-d4": ("tab:brown", "v", "--"), "cospadi-int4-d4": ("tab:gray", "P", "--"),
+              "cospadi-int4-d4-fast": ("tab:gray", "*", ":"),
               "cospadi-auto": ("black", "*", "-")}
     for variant, (color, marker, line) in styles.items():
         pts = sorted((model_bytes_of(r, results.get("dense")) / 1e6, r["perplexity"])

@@ -39,7 +39,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     rows = ["dense", "rtn-int8", "rtn-int4-g128", "rtn-int3-g128", "svd-llm@0.3", "cospadi-int8@0.3", "cospadi-bf16@0.3", "cospadi-int8-g2@0.3",
             "cospadi-int8-sens@0.3", "cospadi-int8-g2-sens@0.3", "cospadi-int8-1shot@0.3", "cospadi-int8-g2-1shot@0.3", "cospadi-int8-d8@0.3",
             "cospadi-int8-d8-sens@0.3", "cospadi-int8-d8-fast@0.3", "cospadi-int8-d8-quick@0.3", "cospadi-int4-d8@0.3",
-            "cospadi-int4-d4@0.3"]
+            "cospadi-int4-d4@0.3", "cospadi-int4-d4-fast@0.3"]
     common = ["--model", str(model), "--name", "tiny", "--work-dir", str(work), "--out", str(out), *FAST]
     run_quality(*common, "--iterations", "1", "--rows", *rows)
     result = json.loads((out / "quality-tiny.json").read_text())
@@ -66,10 +66,10 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     assert got["cospadi-bf16@0.3"]["options"]["value_dtype"] == "bfloat16"
     for rid in ("svd-llm@0.3", "cospadi-int8@0.3", "cospadi-int8-sens@0.3"):  # pinned, not the compressor's default
         assert got[rid]["options"]["dictionary_dtype"] == "bfloat16", rid
-    for rid in rows[4:-6]:
+    for rid in rows[4:-7]:
         assert 0.3 <= 1 - got[rid]["layer_bytes"] / layer_bf16 <= 0.32, rid
     # int8 / 4-bit dictionary (and int4 values): the ratio is a ceiling (full rank may fit with bytes to spare)
-    for rid, dictionary_dtype in zip(rows[-6:], ("int8",) * 5 + ("int4",), strict=True):
+    for rid, dictionary_dtype in zip(rows[-7:], ("int8",) * 5 + ("int4",) * 2, strict=True):
         assert got[rid]["options"]["dictionary_dtype"] == dictionary_dtype
         assert 1 - got[rid]["layer_bytes"] / layer_bf16 >= 0.3, rid
     assert got["cospadi-int4-d8@0.3"]["options"]["value_dtype"] == "int4"
@@ -78,6 +78,7 @@ def test_quality_rows_bytes_and_reuse(tiny_models, tmp_path):
     assert got["cospadi-int8-d8-sens@0.3"]["options"]["allocation"] == "sensitivity"
     assert got["cospadi-int8-g2-1shot@0.3"]["options"]["sequential"] is False
     assert got["cospadi-int8-d8-fast@0.3"]["options"]["fast"] is True
+    assert got["cospadi-int4-d4-fast@0.3"]["options"]["fast"] is True
     quick = got["cospadi-int8-d8-quick@0.3"]["options"]  # its own run options, not the command line's
     assert (quick["fast"], quick["iterations"], quick["calib_samples"]) == (True, 2, 16)
 
