@@ -124,23 +124,12 @@ def child(name: str, ratio: float, device_name: str, full: bool) -> dict:
 
 def real_layer_errors(ratios: list[float], device_name: str) -> list[dict]:
     """Whitened error on SmolLM2-135M layer 3 gate_proj (real Gram): default CoSpaDi vs SVD-LLM at equal bytes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from offline_compress import assets
-    from offline_compress.calibration import capture_layer_inputs, decoder_layers, run_layer
     from offline_compress.layer import LayerSettings, compress_linear
+    from offline_compress.layer_problems import real_layer_problems
 
-    model_dir = assets.smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stream = assets.tokenize_stream(AutoTokenizer.from_pretrained(model_dir), assets.wikipedia_split("calibration"))
-    inputs = capture_layer_inputs(model, assets.random_windows(stream, 32, 512, seed=0), batch_size=8)
-    layers = decoder_layers(model)
-    for index in range(3):
-        _, inputs.hidden = run_layer(layers[index], inputs, torch.device("cpu"))
-    grams, _ = run_layer(layers[3], inputs, torch.device("cpu"), ["mlp.gate_proj"], collect_outputs=False)
-    weight = layers[3].mlp.gate_proj.weight.detach().to(device_name)
-    gram = grams["mlp.gate_up"].to(device_name)
+    weight, gram = real_layer_problems(assets.smollm2_dir(), [3], ["mlp.gate_proj"])["3.mlp.gate_proj"]
+    weight, gram = weight.to(device_name), gram.to(device_name)
     rows = []
     for ratio in ratios:
         for method in ("cospadi", "svd-llm"):

@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.value_rounding_bench import LAYER, MODULES, layer_grams  # noqa: E402
+from benchmarks.value_rounding_bench import CALIBRATION, LAYER, MODULES  # noqa: E402
 from cospadi_vllm import codec  # noqa: E402
 from cospadi_vllm import format as fmt  # noqa: E402
 from offline_compress import assets  # noqa: E402
-from offline_compress.calibration import gram_key  # noqa: E402
 from offline_compress.gptq import quantize_gptq, round_to_nearest  # noqa: E402
 from offline_compress.layer import LayerSettings, compress_linear  # noqa: E402
+from offline_compress.layer_problems import real_layer_problems  # noqa: E402
 
 GROUP = 128
 COSPADI = {"cospadi d8/v4": ("int8", "int4"), "cospadi d4/v4": ("int4", "int4"), "cospadi d4/v8": ("int4", "int8")}
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=MODULES)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dictionary-bits.json")
     args = parser.parse_args(argv)
-    layer, grams = layer_grams(assets.smollm2_dir())
+    problems = real_layer_problems(assets.smollm2_dir(), [LAYER], args.modules, **CALIBRATION)
     results = {}
     for budget in args.budgets:
         for name in args.modules:
-            weight = layer.get_submodule(name).weight.detach().float()
-            results[f"{budget} {name}"] = run_budget(weight, grams[gram_key(name)].double(), budget)
+            weight, gram = problems[f"{LAYER}.{name}"]
+            results[f"{budget} {name}"] = run_budget(weight, gram, budget)
             for row, values in results[f"{budget} {name}"]["rows"].items():
                 print(budget, name, row, values, flush=True)
     args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "layer": LAYER, "machine":

@@ -29,12 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from offline_compress import assets, quantization  # noqa: E402
-from offline_compress.calibration import capture_layer_inputs, decoder_layers, gram_key, run_layer  # noqa: E402
-from offline_compress.calibration_text import calibration_ids  # noqa: E402
-from offline_compress.export import source_safetensors  # noqa: E402
 from offline_compress.layer import compress_linear  # noqa: E402
-from offline_compress.loading import SafetensorsSource, materialize, skeleton_model, validate_model_dir  # noqa: E402
-from offline_compress.options import CompressOptions  # noqa: E402
+from offline_compress.layer_problems import real_layer_problems  # noqa: E402
 from offline_compress.problem import LayerSettings  # noqa: E402
 from offline_compress.report import machine  # noqa: E402
 
@@ -42,26 +38,6 @@ LAYERS = (3, 15)
 TARGETS = ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 RATIOS = (0.5, 0.7305)
 PAIRS = (("int4", "int8"), ("int4", "int4"))  # (values, dictionary)
-
-
-def layer_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"3.mlp.gate_proj": (weight [out, in], Gram [in, in])} of LAYERS' TARGETS, one-shot calibration."""
-    model_dir = Path(assets.smollm2_dir())
-    _, tokenizer = validate_model_dir(model_dir, Path("/nonexistent/feedback-rounding"), False)
-    source = SafetensorsSource(source_safetensors(model_dir))
-    model = skeleton_model(model_dir)
-    cpu = torch.device("cpu")
-    materialize(model.get_input_embeddings(), "model.embed_tokens", source, cpu)
-    model.model.rotary_emb.to(cpu)
-    inputs = capture_layer_inputs(model, calibration_ids(tokenizer, CompressOptions()), 8)
-    problems = {}
-    for index, layer in enumerate(decoder_layers(model)[: max(LAYERS) + 1]):
-        materialize(layer, f"model.layers.{index}", source, cpu, torch.float32)
-        targets = list(TARGETS) if index in LAYERS else []
-        grams, inputs.hidden = run_layer(layer, inputs, cpu, targets) if targets else run_layer(layer, inputs, cpu)
-        for target in targets:
-            problems[f"{index}.{target}"] = (layer.get_submodule(target).weight.detach().clone(), grams[gram_key(target)])
-    return problems
 
 
 VARIANTS = {  # how every int4 rounding of a compression is done
@@ -74,7 +50,7 @@ VARIANTS = {  # how every int4 rounding of a compression is done
 def main() -> None:
     exact = quantization.feedback_codes
     rows = []
-    for name, (weight, gram) in layer_problems().items():
+    for name, (weight, gram) in real_layer_problems(assets.smollm2_dir(), LAYERS, TARGETS).items():
         for ratio in RATIOS:
             for values, dictionary in PAIRS:
                 settings = LayerSettings(value_dtype=values, dictionary_dtype=dictionary)

@@ -25,25 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from offline_compress import assets, quantization  # noqa: E402
-from offline_compress.calibration import capture_layer_inputs, decoder_layers, gram_key, run_layer  # noqa: E402
 from offline_compress.layer import LayerSettings, compress_linear  # noqa: E402
+from offline_compress.layer_problems import real_layer_problems  # noqa: E402
 
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 LAYER = 3
-
-
-def layer_grams(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stream = assets.tokenize_stream(tokenizer, assets.wikipedia_split("calibration")[:200_000])
-    inputs = capture_layer_inputs(model, assets.random_windows(stream, 8, 256, seed=0), batch_size=8)
-    layers = decoder_layers(model)
-    for index in range(LAYER):
-        _, inputs.hidden = run_layer(layers[index], inputs, torch.device("cpu"))
-    grams, _ = run_layer(layers[LAYER], inputs, torch.device("cpu"), list(MODULES))
-    return layers[LAYER], grams
+CALIBRATION = {"samples": 8, "seq_len": 256, "text_chars": 200_000}  # the first 200 k characters
 
 
 def nearest_codes(scaled, support_idx, gram, qmax, **_):
@@ -74,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=MODULES)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "value-rounding.json")
     args = parser.parse_args(argv)
-    layer, grams = layer_grams(assets.smollm2_dir())
+    problems = real_layer_problems(assets.smollm2_dir(), [LAYER], args.modules, **CALIBRATION)
     results = {}
     for ratio in args.ratios:
         for name in args.modules:
-            weight = layer.get_submodule(name).weight.detach()
+            weight, gram = problems[f"{LAYER}.{name}"]
             for variant in ("nearest", "clip", "feedback", "feedback+clip", "int8 values"):
-                row = run(weight, grams[gram_key(name)], ratio, variant)
+                row = run(weight, gram, ratio, variant)
                 results[f"{ratio} {name} {variant}"] = row
                 print(ratio, name, variant, row, flush=True)
     args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "layer": LAYER, "machine":
