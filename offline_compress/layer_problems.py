@@ -12,9 +12,16 @@ from pathlib import Path
 import torch
 
 from offline_compress import assets
-from offline_compress.calibration import capture_layer_inputs, decoder_layers, gram_key, run_layer
+from offline_compress.calibration import decoder_layers, gram_key, run_layer
 from offline_compress.export import source_safetensors
-from offline_compress.loading import SafetensorsSource, load_tokenizer, materialize, release, skeleton_model
+from offline_compress.loading import (
+    SafetensorsSource,
+    first_layer_inputs,
+    load_tokenizer,
+    materialize,
+    release,
+    skeleton_model,
+)
 
 
 def real_layer_problems(
@@ -39,8 +46,7 @@ def real_layer_problems(
     source = SafetensorsSource(source_safetensors(model_dir))
     model = skeleton_model(model_dir)
     cpu = torch.device("cpu")
-    materialize(model.get_input_embeddings(), "model.embed_tokens", source, cpu)
-    inputs = capture_layer_inputs(model, assets.random_windows(stream, samples, seq_len, seed=0), batch_size)
+    inputs = first_layer_inputs(model, source, assets.random_windows(stream, samples, seq_len, seed=0), cpu, batch_size)
     problems = {}
     for index, layer in enumerate(decoder_layers(model)[: layers[-1] + 1]):
         materialize(layer, f"model.layers.{index}", source, cpu, torch.float32)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from cospadi_vllm.safetensors_headers import file_problems
+from offline_compress.calibration import LayerInputs, capture_layer_inputs
 from offline_compress.export import source_safetensors
 from offline_compress.options import CompressError
 
@@ -147,6 +148,19 @@ def materialize(module: nn.Module, prefix: str, source: SafetensorsSource, devic
         owner = module.get_submodule(owner_name) if owner_name else module
         setattr(owner, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False))
     return module
+
+
+def first_layer_inputs(model: nn.Module, source: SafetensorsSource, input_ids: torch.Tensor, device: torch.device,
+                       batch_size: int) -> LayerInputs:
+    """The calibration inputs of decoder layer 0 for ``input_ids`` [samples, seq_len]: the embeddings are
+    materialised on ``device`` only for this and released after."""
+    embed = model.get_input_embeddings()
+    materialize(embed, next(name for name, m in model.named_modules() if m is embed), source, device)
+    if getattr(model.model, "rotary_emb", None) is not None:
+        model.model.rotary_emb.to(device)
+    inputs = capture_layer_inputs(model, input_ids.to(device), batch_size)
+    release(embed)
+    return inputs
 
 
 def release(module: nn.Module) -> None:

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 from cospadi_vllm import codec
 from cospadi_vllm import format as fmt
 from offline_compress import resume
-from offline_compress.calibration import LayerInputs, capture_layer_inputs, decoder_layers, gram_key, run_layer
+from offline_compress.calibration import LayerInputs, decoder_layers, gram_key, run_layer
 from offline_compress.calibration_text import calibration_ids
 from offline_compress.export import quantization_config, source_safetensors, write_checkpoint
 from offline_compress.layer import LayerSettings, compress_shared
 from offline_compress.loading import (
     SafetensorsSource,
     check_finite_weights,
+    first_layer_inputs,
     materialize,
     release,
     return_free_memory,
@@ -85,12 +86,7 @@ def compress_model(model_dir: str | Path, out_dir: str | Path, options: Compress
     partial = resume.open_partial(out_dir, options, model_dir)
 
     log(f"calibration: {input_ids.shape[0]} x {input_ids.shape[1]} tokens; {len(layer_ids)} layers; device {device}")
-    embed = model.get_input_embeddings()
-    materialize(embed, next(name for name, m in model.named_modules() if m is embed), source, device)
-    if getattr(model.model, "rotary_emb", None) is not None:
-        model.model.rotary_emb.to(device)
-    inputs = capture_layer_inputs(model, input_ids.to(device), options.batch_size)
-    release(embed)
+    inputs = first_layer_inputs(model, source, input_ids, device, options.batch_size)
     settings = LayerSettings(method=options.method, value_dtype=options.value_dtype,
                              dictionary_dtype=options.dictionary_dtype, k_over_s=options.learned_k_over_s,
                              iterations=options.iterations, seed=options.seed,

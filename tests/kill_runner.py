@@ -30,10 +30,10 @@ def kill_after(owner, name: str, call: int = 1) -> None:
 
 def main() -> int:
     point, args = sys.argv[1], sys.argv[2:]
-    from offline_compress import cli, export, pipeline, precision
+    from offline_compress import cli, export, loading, precision
 
     points = {
-        "calibration": (pipeline, "capture_layer_inputs", 1),
+        "calibration": (loading, "capture_layer_inputs", 1),
         "layer": (precision, "compress_linear", 10),  # layer 1, third module (the pipeline compresses through precision)
         "export": (export, "save_file", 1),
     }
